@@ -1,0 +1,199 @@
+"""The checkpoint directory format and atomic file writes.
+
+A model directory holds ``model.safetensors`` (weights; a tied LM head is stored once, as the
+embedding), ``config.json`` (``{"format": "scalelm", "model": {...}}``) and, when known,
+``tokenizer.json``. No pickle is involved in weights. Every file is written to a temporary
+name, fsynced and renamed, so a kill at any moment leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+from .config import ConfigError, ModelConfig, _coerce, _field_types
+from .model import GPT
+
+FORMAT = "scalelm"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.json"
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, corrupt, or does not match the model."""
+
+
+# ----------------------------------------------------------------------------- atomic I/O
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write_fn) -> None:
+    """Call ``write_fn(tmp_path)``, fsync the result, then rename it over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
+    """Atomically make a fully written directory visible under ``final_dir``."""
+    for f in tmp_dir.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(tmp_dir)
+    if final_dir.exists():  # replace: move the old one aside first, then drop it
+        old = final_dir.with_name(f".{final_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+        os.replace(tmp_dir, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, final_dir)
+    fsync_dir(final_dir.parent)
+
+
+# ----------------------------------------------------------------------------- model dirs
+
+def model_state_dict(model: GPT) -> dict[str, torch.Tensor]:
+    """Weights to store: contiguous CPU tensors, a tied head stored once (as the embedding)."""
+    sd = model.state_dict()
+    if model.cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    return {k: v.detach().cpu().contiguous() for k, v in sd.items()}
+
+
+def model_config_from_dict(d: dict, where: str = "config.json") -> ModelConfig:
+    types = _field_types(ModelConfig)
+    unknown = sorted(set(d) - set(types))
+    if unknown:
+        raise CheckpointError(f"{where}: unknown model keys {unknown} (written by a newer scalelm?)")
+    cfg = ModelConfig(**{k: _coerce(v, types[k], f"model.{k}") for k, v in d.items()})
+    cfg.validate()
+    return cfg
+
+
+def save_model_dir(model: GPT, out_dir: str | Path, tokenizer_json: Optional[str] = None,
+                   extra: Optional[dict] = None) -> Path:
+    """Write ``out_dir`` as a model directory (atomically: a partial one is never visible)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_file(model_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        meta = {"format": FORMAT, "model": dataclasses.asdict(model.cfg)}
+        if extra:
+            meta.update(extra)
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        if tokenizer_json is not None:
+            (tmp / TOKENIZER).write_text(tokenizer_json)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
+    d = Path(ckpt_dir)
+    if not d.exists():
+        raise CheckpointError(f"checkpoint not found: {d}")
+    p = d / CONFIG
+    if not p.is_file():
+        raise CheckpointError(f"{d} is not a scalelm checkpoint: {CONFIG} is missing")
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p} is corrupt: {e}") from None
+    if meta.get("format") != FORMAT or "model" not in meta:
+        hint = " (a Hugging Face model? import it with `scalelm convert --from-hf`)" if "model_type" in meta else ""
+        raise CheckpointError(f"{p} is not a scalelm model config{hint}")
+    try:
+        return model_config_from_dict(meta["model"], str(p))
+    except ConfigError as e:
+        raise CheckpointError(f"{p}: {e}") from None
+
+
+def load_state_dict_into(model: GPT, sd: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Strictly load ``sd`` into ``model``: every mismatch is named with both shapes."""
+    expected = {k: v for k, v in model.state_dict().items()
+                if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+    problems = []
+    for k, v in expected.items():
+        if k not in sd:
+            problems.append(f"missing tensor '{k}' (model expects shape {tuple(v.shape)})")
+        elif tuple(sd[k].shape) != tuple(v.shape):
+            problems.append(f"tensor '{k}' has shape {tuple(sd[k].shape)} in the {source} "
+                            f"but the model expects {tuple(v.shape)}")
+    for k in sd:
+        if k not in expected:
+            problems.append(f"unexpected tensor '{k}' {tuple(sd[k].shape)} in the {source}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CheckpointError(f"{source} does not match the model: " + "; ".join(problems[:5]) + more)
+    model.load_state_dict(sd, strict=False)  # the tied head is absent from sd by design
+
+
+def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"weights not found: {p}")
+    try:
+        return load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{p} is corrupt or not a safetensors file: {e}") from None
+
+
+def load_model_dir(ckpt_dir: str | Path, device="cpu", dtype: Optional[torch.dtype] = None,
+                   model_cfg: Optional[ModelConfig] = None) -> GPT:
+    """Build the model from ``config.json`` (or ``model_cfg``) and load its weights strictly."""
+    d = Path(ckpt_dir)
+    cfg = model_cfg or read_model_config(d)
+    model = GPT(cfg)
+    load_state_dict_into(model, load_weights(d / WEIGHTS), source=str(d / WEIGHTS))
+    model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    return model
+
+
+def read_tokenizer_json(ckpt_dir: str | Path) -> Optional[str]:
+    p = Path(ckpt_dir) / TOKENIZER
+    return p.read_text() if p.is_file() else None

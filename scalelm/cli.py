@@ -1,0 +1,117 @@
+"""The ``scalelm`` command line: one subcommand per stage, each defined in its stage's module.
+
+A stage module provides ``add_<name>_parser(parser)`` and ``run_<name>(args) -> int``; it is
+imported only when its subcommand runs, so ``scalelm --help`` stays fast. Subcommands that
+take a training config set ``accepts_overrides=True``: their leftover ``--section.key=value``
+arguments arrive as ``args.overrides`` for :func:`scalelm.config.resolve`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib
+import sys
+from typing import Optional
+
+from . import __version__
+from .errors import UserError
+
+# name -> (module, one-line help); the order is the order of the pipeline
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("scalelm.demo", "prepare a corpus, train a small model for a few minutes, generate text"),
+    "prepare": ("scalelm.data.prepare", "train a tokenizer and write token shards from a corpus"),
+    "train": ("scalelm.train", "train a model (one process, or many under torchrun)"),
+    "eval": ("scalelm.evaluate", "loss, perplexity and bits per byte of a checkpoint on a data split"),
+    "generate": ("scalelm.generate", "generate text from a checkpoint"),
+    "chat": ("scalelm.generate", "interactive multi-turn chat with a checkpoint"),
+    "convert": ("scalelm.hf", "convert checkpoints to and from Hugging Face transformers"),
+    "export": ("scalelm.distributed", "consolidate a sharded (DCP) checkpoint into a model directory"),
+    "plot": ("scalelm.analysis.plots", "plot loss and throughput curves of a run"),
+    "plan": ("scalelm.analysis.planner", "memory, FLOPs and time per layout before you train"),
+    "sweep": ("scalelm.analysis.sweep", "run a scaling-law sweep within a compute budget"),
+    "report": ("scalelm.analysis.sweep", "fit scaling laws and plot a sweep's results"),
+    "presets": ("scalelm.cli", "list the named model presets with their parameter counts"),
+}
+
+
+def add_presets_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def run_presets(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from .config import Config, apply_preset
+    from .model import GPT
+    from .presets import PRESETS
+
+    rows = []
+    for name in PRESETS:
+        cfg = apply_preset(Config(), name).model
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            m = GPT(cfg)
+        rows.append(dict(preset=name, params=m.num_params(), non_embedding=m.num_params(False),
+                         n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.kv_heads,
+                         n_embd=cfg.n_embd, block_size=cfg.block_size, vocab_size=cfg.vocab_size))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'preset':<18}{'params':>16}{'non-emb':>16}  layers heads kv  width  ctx    vocab")
+    for r in rows:
+        print(f"{r['preset']:<18}{r['params']:>16,}{r['non_embedding']:>16,}  {r['n_layer']:>6} "
+              f"{r['n_head']:>5} {r['n_kv_head']:>3} {r['n_embd']:>6} {r['block_size']:>5} {r['vocab_size']:>8}")
+    return 0
+
+
+def _top_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="scalelm",
+        description="Pretrain, evaluate, generate with and scale Transformer LMs, from 1 CPU to a cluster.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {n:<10} {h}" for n, (_, h) in COMMANDS.items())
+        + "\n\nRun `scalelm COMMAND --help` for a command's options.",
+    )
+    p.add_argument("--version", action="version", version=f"scalelm {__version__}")
+    p.add_argument("command", nargs="?", help="one of: " + ", ".join(COMMANDS))
+    return p
+
+
+def _suggest_option(parser: argparse.ArgumentParser, bad: str) -> str:
+    opts = [o for a in parser._actions for o in a.option_strings]
+    close = difflib.get_close_matches(bad.split("=")[0], opts, n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = _top_parser()
+    if not argv or argv[0] in ("-h", "--help") or argv[0] == "--version":
+        top.parse_args(argv or ["--help"])
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        close = difflib.get_close_matches(name, list(COMMANDS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        top.error(f"unknown command '{name}'{hint}")
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"scalelm {name}", description=COMMANDS[name][1])
+    getattr(module, f"add_{name}_parser")(parser)
+    args, leftover = parser.parse_known_args(rest)
+    if leftover:
+        if getattr(args, "accepts_overrides", False):
+            args.overrides = leftover
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(leftover)}{_suggest_option(parser, leftover[0])}")
+    else:
+        args.overrides = []
+    try:
+        return int(getattr(module, f"run_{name}")(args) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,343 @@
+"""Typed configuration: dataclasses, presets, TOML files and dotted CLI overrides.
+
+Resolution order (later wins): dataclass defaults < preset < TOML file < CLI overrides.
+CLI overrides map one-to-one onto fields: ``--optim.lr=1e-3 --train.max_steps=2000``.
+Type parsing of overrides is delegated to ``tyro``; unknown keys are caught first so the
+error can name the nearest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from .errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration problem the user can fix (bad key, bad value, bad file)."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024  # maximum context length
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: Optional[int] = None  # None -> n_head (MHA); 1 -> MQA; otherwise GQA
+    n_embd: int = 768
+    intermediate_size: Optional[int] = None  # None -> 4*n_embd (gelu) or Llama's 8/3 rule (swiglu)
+    pos_embedding: Literal["learned", "rope"] = "learned"
+    rope_theta: float = 10000.0
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    norm_eps: float = 1e-5
+    mlp: Literal["gelu", "swiglu"] = "gelu"
+    bias: bool = True
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    n_shared_blocks: Optional[int] = None  # ALBERT-style: n_layer layers built from K distinct blocks
+    init_std: float = 0.02
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.intermediate_size:
+            return self.intermediate_size
+        if self.mlp == "swiglu":  # Llama: 2/3 of 4d, rounded up to a multiple of 256
+            return 256 * ((int(8 * self.n_embd / 3) + 255) // 256)
+        return 4 * self.n_embd
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise ConfigError(f"model: {msg}")
+
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, name) <= 0:
+                bad(f"{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            bad(f"n_head={self.n_head} does not divide n_embd={self.n_embd}; "
+                f"choose n_head among {[h for h in range(1, 65) if self.n_embd % h == 0]}")
+        if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
+            bad(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if self.pos_embedding == "rope" and self.head_dim % 2:
+            bad(f"RoPE needs an even head_dim, got {self.head_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            bad(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.n_shared_blocks is not None and (
+            self.n_shared_blocks <= 0 or self.n_layer % self.n_shared_blocks
+        ):
+            bad(f"n_shared_blocks={self.n_shared_blocks} must divide n_layer={self.n_layer}")
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a DATA_DIR written by `scalelm prepare` (also settable with --data)
+    sampling: Literal["random", "sequential"] = "random"  # nanoGPT windows or epochs of packed sequences
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    micro_batch_size: int = 12
+    grad_accum_steps: int = 1
+    global_batch_size: Optional[int] = None  # sequences per optimizer step; overrides grad_accum_steps
+    global_batch_tokens: Optional[int] = None  # tokens per optimizer step; overrides grad_accum_steps
+    eval_every: int = 250
+    eval_iters: int = 20  # validation batches per evaluation
+    save_every: int = 1000
+    log_every: int = 10
+    seed: int = 1337
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware has it
+    compile: bool = False
+    activation_checkpointing: bool = False
+    early_stop_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    max_minutes: Optional[float] = None  # wall-clock budget; stops (and saves) when reached
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying at the end
+    fused: Optional[bool] = None  # None: fused AdamW where the device has it, else foreach
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: whatever is left of the world size after the other dimensions
+    tp: int = 1
+    pp: int = 1
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    pp_microbatches: Optional[int] = None  # None: 2 * pp
+    sequence_parallel: bool = False
+    fsdp_param_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    timeout_s: int = 600  # process-group timeout, so a hang fails instead of waiting forever
+
+
+@dataclass
+class CheckpointConfig:
+    keep_last: int = 3
+    resume: str = "auto"  # auto: resume from RUN_DIR's latest checkpoint; never; or a path
+
+
+@dataclass
+class LogConfig:
+    progress: bool = True
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def validate(self) -> "Config":
+        self.model.validate()
+        t = self.train
+        for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_iters"):
+            if getattr(t, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
+        if self.optim.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.optim.lr}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
+    "parallel": ParallelConfig, "checkpoint": CheckpointConfig, "log": LogConfig,
+}
+
+
+def valid_keys() -> list[str]:
+    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+def _suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1, cutoff=0.5)
+    if not close and "." in key:  # try matching the field name alone across sections
+        leaf = key.split(".")[-1]
+        close = [c for c in choices if c.split(".")[-1] in difflib.get_close_matches(
+            leaf, [c.split(".")[-1] for c in choices], n=1, cutoff=0.6)][:1]
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def unknown_key_error(key: str, where: str = "") -> ConfigError:
+    src = f" in {where}" if where else ""
+    choices = valid_keys() if "." in key else list(SECTIONS)
+    return ConfigError(f"unknown config key '{key}'{src}{_suggest(key, choices)}")
+
+
+# ----------------------------------------------------------------------------- coercion
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert a TOML/JSON value against a dataclass field type."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def merge_dict(cfg: Config, data: dict, where: str = "") -> Config:
+    """Apply a nested {section: {key: value}} dict onto cfg, validating keys and types."""
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise unknown_key_error(section, where)
+        if not isinstance(values, dict):
+            raise ConfigError(f"'{section}' must be a table of keys{' in ' + where if where else ''}")
+        types = _field_types(SECTIONS[section])
+        sub = getattr(cfg, section)
+        for key, value in values.items():
+            if key not in types:
+                raise unknown_key_error(f"{section}.{key}", where)
+            setattr(sub, key, _coerce(value, types[key], f"{section}.{key}"))
+    return cfg
+
+
+def config_from_dict(data: dict, where: str = "") -> Config:
+    return merge_dict(Config(), data, where)
+
+
+def load_toml(path: str | Path, cfg: Optional[Config] = None) -> Config:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    cfg = cfg or Config()
+    preset = data.pop("preset", None)
+    if preset is not None:
+        cfg = apply_preset(cfg, preset)
+    return merge_dict(cfg, data, str(p))
+
+
+def apply_preset(cfg: Config, name: str) -> Config:
+    from .presets import PRESETS
+
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, list(PRESETS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown preset '{name}'{hint} (known: {', '.join(PRESETS)})")
+    return merge_dict(cfg, PRESETS[name], f"preset {name}")
+
+
+def check_override_keys(args: list[str]) -> None:
+    """Fail on any --section.key that is not a config field, naming the nearest valid key."""
+    keys = set(valid_keys())
+    for a in args:
+        if not a.startswith("--"):
+            continue
+        key = a[2:].split("=", 1)[0].replace("-", "_")
+        if "." not in key:
+            continue
+        if key not in keys:
+            raise unknown_key_error(key, "command line")
+
+
+def apply_overrides(cfg: Config, args: list[str]) -> Config:
+    """Apply dotted overrides (``--optim.lr=1e-3`` or ``--optim.lr 1e-3``) with tyro's parsing."""
+    if not args:
+        return cfg
+    for a in args:
+        if a.startswith("--") and "." not in a.split("=", 1)[0] and a not in ("--help", "-h"):
+            raise ConfigError(f"unrecognized option '{a}'")
+    check_override_keys(args)
+    import tyro
+
+    try:
+        return tyro.cli(Config, args=args, default=cfg, config=(tyro.conf.FlagConversionOff,),
+                        prog="scalelm")
+    except SystemExit as e:
+        if e.code == 0:  # --help was printed
+            raise
+        raise ConfigError(f"could not parse overrides {' '.join(args)} (see the message above)") from None
+
+
+def resolve(preset: Optional[str] = None, config_file: Optional[str] = None,
+            overrides: Optional[list[str]] = None, base: Optional[Config] = None) -> Config:
+    cfg = base or Config()
+    if preset:
+        cfg = apply_preset(cfg, preset)
+    if config_file:
+        cfg = load_toml(config_file, cfg)
+    cfg = apply_overrides(cfg, overrides or [])
+    return cfg.validate()
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from .checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def load_config_json(path: str | Path) -> Config:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config not found: {p}") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{p}: invalid JSON: {e}") from None
+    return config_from_dict(data, str(p))

@@ -1,0 +1,272 @@
+"""The GPT model family: one single-device ``nn.Module``, no distributed code inside.
+
+GPT-2 style (learned positions, LayerNorm, GELU, biases) and Llama style (RoPE, RMSNorm,
+SwiGLU, no biases, grouped-query attention) are the same class with different configs.
+Parallelism (DDP, FSDP2, TP, PP), compile and activation checkpointing are applied from
+outside (see ``scalelm.distributed``); pipeline stages are made by deleting modules, so
+every top-level piece may be ``None`` and blocks live in a ``ModuleDict`` keyed by layer.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+IGNORE_INDEX = -100  # targets with this value (padding) do not count in the loss
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # F.rms_norm normalises in the input dtype; upcast so bf16 matches the fp32 reference
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (length, head_dim) in the rotate-half layout used by HF Llama."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    freqs = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (B or 1, 1, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).type_as(x)
+
+
+class KVCache:
+    """Pre-allocated keys/values for incremental decoding: (n_layer, B, n_kv_head, S, head_dim).
+
+    Static shape, so a decode step can be compiled or graph-captured. ``pos`` is the number of
+    slots filled. Rows of a batch may start at different slots (left padding): ``start[b]`` is
+    the first real slot of row b, and position ids count from there.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: Optional[int] = None,
+                 device=None, dtype=torch.float32):
+        self.max_len = max_len or cfg.block_size
+        shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.start = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.pos = 0
+        self.static = False  # True: attend over the whole buffer (fixed shapes) instead of [:pos]
+        self._mask: Optional[torch.Tensor] = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def reset(self, start: Optional[torch.Tensor] = None) -> None:
+        self.pos = 0
+        self.start = (start.to(self.start.device) if start is not None else torch.zeros_like(self.start))
+
+    def prepare(self, T: int) -> torch.Tensor:
+        """Called once per forward: returns position ids (B, T) and builds the attention mask."""
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos} + {T} tokens exceed its {self.max_len} slots")
+        dev = self.k.device
+        q_slot = torch.arange(self.pos, self.pos + T, device=dev)
+        k_len = self.max_len if self.static else self.pos + T
+        k_slot = torch.arange(k_len, device=dev)
+        causal = k_slot[None, :] <= q_slot[:, None]  # (T, S)
+        valid = k_slot[None, :] >= self.start[:, None]  # (B, S): skip left padding
+        self._mask = (causal[None] & valid[:, None, :])[:, None]  # (B, 1, T, S)
+        return (q_slot[None, :] - self.start[:, None]).clamp(min=0)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        T = k.shape[2]
+        self.k[layer, :, :, self.pos:self.pos + T] = k
+        self.v[layer, :, :, self.pos:self.pos + T] = v
+        end = self.max_len if self.static else self.pos + T
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], self._mask
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None, layer: int = 0):
+        B, T, _ = x.shape
+        # -1 instead of n_head: under tensor parallelism each rank sees only its local heads
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        mask = None
+        if kv_cache is not None:
+            k, v, mask = kv_cache.update(layer, k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        gqa = q.shape[1] != k.shape[1]
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.swiglu = cfg.mlp == "swiglu"
+        self.up = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=cfg.bias)
+        self.gate = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=cfg.bias) if self.swiglu else None
+        self.down = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=cfg.bias)
+
+    def forward(self, x):
+        if self.swiglu:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        return self.down(F.gelu(self.up(x), approximate="tanh"))  # GPT-2's gelu_new
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None, layer: int = 0):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, kv_cache, layer))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.tok_emb: Optional[nn.Embedding] = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_emb: Optional[nn.Embedding] = (
+            nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_embedding == "learned" else None)
+        self.drop = nn.Dropout(cfg.dropout)
+        # layer i runs block layer_keys[i]; with sharing, several layers run the same block
+        k = cfg.n_shared_blocks or cfg.n_layer
+        self.layer_keys = [str(i % k) for i in range(cfg.n_layer)]
+        self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(k)})
+        self.norm_f: Optional[nn.Module] = make_norm(cfg)
+        self.lm_head: Optional[nn.Linear] = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.pos_embedding == "rope":
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------ init and counts
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("bias"):
+                nn.init.zeros_(p)
+            elif "norm" in name:
+                nn.init.ones_(p)
+            elif name.endswith(("o_proj.weight", "down.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
+            else:
+                nn.init.normal_(p, 0.0, std)
+        if self.cfg.pos_embedding == "rope":  # buffers are recomputed, e.g. after meta-device init
+            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.block_size, self.cfg.rope_theta)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def num_params(self, embeddings: bool = True) -> int:
+        """Unique parameters; without embeddings drops token/position tables (not an untied head)."""
+        n = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            n -= self.tok_emb.weight.numel() if self.tok_emb is not None else 0
+            n -= self.pos_emb.weight.numel() if self.pos_emb is not None else 0
+        return n
+
+    def flops_per_token(self, seq_len: Optional[int] = None, training: bool = True) -> int:
+        return flops_per_token(self.cfg, seq_len, training)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
+                kv_cache: Optional[KVCache] = None, pos_ids: Optional[torch.Tensor] = None,
+                last_only: bool = False):
+        """idx: (B, T) token ids (or hidden states on a later pipeline stage).
+
+        Returns ``(logits, loss)``; loss is the mean cross-entropy over targets that are not
+        ``IGNORE_INDEX`` (None without targets). ``last_only`` returns logits of the last
+        position only, which is all that sampling needs.
+        """
+        if self.tok_emb is not None:
+            B, T = idx.shape
+            h = self.tok_emb(idx)
+        else:
+            B, T = idx.shape[:2]
+            h = idx
+        if kv_cache is not None:
+            pos_ids = kv_cache.prepare(T)
+        elif pos_ids is None:
+            if T > self.cfg.block_size:
+                raise ValueError(f"sequence of {T} tokens exceeds block_size {self.cfg.block_size}")
+            pos_ids = torch.arange(T, device=h.device)[None]
+        if self.pos_emb is not None and self.tok_emb is not None:
+            h = h + self.pos_emb(pos_ids)
+        rope = None
+        if self.cfg.pos_embedding == "rope":
+            rope = (self.rope_cos[pos_ids][:, None], self.rope_sin[pos_ids][:, None])
+        h = self.drop(h) if self.tok_emb is not None else h
+        for i, key in enumerate(self.layer_keys):
+            if key in self.blocks:  # a pipeline stage holds only some layers
+                h = self.blocks[key](h, rope, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        if self.lm_head is None:
+            return h, None
+        h = self.norm_f(h)
+        if last_only and targets is None:
+            h = h[:, -1:]
+        logits = self.lm_head(h)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+        return logits, loss
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: Optional[int] = None, training: bool = True) -> int:
+    """Matmul FLOPs per token (PaLM appendix B): 2 per weight per token forward, plus attention
+    scores and values (2 * 2 * n_layer * T * d_attn forward, full T as in PaLM/nanoGPT).
+    Training is 3x forward (backward costs twice the forward)."""
+    T = seq_len or cfg.block_size
+    d, L, hd = cfg.n_embd, cfg.n_layer, cfg.head_dim
+    attn_w = d * hd * (cfg.n_head * 2 + cfg.kv_heads * 2)  # q, o and k, v projections
+    mlp_w = d * cfg.ffn_dim * (3 if cfg.mlp == "swiglu" else 2)
+    head_w = d * cfg.vocab_size
+    fwd = 2 * (L * (attn_w + mlp_w) + head_w) + 2 * 2 * L * T * cfg.n_head * hd
+    return 3 * fwd if training else fwd

@@ -1,0 +1,41 @@
+"""Named presets: partial configs merged over the defaults (``--preset NAME``).
+
+Shapes follow the published models; the Llama ones are shape-only (no weights here).
+``baby`` carries nanoGPT's CPU Shakespeare training recipe as its training defaults.
+"""
+
+_GPT2 = dict(vocab_size=50257, block_size=1024, pos_embedding="learned", norm="layernorm",
+             mlp="gelu", bias=True, tie_embeddings=True, norm_eps=1e-5)
+_LLAMA = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False, norm_eps=1e-5)
+
+PRESETS: dict[str, dict] = {
+    "gpt2-124m": {"model": dict(_GPT2, n_layer=12, n_head=12, n_embd=768)},
+    "gpt2-350m": {"model": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024)},
+    "gpt2-774m": {"model": dict(_GPT2, n_layer=36, n_head=20, n_embd=1280)},
+    "gpt2-1.5b": {"model": dict(_GPT2, n_layer=48, n_head=25, n_embd=1600)},
+    # GaLore/ReLoRA's small Llama used in optimizer papers
+    "llama-60m": {"model": dict(_LLAMA, vocab_size=32000, block_size=1024, n_layer=8, n_head=8,
+                                n_embd=512, intermediate_size=1376, tie_embeddings=False)},
+    # Llama 3.2 1B shape
+    "llama-1b": {"model": dict(_LLAMA, vocab_size=128256, block_size=2048, n_layer=16, n_head=32,
+                               n_kv_head=8, n_embd=2048, intermediate_size=8192, rope_theta=500000.0,
+                               tie_embeddings=True)},
+    # Llama 3 8B shape
+    "llama3-8b": {"model": dict(_LLAMA, vocab_size=128256, block_size=8192, n_layer=32, n_head=32,
+                                n_kv_head=8, n_embd=4096, intermediate_size=14336, rope_theta=500000.0,
+                                tie_embeddings=False)},
+    # nanoGPT's CPU Shakespeare run (README "I only have a macbook"), with its training recipe
+    "baby": {
+        "model": dict(_GPT2, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
+        "train": dict(micro_batch_size=12, max_steps=2000, eval_every=250, eval_iters=20),
+        "optim": dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99, weight_decay=0.1,
+                      grad_clip=1.0, schedule="cosine"),
+    },
+    # nanoGPT's shakespeare-char config
+    "char-shakespeare": {
+        "model": dict(_GPT2, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),
+        "train": dict(micro_batch_size=64, max_steps=5000, eval_every=250, eval_iters=200),
+        "optim": dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99, weight_decay=0.1,
+                      grad_clip=1.0, schedule="cosine"),
+    },
+}

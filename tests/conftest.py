@@ -1,0 +1,33 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+def run_cli(*args, check=True, timeout=600, env=None, cwd=None):
+    """Run `python -m scalelm ARGS` in a subprocess; returns CompletedProcess."""
+    import subprocess
+
+    e = dict(os.environ)
+    e.update(env or {})
+    p = subprocess.run([sys.executable, "-m", "scalelm", *map(str, args)], capture_output=True,
+                       text=True, timeout=timeout, env=e, cwd=cwd)
+    if check and p.returncode != 0:
+        raise AssertionError(f"scalelm {' '.join(map(str, args))} failed ({p.returncode}):\n"
+                             f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
+    return p
