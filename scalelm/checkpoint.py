@@ -197,3 +197,44 @@ def load_model_dir(ckpt_dir: str | Path, device="cpu", dtype: Optional[torch.dty
 def read_tokenizer_json(ckpt_dir: str | Path) -> Optional[str]:
     p = Path(ckpt_dir) / TOKENIZER
     return p.read_text() if p.is_file() else None
+
+
+# ----------------------------------------------------------------------------- run dirs
+
+LATEST = "latest"  # RUN_DIR/latest names the newest complete checkpoint directory
+BEST = "best"  # RUN_DIR/best is a model dir of the best validation loss so far
+
+
+def ckpt_name(step: int) -> str:
+    return f"ckpt-{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (temporary dirs start with '.')."""
+    d = Path(run_dir)
+    return sorted(p for p in d.glob("ckpt-*") if p.is_dir() and (p / CONFIG).is_file())
+
+
+def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
+    d = Path(run_dir)
+    marker = d / LATEST
+    if marker.is_file():
+        p = d / marker.read_text().strip()
+        if (p / CONFIG).is_file():
+            return p
+    ckpts = list_checkpoints(d)  # marker missing or stale: fall back to the newest complete one
+    return ckpts[-1] if ckpts else None
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A model directory, or a RUN_DIR meaning its latest checkpoint."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    if (p / CONFIG).is_file() and (p / WEIGHTS).is_file():
+        return p
+    latest = latest_checkpoint(p)
+    if latest is None:
+        raise CheckpointError(f"{p} holds no checkpoint (expected {WEIGHTS} + {CONFIG}, "
+                              f"or a run directory with {ckpt_name(0).replace('0' * 8, '<step>')}/ inside)")
+    return latest

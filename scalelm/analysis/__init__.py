@@ -1,0 +1,1 @@
+"""Analysis: hardware peaks, the memory/FLOPs planner, plots, scaling sweeps and fits."""
