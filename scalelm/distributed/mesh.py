@@ -1,0 +1,225 @@
+"""Process groups and the device mesh: who this process is, and the layout it is part of.
+
+One process without torchrun has no process group at all. Under torchrun the layout
+``pp x dp_replicate x dp_shard x tp`` is checked against the model and the world size
+*before* any process group exists, then one ``DeviceMesh`` with those four named dimensions
+(size-1 dimensions included, so slicing never needs a special case) is built.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import Config, ConfigError, ModelConfig, ParallelConfig
+
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")  # outermost (slowest network) first
+
+
+class LayoutError(ConfigError):
+    """A parallel layout that cannot run: wrong product, or a model that does not split."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world_size(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (self.pp, self.dp_replicate, self.dp_shard, self.tp)
+
+    def describe(self) -> str:
+        return " x ".join(f"{n}={s}" for n, s in zip(MESH_DIMS, self.shape))
+
+
+def virtual_stages(pc: ParallelConfig) -> int:
+    """Pipeline model chunks per rank: interleaved schedules loop over 2 chunks per rank."""
+    return 2 if pc.pp > 1 and pc.pp_schedule == "interleaved_1f1b" else 1
+
+
+def resolve_layout(pc: ParallelConfig, mc: Optional[ModelConfig], world_size: int) -> Layout:
+    """Fill in ``dp_shard=-1`` and reject layouts that cannot work, saying why and what to do."""
+    for name in ("dp_replicate", "tp", "pp"):
+        if getattr(pc, name) < 1:
+            raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(pc, name)}")
+    if pc.dp_shard == 0 or pc.dp_shard < -1:
+        raise LayoutError(f"parallel.dp_shard must be >= 1, or -1 for 'the rest', got {pc.dp_shard}")
+    fixed = pc.dp_replicate * pc.tp * pc.pp
+    shard = pc.dp_shard
+    if shard == -1:
+        if world_size % fixed:
+            raise LayoutError(
+                f"world size {world_size} is not divisible by dp_replicate x tp x pp = "
+                f"{pc.dp_replicate} x {pc.tp} x {pc.pp} = {fixed}; launch a multiple of {fixed} "
+                f"processes (torchrun --nproc_per_node={fixed} -m scalelm train ...) or change the layout")
+        shard = world_size // fixed
+    layout = Layout(pp=pc.pp, dp_replicate=pc.dp_replicate, dp_shard=shard, tp=pc.tp)
+    if layout.world_size != world_size:
+        raise LayoutError(
+            f"parallel layout {layout.describe()} needs {layout.world_size} processes but the world "
+            f"size is {world_size} (torchrun --nnodes x --nproc_per_node); make the product match, "
+            f"or set --parallel.dp_shard=-1 to use the rest for sharded data parallelism")
+    if pc.sequence_parallel and pc.tp == 1:
+        raise LayoutError("parallel.sequence_parallel splits norms over the tensor-parallel group: "
+                          "it needs --parallel.tp > 1")
+    if pc.pp_microbatches is not None and pc.pp_microbatches < 1:
+        raise LayoutError(f"parallel.pp_microbatches must be >= 1, got {pc.pp_microbatches}")
+    if mc is not None:
+        check_model_fits(layout, pc, mc)
+    return layout
+
+
+def check_model_fits(layout: Layout, pc: ParallelConfig, mc: ModelConfig) -> None:
+    tp = layout.tp
+    if tp > 1:
+        if mc.n_head % tp:
+            raise LayoutError(f"tensor parallelism splits attention heads: n_head={mc.n_head} is not "
+                              f"divisible by tp={tp}")
+        if mc.kv_heads % tp:
+            raise LayoutError(f"tensor parallelism splits key/value heads: n_kv_head={mc.kv_heads} is "
+                              f"not divisible by tp={tp}; use a tp that divides {mc.kv_heads}")
+        if mc.ffn_dim % tp:
+            raise LayoutError(f"tensor parallelism splits the MLP: its width {mc.ffn_dim} is not "
+                              f"divisible by tp={tp}")
+        if pc.sequence_parallel and mc.block_size % tp:
+            raise LayoutError(f"sequence parallelism splits the sequence: block_size={mc.block_size} "
+                              f"is not divisible by tp={tp}")
+    stages = layout.pp * virtual_stages(pc)
+    if layout.pp > 1 and mc.n_layer % stages:
+        what = f"pp={layout.pp} x 2 interleaved chunks" if stages != layout.pp else f"pp={layout.pp}"
+        raise LayoutError(f"pipeline parallelism splits the layers into {stages} stages ({what}), "
+                          f"but n_layer={mc.n_layer} is not divisible by {stages}")
+    if mc.n_shared_blocks and mc.n_shared_blocks != mc.n_layer:
+        if layout.pp > 1:
+            raise LayoutError("model.n_shared_blocks (cross-layer sharing) cannot be split into "
+                              "pipeline stages: the shared blocks would live on several stages")
+        if layout.dp_shard > 1:
+            raise LayoutError("model.n_shared_blocks (cross-layer sharing) runs a block several times "
+                              "per step, which FSDP2 sharding does not support; use "
+                              "--parallel.dp_replicate=N --parallel.dp_shard=1 (DDP) instead")
+
+
+@dataclass
+class ParallelContext:
+    """Where this process sits. ``dp_*`` is the data-parallel position the batch loader needs."""
+
+    world_size: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    dp_rank: int = 0
+    dp_world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    mesh: Optional[object] = None  # DeviceMesh over MESH_DIMS, None in a single process
+    is_main: bool = True
+    pp: int = 1
+    pp_rank: int = 0
+    tp: int = 1
+    tp_rank: int = 0
+    layout: Layout = field(default_factory=Layout)
+
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+    @property
+    def dp_replicate(self) -> int:
+        return self.layout.dp_replicate
+
+    @property
+    def dp_shard(self) -> int:
+        return self.layout.dp_shard
+
+    def submesh(self, *names: str):
+        """The mesh over some dimensions (e.g. ``"dp_replicate", "dp_shard"``), or None."""
+        if self.mesh is None:
+            return None
+        return self.mesh[names[0]] if len(names) == 1 else self.mesh[names]
+
+    def group(self, name: str):
+        return None if self.mesh is None else self.mesh.get_group(name)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def _pick_device(spec: str, local_rank: int, multi: bool) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(spec)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device={spec} but CUDA is not available; use --train.device=cpu")
+        if multi:  # one GPU per process: the local rank picks it (cuda:N is ignored here)
+            if local_rank >= torch.cuda.device_count():
+                raise ConfigError(f"local rank {local_rank} has no GPU: this node has "
+                                  f"{torch.cuda.device_count()}; lower --nproc_per_node")
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def world_from_env() -> tuple[int, int, int]:
+    """(world_size, rank, local_rank) as set by torchrun/SLURM launchers; (1, 0, 0) otherwise."""
+    return (int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0)),
+            int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def init_parallel(cfg: Config) -> ParallelContext:
+    """Validate the layout, then (under torchrun with >1 process) join the process group."""
+    world, rank, local_rank = world_from_env()
+    layout = resolve_layout(cfg.parallel, cfg.model, world)
+    device = _pick_device(cfg.train.device, local_rank, world > 1)
+    if world == 1:
+        return ParallelContext(device=device, layout=layout)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+        kw = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s), **kw)
+    mesh = init_device_mesh(device.type, layout.shape, mesh_dim_names=MESH_DIMS)
+    coord = dict(zip(MESH_DIMS, mesh.get_coordinate()))
+    return ParallelContext(
+        world_size=world, rank=rank, local_rank=local_rank,
+        dp_rank=coord["dp_replicate"] * layout.dp_shard + coord["dp_shard"], dp_world=layout.dp,
+        device=device, mesh=mesh, is_main=rank == 0, pp=layout.pp, pp_rank=coord["pp"],
+        tp=layout.tp, tp_rank=coord["tp"], layout=layout)
+
+
+def destroy_parallel(ctx: Optional[ParallelContext] = None) -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean_loss(loss: Optional[torch.Tensor], ctx: ParallelContext) -> torch.Tensor:
+    """The global mean of a per-rank loss (a float tensor), for logging, on every rank.
+
+    Every data-parallel replica's last pipeline stage holds a loss; tensor-parallel peers hold
+    copies of it. One all-reduce over the whole world, with those weights, gives the mean.
+    """
+    if not ctx.distributed:
+        return loss.detach()
+    if loss is None:  # a pipeline stage before the last has no loss
+        loss = torch.zeros(())
+    last_stage = ctx.pp_rank == ctx.pp - 1
+    w = 1.0 / (ctx.dp_world * ctx.tp) if last_stage else 0.0
+    t = (loss.detach().to(torch.float64) * w).to(ctx.device).reshape(())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t

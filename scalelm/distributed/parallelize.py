@@ -1,0 +1,260 @@
+"""Parallelism applied to a plain ``GPT`` from outside, always in this order:
+
+1. tensor parallel (heads and MLP width over the ``tp`` mesh dimension; optional sequence
+   parallel for the norms),
+2. activation checkpointing (each block recomputes its activations in the backward),
+3. ``torch.compile`` (per block when sharded, so FSDP's hooks stay outside compiled code;
+   the whole model in place otherwise),
+4. FSDP2 (``fully_shard`` per block, then the root; HSDP when ``dp_replicate > 1`` too),
+5. DDP (``dp_replicate > 1`` with nothing sharded).
+
+Pipeline parallelism (``scalelm.distributed.pipeline``) first cuts the model into stages and
+then applies 1-5 to each stage. FQNs never change except under DDP (``module.`` prefix, see
+:func:`unwrap_model`) and activation checkpointing (whose wrapper hides its prefix from
+``state_dict``), so checkpoints load into any layout.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..config import Config
+from ..model import GPT
+from .mesh import ParallelContext
+
+
+# ----------------------------------------------------------------------------- the pieces
+
+def apply_tp(model: GPT, tp_mesh, sequence_parallel: bool = False) -> None:
+    """Column-parallel q/k/v and MLP up/gate, row-parallel o_proj and MLP down: each rank holds
+    ``n_head/tp`` query heads and ``n_kv_head/tp`` key/value heads. Embeddings, final norm and
+    LM head stay replicated. With sequence parallel the residual stream between the column and
+    row projections is split along the sequence, so norms and dropout run on 1/tp of it."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel, parallelize_module)
+
+    sp = sequence_parallel
+    out = Shard(1) if sp else Replicate()
+    for block in model.blocks.values():
+        plan = {
+            "attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(),
+            "attn.v_proj": ColwiseParallel(), "attn.o_proj": RowwiseParallel(output_layouts=out),
+            "mlp.up": ColwiseParallel(), "mlp.down": RowwiseParallel(output_layouts=out),
+        }
+        if block.mlp.gate is not None:
+            plan["mlp.gate"] = ColwiseParallel()
+        if sp:
+            # the norms' outputs are DTensors; gather them back to full sequences as plain
+            # tensors (use_local_output) before the column-parallel projections
+            gather = PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                        desired_input_layouts=(Replicate(), None, None, None),
+                                        use_local_output=True)
+            plan.update({"attn_norm": SequenceParallel(), "mlp_norm": SequenceParallel(), "attn": gather,
+                         "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                                   use_local_output=True)})
+        parallelize_module(block, tp_mesh, plan)
+    if sp:
+        keys = [k for k in model.layer_keys if k in model.blocks]
+        if model.tok_emb is not None and keys:  # embeddings are full: keep this rank's chunk
+            parallelize_module(model.blocks[keys[0]], tp_mesh, PrepareModuleInput(
+                input_layouts=(Replicate(), None, None, None), desired_input_layouts=(Shard(1), None, None, None),
+                use_local_output=True))
+        if model.norm_f is not None:  # the head is replicated: gather the sequence first
+            parallelize_module(model.norm_f, tp_mesh, PrepareModuleInput(
+                input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True))
+
+
+def apply_ac(model: GPT) -> None:
+    """Recompute each block's activations in the backward (memory for compute)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for key in list(model.blocks.keys()):
+        model.blocks[key] = checkpoint_wrapper(model.blocks[key])
+
+
+def apply_compile(model: GPT, per_block: bool) -> None:
+    """Compile in place (``Module.compile``), so parameter names stay the same."""
+    if per_block:
+        for block in model.blocks.values():
+            block.compile()
+    else:
+        model.compile()
+
+
+def fsdp_mp_policy(cfg: Config, device: torch.device):
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    want = cfg.parallel.fsdp_param_dtype
+    if want == "auto":
+        want = "bf16" if resolved_precision(cfg, device) == "bf16" else "fp32"
+    if want == "bf16":  # compute in bf16, reduce gradients in fp32 (sharded master weights stay fp32)
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def resolved_precision(cfg: Config, device: torch.device) -> str:
+    p = cfg.train.precision
+    if p != "auto":
+        return p
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"
+
+
+def apply_fsdp(model: GPT, dp_mesh, mp_policy=None, reshard_after_forward: bool = True) -> None:
+    """``fully_shard`` each block, then the root (embeddings, final norm, head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = mp_policy or MixedPrecisionPolicy()
+    for block in model.blocks.values():
+        fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+
+
+def apply_ddp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [ctx.device] if ctx.device.type == "cuda" else None
+    return DDP(model, device_ids=ids, process_group=ctx.group("dp_replicate"))
+
+
+def uses_fsdp(ctx: ParallelContext) -> bool:
+    """FSDP2 when sharding, and for replication next to TP/PP (DDP cannot hold DTensors)."""
+    return ctx.dp_shard > 1 or (ctx.dp_replicate > 1 and ctx.tp > 1)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def parallelize_part(model: GPT, cfg: Config, ctx: ParallelContext, *, in_pipeline: bool = False) -> nn.Module:
+    """Apply TP, AC, compile, FSDP2, DDP (in that order) to one model or pipeline stage."""
+    sharded = ctx.tp > 1 or uses_fsdp(ctx) or in_pipeline
+    if ctx.tp > 1:
+        apply_tp(model, ctx.submesh("tp"), cfg.parallel.sequence_parallel)
+    if cfg.train.activation_checkpointing:
+        apply_ac(model)
+    if cfg.train.compile:
+        apply_compile(model, per_block=sharded)
+    if uses_fsdp(ctx):
+        names = ("dp_replicate", "dp_shard") if ctx.dp_replicate > 1 else ("dp_shard",)
+        # inside a pipeline every micro-batch would re-gather parameters: keep them gathered
+        apply_fsdp(model, ctx.submesh(*names), fsdp_mp_policy(cfg, ctx.device),
+                   reshard_after_forward=not in_pipeline)
+    elif ctx.dp_replicate > 1:
+        return apply_ddp(model, ctx)
+    return model
+
+
+def parallelize(model: GPT, cfg: Config, ctx: ParallelContext) -> nn.Module:
+    """The model to train under ``ctx``. In one process only AC and compile apply; with
+    ``pp > 1`` the result is a :class:`~scalelm.distributed.pipeline.PipelineModel` holding this
+    rank's stages (its ``forward_backward`` runs the schedule)."""
+    if ctx.pp > 1:
+        from .pipeline import build_pipeline
+
+        return build_pipeline(model, cfg, ctx)
+    return parallelize_part(model, cfg, ctx)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain ``GPT`` inside DDP / compile wrappers (FSDP2 and TP work in place)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def model_parts(model: nn.Module) -> list[nn.Module]:
+    """The plain GPT (stage) modules this rank holds: one, or a pipeline's stages."""
+    parts = getattr(model, "parts", None)
+    return [unwrap_model(p) for p in parts] if parts is not None else [unwrap_model(model)]
+
+
+# ----------------------------------------------------------------------------- the training step
+
+@contextmanager
+def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Wrap a micro-step's forward AND backward: with ``enabled=False`` gradients accumulate
+    locally (DDP ``no_sync``, FSDP2 ``set_requires_gradient_sync(False)``); the last micro-step
+    of an optimizer step runs with ``enabled=True`` and reduces them. A no-op in one process."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if enabled:
+        yield
+        return
+    parts = list(getattr(model, "parts", [model]))
+    fsdp = [p for p in parts if isinstance(p, FSDPModule)]
+    ddp = [p for p in parts if isinstance(p, DDP)]
+    for p in fsdp:
+        p.set_requires_gradient_sync(False)
+    try:
+        if ddp:
+            with ddp[0].no_sync():  # one DDP part outside a pipeline
+                yield
+        else:
+            yield
+    finally:
+        for p in fsdp:
+            p.set_requires_gradient_sync(True)
+
+
+def _tied_copy(part: nn.Module) -> Optional[nn.Parameter]:
+    """On a pipeline's last stage, the LM head's copy of a tied embedding (counted once)."""
+    if getattr(part, "cfg", None) is not None and part.cfg.tie_embeddings and part.tok_emb is None \
+            and part.lm_head is not None:
+        return part.lm_head.weight
+    return None
+
+
+def grad_norm(model: nn.Module, ctx: ParallelContext) -> torch.Tensor:
+    """The L2 norm of all gradients of the whole (unsharded) model, on every rank.
+
+    Each rank sums the squares of the gradient it holds, divided by the number of ranks that
+    hold the same values (replicas over dp/tp, a tied weight on two stages counts once); one
+    all-reduce over the world then gives the norm. Works for plain tensors and DTensors on any
+    sub-mesh, with pipeline stages.
+    """
+    from torch.distributed.tensor import DTensor, Replicate
+
+    copies_all = ctx.world_size // ctx.pp  # ranks that hold the same stage
+    total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    for part in model_parts(model):
+        skip = _tied_copy(part)
+        for p in part.parameters():
+            if p.grad is None or p is skip:
+                continue
+            g = p.grad
+            copies = copies_all
+            if isinstance(g, DTensor):
+                if any(pl.is_partial() for pl in g.placements):
+                    g = g.redistribute(g.device_mesh, [Replicate() if pl.is_partial() else pl
+                                                       for pl in g.placements])
+                shards = math.prod(g.device_mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_shard())
+                copies = copies_all // shards
+                g = g.to_local()
+            total += g.detach().double().pow(2).sum() / copies
+    if ctx.distributed:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.sqrt()
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float, ctx: ParallelContext) -> torch.Tensor:
+    """Clip all gradients to a global L2 norm of ``max_norm``; returns the norm before clipping."""
+    params = [p for part in model_parts(model) for p in part.parameters() if p.grad is not None]
+    if not ctx.distributed:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    norm = grad_norm(model, ctx)
+    dtype = params[0].dtype if params else torch.float32  # fp64 runs keep a fp64 coefficient
+    if max_norm > 0 and params:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm.to(dtype))
+    return norm.to(dtype)
