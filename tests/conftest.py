@@ -34,3 +34,18 @@ def run_cli(*args, check=True, timeout=600, env=None, cwd=None):
         raise AssertionError(f"scalelm {' '.join(map(str, args))} failed ({p.returncode}):\n"
                              f"stdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-3000:]}")
     return p
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_json(shared_data) -> str:
+    """A byte-level BPE (vocab 300, `<|endoftext|>` = id 0) trained on a slice of Shakespeare."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = (shared_data / "tinyshakespeare" / "input.txt").read_text()[:200_000]
+    tok.train_from_iterator([text], trainer)
+    return tok.to_str()

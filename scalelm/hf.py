@@ -1,0 +1,407 @@
+"""Hugging Face interop: GPT-2 (``GPT2LMHeadModel``) and Llama (``LlamaForCausalLM``), both ways.
+
+Importing reads an HF directory directly (``config.json`` + safetensors, sharded or not; a
+``pytorch_model.bin`` only through ``torch.load(weights_only=True)``), so it needs no
+``transformers``; exporting builds the ``transformers`` model and uses its ``save_pretrained``.
+Weight names map one-to-one except GPT-2's ``Conv1D`` (stored transposed, q/k/v fused in
+``c_attn``). scalelm's RoPE uses HF Llama's rotate-half layout, so q/k weights copy unchanged.
+Tokenizer files (``tokenizer.json``, ``tokenizer_config.json`` with its chat template,
+``chat_template.jinja``) are carried across in both directions.
+
+CLI: ``scalelm convert --from-hf HF_DIR --out CKPT_DIR`` and ``scalelm convert CKPT --to-hf OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from .checkpoint import (CheckpointError, TOKENIZER, load_model_dir, load_state_dict_into,
+                         model_state_dict, publish_dir, read_model_config, resolve_checkpoint,
+                         save_model_dir)
+from .config import ConfigError, ModelConfig
+from .model import GPT
+
+# tokenizer-side files copied as they are, both ways (chat templates live in the last two)
+TOKENIZER_FILES = (TOKENIZER, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+EOT = "<|endoftext|>"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ConversionError(CheckpointError):
+    """A model that the other side cannot represent, or an HF directory we cannot read."""
+
+
+# ----------------------------------------------------------------------------- configs
+
+def _check(cfg: ModelConfig, family: str, field: str, want: Any, why: str) -> None:
+    got = getattr(cfg, field)
+    if got != want:
+        raise ConversionError(
+            f"model.{field}={got!r} cannot be exported to Hugging Face: {family} needs "
+            f"model.{field}={want!r} ({why})")
+
+
+def hf_family(cfg: ModelConfig) -> str:
+    """'gpt2' or 'llama', or a ConversionError naming the first field HF cannot represent."""
+    if cfg.n_shared_blocks is not None and cfg.n_shared_blocks != cfg.n_layer:
+        raise ConversionError(
+            f"model.n_shared_blocks={cfg.n_shared_blocks} (cross-layer sharing) cannot be exported: "
+            "neither GPT2LMHeadModel nor LlamaForCausalLM shares blocks across layers")
+    if cfg.pos_embedding == "learned":  # GPT-2 is the only HF family here with learned positions
+        why = "learned positions mean GPT-2"
+        _check(cfg, "GPT2LMHeadModel", "norm", "layernorm", why)
+        _check(cfg, "GPT2LMHeadModel", "mlp", "gelu", why)
+        _check(cfg, "GPT2LMHeadModel", "bias", True, "GPT-2's Conv1D and LayerNorm always have biases")
+        if cfg.kv_heads != cfg.n_head:
+            raise ConversionError(
+                f"model.n_kv_head={cfg.n_kv_head} cannot be exported: GPT2LMHeadModel has no "
+                f"grouped-query attention (needs n_kv_head = n_head = {cfg.n_head})")
+        return "gpt2"
+    why = "RoPE means Llama"
+    _check(cfg, "LlamaForCausalLM", "norm", "rmsnorm", why)
+    _check(cfg, "LlamaForCausalLM", "mlp", "swiglu", why)
+    return "llama"
+
+
+def hf_config_dict(cfg: ModelConfig, eos_id: Any = None, bos_id: Any = None) -> dict:
+    """The ``transformers`` config (as keyword arguments) that represents ``cfg``."""
+    family = hf_family(cfg)
+    tokens = dict(bos_token_id=bos_id, eos_token_id=eos_id)
+    if family == "gpt2":
+        return dict(model_type="gpt2", vocab_size=cfg.vocab_size, n_positions=cfg.block_size,
+                    n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                    n_inner=None if cfg.ffn_dim == 4 * cfg.n_embd else cfg.ffn_dim,
+                    activation_function="gelu_new", layer_norm_epsilon=cfg.norm_eps,
+                    resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+                    initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings, **tokens)
+    return dict(model_type="llama", vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd,
+                intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layer,
+                num_attention_heads=cfg.n_head, num_key_value_heads=cfg.kv_heads,
+                head_dim=cfg.head_dim, max_position_embeddings=cfg.block_size,
+                rms_norm_eps=cfg.norm_eps, hidden_act="silu",
+                rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                attention_bias=cfg.bias, mlp_bias=cfg.bias, attention_dropout=cfg.dropout,
+                initializer_range=cfg.init_std, tie_word_embeddings=cfg.tie_embeddings, **tokens)
+
+
+def _unsupported(model_type: str, key: str, value: Any, need: str) -> ConversionError:
+    return ConversionError(f"Hugging Face {model_type} config has {key}={value!r}; scalelm "
+                           f"can import only {need}")
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """Translate an HF ``config.json`` dict; anything scalelm cannot run exactly is an error."""
+    mt = hf.get("model_type")
+    if mt == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise _unsupported(mt, "activation_function", act, "the tanh GELU (gelu_new)")
+        for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                          ("add_cross_attention", False)):
+            if hf.get(key, want) != want:
+                raise _unsupported(mt, key, hf[key], f"{key}={want}")
+        d = hf.get("n_embd", hf.get("hidden_size", 768))
+        cfg = ModelConfig(
+            vocab_size=hf.get("vocab_size", 50257), block_size=hf.get("n_positions", 1024),
+            n_layer=hf.get("n_layer", 12), n_head=hf.get("n_head", 12), n_embd=d,
+            intermediate_size=hf.get("n_inner") or 4 * d, pos_embedding="learned",
+            norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5), mlp="gelu", bias=True,
+            dropout=0.0, tie_embeddings=hf.get("tie_word_embeddings", True),
+            init_std=hf.get("initializer_range", 0.02))
+    elif mt == "llama":
+        if hf.get("hidden_act", "silu") != "silu":
+            raise _unsupported(mt, "hidden_act", hf["hidden_act"], "silu (SwiGLU)")
+        rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise _unsupported(mt, "rope_type", rope_type, "plain RoPE (rope_type 'default')")
+        theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        d, h = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
+        if hf.get("head_dim") not in (None, d // h):
+            raise _unsupported(mt, "head_dim", hf["head_dim"], f"head_dim = hidden_size / heads = {d // h}")
+        attn_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
+        if attn_bias != mlp_bias:
+            raise _unsupported(mt, "mlp_bias", mlp_bias, f"mlp_bias equal to attention_bias={attn_bias}")
+        cfg = ModelConfig(
+            vocab_size=hf.get("vocab_size", 32000), block_size=hf.get("max_position_embeddings", 2048),
+            n_layer=hf.get("num_hidden_layers", 32), n_head=h,
+            n_kv_head=hf.get("num_key_value_heads") or h, n_embd=d,
+            intermediate_size=hf.get("intermediate_size", 11008), pos_embedding="rope",
+            rope_theta=float(theta), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
+            mlp="swiglu", bias=bool(attn_bias), dropout=0.0,
+            tie_embeddings=hf.get("tie_word_embeddings", False),
+            init_std=hf.get("initializer_range", 0.02))
+    else:
+        raise ConversionError(f"Hugging Face model_type {mt!r} is not supported: scalelm converts "
+                              "'gpt2' (GPT2LMHeadModel) and 'llama' (LlamaForCausalLM)")
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConversionError(f"the Hugging Face config does not give a valid scalelm model: {e}") from None
+    return cfg
+
+
+# ----------------------------------------------------------------------------- weights
+
+def _layer_map(cfg: ModelConfig, family: str) -> list[tuple[str, str]]:
+    """(scalelm name, HF name) pairs for tensors that copy unchanged."""
+    pairs = []
+    norms = ["weight", "bias"] if cfg.norm == "layernorm" else ["weight"]
+    if family == "gpt2":
+        pairs += [("tok_emb.weight", "transformer.wte.weight"), ("pos_emb.weight", "transformer.wpe.weight")]
+        pairs += [(f"norm_f.{w}", f"transformer.ln_f.{w}") for w in norms]
+        for i in range(cfg.n_layer):
+            pairs += [(f"blocks.{i}.attn_norm.{w}", f"transformer.h.{i}.ln_1.{w}") for w in norms]
+            pairs += [(f"blocks.{i}.mlp_norm.{w}", f"transformer.h.{i}.ln_2.{w}") for w in norms]
+        return pairs
+    pairs += [("tok_emb.weight", "model.embed_tokens.weight"), ("norm_f.weight", "model.norm.weight")]
+    names = [("attn.q_proj", "self_attn.q_proj"), ("attn.k_proj", "self_attn.k_proj"),
+             ("attn.v_proj", "self_attn.v_proj"), ("attn.o_proj", "self_attn.o_proj"),
+             ("mlp.gate", "mlp.gate_proj"), ("mlp.up", "mlp.up_proj"), ("mlp.down", "mlp.down_proj")]
+    params = ["weight", "bias"] if cfg.bias else ["weight"]
+    for i in range(cfg.n_layer):
+        pairs += [(f"blocks.{i}.attn_norm.weight", f"model.layers.{i}.input_layernorm.weight"),
+                  (f"blocks.{i}.mlp_norm.weight", f"model.layers.{i}.post_attention_layernorm.weight")]
+        pairs += [(f"blocks.{i}.{s}.{p}", f"model.layers.{i}.{h}.{p}") for s, h in names for p in params]
+    return pairs
+
+
+# GPT-2 Conv1D modules: scalelm Linear(s) <- HF Conv1D (weight stored (in, out), i.e. transposed)
+_GPT2_CONV = [("attn.o_proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down", "mlp.c_proj")]
+
+
+def scalelm_to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    family = hf_family(cfg)
+    out = {hf: sd[ours] for ours, hf in _layer_map(cfg, family)}
+    if family == "gpt2":
+        for i in range(cfg.n_layer):
+            b, h = f"blocks.{i}.", f"transformer.h.{i}."
+            out[h + "attn.c_attn.weight"] = torch.cat(
+                [sd[b + f"attn.{x}_proj.weight"] for x in "qkv"], dim=0).t().contiguous()
+            out[h + "attn.c_attn.bias"] = torch.cat([sd[b + f"attn.{x}_proj.bias"] for x in "qkv"])
+            for ours, theirs in _GPT2_CONV:
+                out[h + theirs + ".weight"] = sd[b + ours + ".weight"].t().contiguous()
+                out[h + theirs + ".bias"] = sd[b + ours + ".bias"]
+    emb = "transformer.wte.weight" if family == "gpt2" else "model.embed_tokens.weight"
+    out["lm_head.weight"] = out[emb] if cfg.tie_embeddings else sd["lm_head.weight"]
+    return out
+
+
+def _normalize_hf_keys(sd: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    """Give every key the ``*ForCausalLM`` prefix and drop buffers older checkpoints carry."""
+    base = "transformer." if family == "gpt2" else "model."
+    out = {}
+    for k, v in sd.items():
+        if k.endswith((".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")):
+            continue  # GPT-2's causal-mask buffers, old Llama's RoPE table: recomputed, not weights
+        out[k if k.startswith(base) or k == "lm_head.weight" else base + k] = v
+    return out
+
+
+def hf_to_scalelm_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    family = hf_family(cfg)
+    sd = _normalize_hf_keys(hf_sd, family)
+    used, out = set(), {}
+
+    def take(key: str) -> torch.Tensor:
+        if key not in sd:
+            raise ConversionError(f"the Hugging Face checkpoint has no tensor '{key}'")
+        used.add(key)
+        return sd[key]
+
+    for ours, theirs in _layer_map(cfg, family):
+        out[ours] = take(theirs)
+    if family == "gpt2":
+        d = cfg.n_embd
+        for i in range(cfg.n_layer):
+            b, h = f"blocks.{i}.", f"transformer.h.{i}."
+            w, bias = take(h + "attn.c_attn.weight"), take(h + "attn.c_attn.bias")
+            if tuple(w.shape) != (d, 3 * d):
+                raise ConversionError(f"'{h}attn.c_attn.weight' has shape {tuple(w.shape)}, expected {(d, 3 * d)}")
+            for j, x in enumerate("qkv"):
+                out[b + f"attn.{x}_proj.weight"] = w[:, j * d:(j + 1) * d].t().contiguous()
+                out[b + f"attn.{x}_proj.bias"] = bias[j * d:(j + 1) * d].contiguous()
+            for ours, theirs in _GPT2_CONV:
+                out[b + ours + ".weight"] = take(h + theirs + ".weight").t().contiguous()
+                out[b + ours + ".bias"] = take(h + theirs + ".bias")
+    if cfg.tie_embeddings:
+        used.add("lm_head.weight")  # tied: HF may or may not store it; the embedding wins, as in HF
+    else:
+        out["lm_head.weight"] = take("lm_head.weight")
+    extra = sorted(set(sd) - used)
+    if extra:
+        raise ConversionError(f"the Hugging Face checkpoint has tensors scalelm does not know: "
+                              f"{extra[:5]}{' ...' if len(extra) > 5 else ''}")
+    return out
+
+
+def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of an HF directory: single or sharded safetensors, or a weights-only .bin."""
+    from safetensors.torch import load_file
+
+    index = hf_dir / "model.safetensors.index.json"
+    if (hf_dir / "model.safetensors").is_file():
+        return load_file(str(hf_dir / "model.safetensors"))
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        sd: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            sd.update(load_file(str(hf_dir / shard)))
+        return sd
+    if (hf_dir / "pytorch_model.bin").is_file():
+        try:  # weights_only: plain tensors, never arbitrary pickled objects
+            return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ConversionError(f"{hf_dir / 'pytorch_model.bin'} could not be read safely "
+                                  f"(weights only): {e}") from None
+    raise ConversionError(f"{hf_dir} has no model.safetensors, model.safetensors.index.json "
+                          "or pytorch_model.bin")
+
+
+# ----------------------------------------------------------------------------- models
+
+def from_hf(src: Union[str, Path, Any], dtype: torch.dtype = torch.float32) -> GPT:
+    """A scalelm ``GPT`` from a ``transformers`` model or an HF model directory."""
+    if isinstance(src, (str, Path)):
+        d = Path(src)
+        if not (d / "config.json").is_file():
+            raise ConversionError(f"{d} is not a Hugging Face model directory (no config.json)")
+        hf_cfg = json.loads((d / "config.json").read_text())
+        hf_sd = read_hf_weights(d)
+    else:
+        hf_cfg, hf_sd = src.config.to_dict(), src.state_dict()
+    cfg = model_config_from_hf(hf_cfg)
+    model = GPT(cfg)
+    load_state_dict_into(model, hf_to_scalelm_state_dict(hf_sd, cfg), source="Hugging Face checkpoint")
+    return model.to(dtype).eval()
+
+
+def to_hf(model: GPT, eos_id: Any = None, bos_id: Any = None):
+    """The equivalent ``transformers`` model (same weights, same dtype, eval mode)."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError:
+        raise ConversionError("exporting needs transformers: pip install 'scalelm[hf]'") from None
+    kw = hf_config_dict(model.cfg, eos_id, bos_id)
+    config = AutoConfig.for_model(**kw)
+    hf = AutoModelForCausalLM.from_config(config)
+    sd = scalelm_to_hf_state_dict(model_state_dict(model), model.cfg)
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    if unexpected or [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]:
+        raise ConversionError(f"internal mapping error: missing {missing}, unexpected {unexpected}")
+    if model.cfg.tie_embeddings:
+        hf.tie_weights()
+    dtype = next(model.parameters()).dtype
+    return hf.to(dtype).eval()
+
+
+# ----------------------------------------------------------------------------- directories
+
+def special_token_ids(ckpt_dir: Union[str, Path]) -> tuple[Any, Any]:
+    """(bos, eos) ids of a model directory: an imported HF model's own config wins; otherwise
+    our tokenizers use ``<|endoftext|>`` for both. eos may be a list (Llama 3 has several)."""
+    d = Path(ckpt_dir)
+    meta = json.loads((d / "config.json").read_text()).get("hf") or {}
+    if meta.get("eos_token_id") is not None:
+        return meta.get("bos_token_id"), meta["eos_token_id"]
+    if not (d / TOKENIZER).is_file():
+        return None, None
+    from tokenizers import Tokenizer
+
+    eot = Tokenizer.from_file(str(d / TOKENIZER)).token_to_id(EOT)
+    return eot, eot
+
+
+def _copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            copied.append(name)
+    return copied
+
+
+def import_hf_dir(hf_dir: Union[str, Path], out_dir: Union[str, Path],
+                  dtype: torch.dtype = torch.float32) -> Path:
+    """HF directory -> scalelm model directory (weights, config, tokenizer files)."""
+    src = Path(hf_dir)
+    if not src.is_dir():
+        raise ConversionError(f"Hugging Face model directory not found: {src}")
+    model = from_hf(src, dtype)
+    hf_cfg = json.loads((src / "config.json").read_text())
+    extra = {"hf": {k: hf_cfg.get(k) for k in ("model_type", "architectures", "bos_token_id",
+                                                 "eos_token_id", "pad_token_id")},
+             "source": str(src.resolve())}
+    out = save_model_dir(model, out_dir, extra=extra)
+    _copy_tokenizer_files(src, out)
+    return out
+
+
+def export_hf_dir(ckpt: Union[str, Path], out_dir: Union[str, Path],
+                  dtype: torch.dtype = torch.float32) -> Path:
+    """scalelm model directory (or RUN_DIR) -> directory ``AutoModelForCausalLM`` loads."""
+    src = resolve_checkpoint(ckpt)
+    cfg = read_model_config(src)
+    hf_family(cfg)  # fail on an unrepresentable config before loading any weights
+    bos, eos = special_token_ids(src)
+    hf = to_hf(load_model_dir(src, dtype=dtype).eval(), eos_id=eos, bos_id=bos)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        hf.save_pretrained(tmp, safe_serialization=True)
+        copied = _copy_tokenizer_files(src, tmp)
+        if TOKENIZER in copied and "tokenizer_config.json" not in copied:
+            # lets AutoTokenizer.from_pretrained(out) work on a tokenizer that scalelm trained
+            tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size}
+            from tokenizers import Tokenizer
+
+            if Tokenizer.from_file(str(tmp / TOKENIZER)).token_to_id(EOT) is not None:
+                tc.update(eos_token=EOT, bos_token=EOT)
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_convert_parser(p: argparse.ArgumentParser) -> None:
+    p.epilog = ("examples:\n  scalelm convert --from-hf ./gpt2 --out ckpt/gpt2\n"
+                "  scalelm convert runs/baby --to-hf export/baby")
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.add_argument("ckpt", nargs="?", help="scalelm model directory or RUN_DIR to export (with --to-hf)")
+    p.add_argument("--from-hf", metavar="HF_DIR", help="import this Hugging Face model directory")
+    p.add_argument("--out", metavar="CKPT_DIR", help="where the imported scalelm model directory goes")
+    p.add_argument("--to-hf", metavar="OUT_DIR", help="export CKPT to this Hugging Face directory")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                   help="dtype of the written weights (default float32)")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    dtype = DTYPES[args.dtype]
+    if args.from_hf:
+        if args.to_hf or args.ckpt:
+            raise ConversionError("use either --from-hf HF_DIR --out CKPT_DIR or CKPT --to-hf OUT_DIR")
+        if not args.out:
+            raise ConversionError("--from-hf needs --out CKPT_DIR (where the scalelm checkpoint goes)")
+        out = import_hf_dir(args.from_hf, args.out, dtype)
+    elif args.to_hf:
+        if not args.ckpt:
+            raise ConversionError("--to-hf OUT_DIR needs the checkpoint to export: scalelm convert CKPT --to-hf OUT_DIR")
+        out = export_hf_dir(args.ckpt, args.to_hf, dtype)
+    else:
+        raise ConversionError("nothing to do: give --from-hf HF_DIR --out CKPT_DIR, or CKPT --to-hf OUT_DIR")
+    print(f"wrote {out}", file=sys.stderr)
+    print(json.dumps({"out": str(out)}))
+    return 0
