@@ -296,6 +296,28 @@ def check_override_keys(args: list[str]) -> None:
             raise unknown_key_error(key, "command line")
 
 
+_BOOL_WORDS = {"true": "True", "false": "False", "yes": "True", "no": "False", "1": "True", "0": "False"}
+
+
+def _normalize_bools(args: list[str]) -> list[str]:
+    """Accept TOML-style ``--log.progress=false`` (tyro wants ``True``/``False``)."""
+    bool_keys = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f, t in
+                 ((f, _field_types(cls)[f.name]) for f in dataclasses.fields(cls)) if t is bool}
+    out, expect_value = [], False
+    for a in args:
+        if expect_value:
+            a, expect_value = _BOOL_WORDS.get(a.lower(), a), False
+        elif a.startswith("--"):
+            key, eq, val = a[2:].partition("=")
+            if key.replace("-", "_") in bool_keys:
+                if eq:
+                    a = f"--{key}={_BOOL_WORDS.get(val.lower(), val)}"
+                else:
+                    expect_value = True
+        out.append(a)
+    return out
+
+
 def apply_overrides(cfg: Config, args: list[str]) -> Config:
     """Apply dotted overrides (``--optim.lr=1e-3`` or ``--optim.lr 1e-3``) with tyro's parsing."""
     if not args:
@@ -304,6 +326,7 @@ def apply_overrides(cfg: Config, args: list[str]) -> Config:
         if a.startswith("--") and "." not in a.split("=", 1)[0] and a not in ("--help", "-h"):
             raise ConfigError(f"unrecognized option '{a}'")
     check_override_keys(args)
+    args = _normalize_bools(args)
     import tyro
 
     try:

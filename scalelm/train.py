@@ -1,0 +1,476 @@
+"""The trainer: ONE training loop, for pretraining now and fine-tuning/distillation later.
+
+    scalelm train --preset baby --data data/shakespeare --out runs/baby [--section.key=value ...]
+
+Each optimizer step sets the learning rate from the schedule, runs :meth:`Trainer.forward_backward`
+over the step's micro-batches (gradients synchronised only on the last one), clips, and steps
+AdamW. Every ``log_every`` steps a metrics record; every ``eval_every`` a validation pass (the
+best model is kept in ``RUN_DIR/best``); every ``save_every``, at the end, on SIGINT/SIGTERM
+and when the time budget runs out, an atomic checkpoint that resumes bit for bit.
+What a batch is and how its loss is computed are arguments (``batches``, ``loss_fn``), so
+other objectives reuse this loop unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .config import Config, ConfigError
+from .distributed import (ParallelContext, all_reduce_mean_loss, clip_grad_norm, grad_sync, init_parallel,
+                          parallelize)
+from .errors import UserError
+from .metrics import MetricsLogger, Progress, env_summary, peak_flops, peak_memory_mb
+from .model import GPT, flops_per_token
+from .optim import build_optimizer, lr_at, set_lr
+from . import train_state as ts
+
+
+class OutOfMemory(UserError):
+    """The step did not fit in memory; the message lists what to change."""
+
+
+class Diverged(UserError):
+    """The loss became NaN or infinite."""
+
+
+# ----------------------------------------------------------------------------- devices, precision
+
+def pick_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {spec} requested but CUDA is not available; use --train.device=cpu")
+    return dev
+
+
+def _cpu_has_bf16() -> bool:
+    from .analysis.hardware import cpu_has_bf16
+
+    return cpu_has_bf16()
+
+
+def resolve_precision(requested: str, device: torch.device) -> str:
+    """``auto`` is bf16 autocast where the hardware multiplies bf16 natively, else fp32."""
+    if requested == "auto":
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if device.type == "cpu" and _cpu_has_bf16() else "fp32"
+    if requested == "fp16" and device.type != "cuda":
+        raise ConfigError("fp16 on a CPU is very slow (no fp16 matmul units): use --train.precision=bf16 "
+                          "(bf16 autocast) or fp32")
+    return requested
+
+
+def autocast_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """A factory of autocast contexts: weights stay fp32, matmuls run in the chosen dtype."""
+    if precision in ("bf16", "fp16"):
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return partial(torch.autocast, device_type=device.type, dtype=dtype)
+    return contextlib.nullcontext
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def batch_geometry(cfg: Config, dp_world: int) -> tuple[int, int]:
+    """(micro_batch_size per rank, grad_accum_steps) so that a step is the configured global batch."""
+    t, T = cfg.train, cfg.model.block_size
+    B = t.micro_batch_size
+    glob = t.global_batch_size
+    if t.global_batch_tokens is not None:
+        if t.global_batch_tokens % T:
+            raise ConfigError(f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
+                              f"block_size {T}; use e.g. {max(1, round(t.global_batch_tokens / T)) * T}")
+        glob = t.global_batch_tokens // T
+    if glob is None:
+        return B, t.grad_accum_steps
+    per_step = B * dp_world
+    if glob % per_step:
+        lo = max(1, glob // per_step) * per_step
+        raise ConfigError(f"a global batch of {glob} sequences is not a multiple of micro_batch_size {B} x "
+                          f"{dp_world} data-parallel ranks = {per_step}; use {lo} or {lo + per_step}, "
+                          f"or another --train.micro_batch_size")
+    return B, glob // per_step
+
+
+def is_oom(e: BaseException) -> bool:
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and any(
+        s in msg for s in ("out of memory", "can't allocate memory", "not enough memory", "bad_alloc"))
+
+
+def default_loss(model: nn.Module, batch) -> torch.Tensor:
+    """Next-token cross-entropy: ``batch`` is ``(inputs, targets)``."""
+    x, y = batch
+    return model(x, y)[1]
+
+
+# ----------------------------------------------------------------------------- the trainer
+
+class Trainer:
+    """Owns the model, optimizer, data and run directory; :meth:`fit` is the training loop."""
+
+    def __init__(self, cfg: Config, data, run_dir: str | Path, *, ctx: Optional[ParallelContext] = None,
+                 model: Optional[GPT] = None, resume_from: Optional[Path] = None,
+                 batches=None, loss_fn: Callable = default_loss):
+        self.cfg, self.data, self.run_dir = cfg, data, Path(run_dir)
+        t = cfg.train
+        self.ctx = ctx or init_parallel(cfg)
+        self.device = self.ctx.device
+        self.is_main = self.ctx.is_main
+        if data.vocab_size > cfg.model.vocab_size:
+            raise ConfigError(f"the data's vocabulary has {data.vocab_size} tokens but the model's vocab_size is "
+                              f"{cfg.model.vocab_size}: leave model.vocab_size unset (it follows the data) or "
+                              f"set --model.vocab_size={data.vocab_size} or more")
+        self.precision = resolve_precision(t.precision, self.device)
+        self.autocast = autocast_context(self.precision, self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.micro_batch, self.accum = batch_geometry(cfg, self.ctx.dp_world)
+        self.seq_len = cfg.model.block_size
+        self.tokens_per_step = self.micro_batch * self.accum * self.ctx.dp_world * self.seq_len
+
+        torch.manual_seed(t.seed)  # the same initial weights on every rank and layout
+        self.raw_model = (model or GPT(cfg.model)).to(self.device)
+        self.model = parallelize(self.raw_model, cfg, self.ctx)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.loss_fn = loss_fn
+        if self.ctx.dp_rank:  # dropout masks differ across data-parallel ranks
+            torch.manual_seed(t.seed + self.ctx.dp_rank)
+
+        data.check_window("train", self.seq_len)
+        if t.eval_every > 0:
+            data.check_window("val", self.seq_len)
+        if batches is None:
+            from .data.loader import BatchLoader
+
+            batches = BatchLoader(data.tokens("train"), self.micro_batch, self.seq_len, self.accum,
+                                  dp_rank=self.ctx.dp_rank, dp_world=self.ctx.dp_world, seed=t.seed,
+                                  mode=cfg.data.sampling, device=self.device)
+        self.batches = batches
+
+        self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
+        self.best_val, self.best_step, self.evals_since_best = math.inf, None, 0
+        self.last_saved = self.last_eval = None
+        self.history: dict[str, float] = {}
+        self._signal: Optional[int] = None
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard)
+        if resume_from is not None:
+            self.load_checkpoint(Path(resume_from))
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    # ------------------------------------------------------------------ one optimizer step
+    def forward_backward(self, micro_batches: list) -> torch.Tensor:
+        """Accumulate gradients over the step's micro-batches; returns their mean loss (detached).
+
+        Each micro-loss is divided by the number of micro-batches, so k micro-batches of size
+        b give the gradient of one batch of size k*b. Pipeline parallelism replaces this method.
+        """
+        n = len(micro_batches)
+        total = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro_batches):
+            with grad_sync(self.model, enabled=i == n - 1):
+                with self.autocast():
+                    loss = self.loss_fn(self.model, batch)
+                scaled = loss / n
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            total += loss.detach().float()
+        return total / n
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        micro_batches = [self.batches.next_batch() for _ in range(self.accum)]
+        loss = self.forward_backward(micro_batches)
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.cfg.optim.grad_clip
+        norm = clip_grad_norm(self.model, clip if clip > 0 else math.inf, self.ctx)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss, norm
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> dict:
+        from .evaluate import evaluate
+
+        return evaluate(self.model, self.data, "val", self.micro_batch, self.seq_len, self.cfg.train.eval_iters,
+                        self.device, self.autocast, dp_rank=self.ctx.dp_rank, dp_world=self.ctx.dp_world)
+
+    def run_eval(self) -> bool:
+        """Evaluate, log, keep the best model; True when early stopping says stop."""
+        res = self.evaluate()
+        self.last_eval = self.step
+        rec = {"step": self.step, "val_loss": res["loss"], "val_perplexity": res["perplexity"],
+               "val_bits_per_byte": res["bits_per_byte"], "val_tokens": res["tokens"]}
+        self.metrics.log(rec)
+        self.history.setdefault("initial_val_loss", res["loss"])
+        self.history.setdefault("initial_val_bits_per_byte", res["bits_per_byte"])
+        self.history.update(val_loss=res["loss"], val_bits_per_byte=res["bits_per_byte"])
+        msg = f"step {self.step}: val loss {res['loss']:.4f}, bits/byte {res['bits_per_byte']:.4f}"
+        if res["loss"] < self.best_val:
+            self.best_val, self.best_step, self.evals_since_best = res["loss"], self.step, 0
+            if self.step > 0:
+                self.save_best()
+                msg += " (best)"
+        else:
+            self.evals_since_best += 1
+        self.progress.write(msg)
+        patience = self.cfg.train.early_stop_patience
+        return patience > 0 and self.evals_since_best >= patience
+
+    # ------------------------------------------------------------------ checkpoints
+    def state(self) -> dict:
+        return {"tokens_seen": self.tokens_seen, "loader": self.batches.state_dict(),
+                "scheduler": {"schedule": self.cfg.optim.schedule, "step": self.step},
+                "best_val_loss": None if math.isinf(self.best_val) else self.best_val, "best_step": self.best_step,
+                "evals_since_best": self.evals_since_best, "elapsed_s": self.elapsed(),
+                "history": self.history, "grad_scaler": self.scaler.state_dict() if self.scaler else None}
+
+    def save_checkpoint(self) -> Path:
+        """Single process: ``RUN_DIR/ckpt-<step>``. Sharded (DCP) saves replace this under torchrun."""
+        path = self.run_dir / ts.ckpt_name(self.step)
+        if self.is_main:
+            path = ts.save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
+                                      self.data.tokenizer_json, self.state(), self.cfg.checkpoint.keep_last)
+        self.last_saved = self.step
+        return path
+
+    def save_best(self) -> None:
+        if self.is_main:
+            from .checkpoint import BEST, save_model_dir
+
+            save_model_dir(self.raw_model, self.run_dir / BEST, self.data.tokenizer_json,
+                           extra={"step": self.step, "val_loss": self.best_val})
+
+    def load_checkpoint(self, ckpt: Path) -> None:
+        ts.check_model_config(ckpt, self.cfg.model)
+        ts.check_tokenizer(ckpt, self.data.tokenizer_json, self.data.dir)
+        st = ts.load_checkpoint(ckpt, self.raw_model, self.optimizer)
+        o = self.cfg.optim  # hyper-parameters follow the config (a resumed run may change them)
+        for g in self.optimizer.param_groups:
+            g.update(betas=(o.beta1, o.beta2), eps=o.eps)
+            g["weight_decay"] = o.weight_decay if g.get("name") == "decay" else 0.0
+        self.batches.load_state_dict(st["loader"])
+        self.step, self.tokens_seen = int(st["step"]), int(st["tokens_seen"])
+        self.elapsed_before = float(st.get("elapsed_s", 0.0))
+        bv = st.get("best_val_loss")
+        self.best_val = math.inf if bv is None else float(bv)
+        self.best_step, self.evals_since_best = st.get("best_step"), int(st.get("evals_since_best", 0))
+        self.history = dict(st.get("history") or {})
+        if self.scaler and st.get("grad_scaler"):
+            self.scaler.load_state_dict(st["grad_scaler"])
+        self.last_saved = self.step
+        self.metrics.truncate_after(self.step)
+
+    # ------------------------------------------------------------------ stopping
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0)
+
+    def _agree(self, flag: bool) -> bool:
+        """Every rank must stop at the same step: any rank's reason stops all."""
+        if not self.ctx.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._signal is not None:  # a second Ctrl-C: stop now (the last checkpoint is intact)
+            raise KeyboardInterrupt
+        self._signal = signum
+        self.progress.write(f"caught {signal.Signals(signum).name}: saving a checkpoint after this step "
+                            f"(press Ctrl-C again to quit without saving)")
+
+    @contextlib.contextmanager
+    def _signals(self):
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        n_params = self.raw_model.num_params()
+        fpt = flops_per_token(cfg.model, self.seq_len)
+        peak = peak_flops(self.device, DTYPES[self.precision])
+        self.progress = Progress(t.max_steps, self.step, cfg.log.progress and self.is_main)
+        if self.is_main:
+            print(f"model: {n_params:,} parameters | precision: {self.precision}"
+                  f"{' autocast' if self.precision != 'fp32' else ''} on {self.device} | batch: "
+                  f"{self.micro_batch} x {self.accum} accum x {self.ctx.dp_world} ranks x {self.seq_len} = "
+                  f"{self.tokens_per_step:,} tokens/step | steps {self.step} -> {t.max_steps}", file=sys.stderr)
+        self._t_start = time.perf_counter()
+        stop = None
+        try:
+            with self._signals():
+                if self.step == 0 and t.eval_every > 0:
+                    self._guard(self.run_eval)
+                mark, excluded, tokens_mark = time.perf_counter(), 0.0, self.tokens_seen
+                while self.step < t.max_steps and stop is None:
+                    lr = lr_at(self.step, cfg.optim, t.max_steps)
+                    set_lr(self.optimizer, lr)
+                    loss, norm = self._guard(self.train_step)
+                    self.step += 1
+                    self.tokens_seen += self.tokens_per_step
+                    if self.step % t.log_every == 0 or self.step == t.max_steps:
+                        loss_v = float(all_reduce_mean_loss(loss, self.ctx))
+                        dt = time.perf_counter() - mark - excluded
+                        tps = (self.tokens_seen - tokens_mark) / dt if dt > 0 else None
+                        rec = {"step": self.step, "loss": loss_v, "lr": lr, "grad_norm": float(norm),
+                               "tokens": self.tokens_seen, "tokens_per_s": tps,
+                               "mfu": tps * fpt / peak if tps and peak and peak == peak else None,
+                               "peak_mem_mb": peak_memory_mb(self.device), "elapsed_s": self.elapsed()}
+                        if not math.isfinite(loss_v):
+                            raise Diverged(self._diverged_msg(loss_v))
+                        self.metrics.log(rec)
+                        self.history["train_loss"] = loss_v
+                        self.progress.update(self.step, rec)
+                        mark, excluded, tokens_mark = time.perf_counter(), 0.0, self.tokens_seen
+                    t0 = time.perf_counter()
+                    if t.eval_every > 0 and self.step % t.eval_every == 0 and self._guard(self.run_eval):
+                        stop = "early_stop"
+                    if self.step % t.save_every == 0 and self.step < t.max_steps:
+                        self.save_checkpoint()
+                    excluded += time.perf_counter() - t0
+                    over_time = t.max_minutes is not None and self.elapsed() >= 60 * t.max_minutes
+                    if stop is None and self._agree(self._signal is not None or over_time):
+                        stop = "signal" if self._signal is not None else "time_budget"
+                if stop != "signal" and t.eval_every > 0 and self.last_eval != self.step:
+                    self._guard(self.run_eval)
+                if self.last_saved != self.step:
+                    self.save_checkpoint()
+        finally:
+            self.progress.close()
+            self.metrics.close()
+        return self.summary(stop or "max_steps", n_params)
+
+    def _guard(self, fn):
+        """Run a step or an evaluation, turning out-of-memory into advice."""
+        try:
+            return fn()
+        except Exception as e:
+            if not is_oom(e):
+                raise
+            self.optimizer.zero_grad(set_to_none=True)
+            raise OutOfMemory(self._oom_msg(e)) from None
+
+    def _oom_msg(self, e: BaseException) -> str:
+        B, A, t = self.micro_batch, self.accum, self.cfg.train
+        tips = []
+        if B > 1:
+            tips.append(f"halve the micro batch and double accumulation (same global batch): "
+                        f"--train.micro_batch_size={B // 2} --train.grad_accum_steps={2 * A}")
+        if not t.activation_checkpointing:
+            tips.append("recompute activations: --train.activation_checkpointing=true")
+        if self.precision == "fp32":
+            tips.append("use mixed precision: --train.precision=bf16")
+        tips.append(f"shorten the context: --model.block_size={max(1, self.seq_len // 2)}")
+        tips.append("estimate memory first with `scalelm plan`")
+        return (f"out of memory on {self.device} with micro_batch_size={B} x block_size={self.seq_len} "
+                f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'allocation failed'}). "
+                f"To fit: " + "; ".join(tips))
+
+    def _diverged_msg(self, v: float) -> str:
+        last = ts.ckpt_name(self.last_saved) if self.last_saved is not None else None
+        where = (f"; resume from the last good checkpoint with --resume {self.run_dir / last} and a lower "
+                 f"--optim.lr" if last else "; start again with a lower --optim.lr")
+        return (f"the training loss became {v} at step {self.step} (lr {self.cfg.optim.lr:g}): lower the "
+                f"learning rate, keep --optim.grad_clip=1.0, prefer bf16 to fp16{where}")
+
+    def summary(self, stopped: str, n_params: int) -> dict:
+        elapsed = self.elapsed()
+        return {"run_dir": str(self.run_dir), "stopped": stopped, "step": self.step, "params": n_params,
+                "precision": self.precision, "tokens": self.tokens_seen, "elapsed_s": round(elapsed, 3),
+                "best_val_loss": None if math.isinf(self.best_val) else self.best_val, "best_step": self.best_step,
+                **self.history, "checkpoint": str(self.run_dir / ts.ckpt_name(self.step)), **env_summary()}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_train_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a TOML config file (same keys as the dotted overrides)")
+    p.add_argument("--preset", help="a named preset (see `scalelm presets`)")
+    p.add_argument("--data", help="a DATA_DIR written by `scalelm prepare` (or data.path in the config)")
+    p.add_argument("--out", required=True, help="the run directory (checkpoints, metrics.jsonl, best/)")
+    p.add_argument("--resume", help="resume from this checkpoint or RUN_DIR instead of --out's latest")
+    p.add_argument("--init-from", help="start a new run from the weights of this model directory")
+    p.epilog = "Any config field is an override: --optim.lr=1e-3 --train.max_steps=2000 ..."
+    p.set_defaults(accepts_overrides=True)
+
+
+def _vocab_is_explicit(args: argparse.Namespace) -> bool:
+    """Did the user set model.vocab_size (a file or an override)? Otherwise it follows the data."""
+    if any(a.replace("-", "_").startswith("--model.vocab_size") for a in args.overrides):
+        return True
+    if args.config:
+        import tomllib
+
+        try:
+            return "vocab_size" in tomllib.loads(Path(args.config).read_text()).get("model", {})
+        except (OSError, tomllib.TOMLDecodeError):
+            return False  # resolve() reports the problem
+    return False
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .checkpoint import load_model_dir, resolve_checkpoint
+    from .config import resolve
+    from .data.loader import TokenData
+
+    out = Path(args.out)
+    saved = ts.read_run_config(out)
+    base = saved if saved is not None and not (args.preset or args.config) else None
+    cfg = resolve(preset=args.preset, config_file=args.config, overrides=args.overrides, base=base)
+    if args.data:
+        cfg.data.path = args.data
+    if args.resume:
+        cfg.checkpoint.resume = args.resume
+    if not cfg.data.path:
+        raise UserError("no training data: pass --data DATA_DIR (made by `scalelm prepare`)")
+    data = TokenData(cfg.data.path)
+    if base is None and not _vocab_is_explicit(args):
+        cfg.model.vocab_size = data.vocab_size
+    cfg.validate()
+    resume_from = ts.prepare_run_dir(out, cfg, data, saved)
+    model = None
+    if args.init_from:
+        if resume_from is not None:
+            raise UserError(f"{out} already holds a run to resume; --init-from starts a new one: use another --out")
+        src = resolve_checkpoint(args.init_from)
+        ts.check_model_config(src, cfg.model)
+        ts.check_tokenizer(src, data.tokenizer_json, data.dir)
+        model = load_model_dir(src)
+    trainer = Trainer(cfg, data, out, model=model, resume_from=resume_from)
+    if trainer.is_main:
+        ts.write_run_config(out, cfg, data)
+    summary = trainer.fit()
+    if trainer.is_main:
+        print(json.dumps(summary))
+    return 128 + trainer._signal if trainer._signal else 0

@@ -1,0 +1,281 @@
+"""Training checkpoints (single process): everything needed to continue a run bit for bit.
+
+``RUN_DIR/ckpt-<step>/`` is a model directory (``model.safetensors``, ``config.json``,
+``tokenizer.json``) plus ``optimizer.safetensors`` (AdamW moments keyed by parameter name),
+``rng.safetensors`` (torch generator states) and ``state.json`` (step, loader position,
+best validation loss, Python/NumPy RNG states, optimizer hyper-parameters). It is staged in a
+hidden directory, fsynced and renamed into place, then ``RUN_DIR/latest`` is rewritten
+atomically: a kill at any moment leaves the previous checkpoint intact. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import (CONFIG, LATEST, TOKENIZER, CheckpointError, atomic_write_text, ckpt_name,
+                         list_checkpoints, load_state_dict_into, load_weights, publish_dir,
+                         read_model_config, save_model_dir)
+from .config import ModelConfig
+
+OPTIMIZER = "optimizer.safetensors"
+RNG = "rng.safetensors"
+STATE = "state.json"
+
+
+# ----------------------------------------------------------------------------- RNG states
+
+def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, json) snapshots of every generator a training step may draw from."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, py_state, gauss = random.getstate()
+    return tensors, {"numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+                     "python": [version, list(py_state), gauss]}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor], js: dict) -> None:
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[:torch.cuda.device_count()])
+    kind, keys, pos, has_gauss, cached = js["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, py_state, gauss = js["python"]
+    random.setstate((version, tuple(py_state), gauss))
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, list]:
+    """AdamW state as flat ``"<param fqn>/<key>"`` tensors plus JSON param groups.
+
+    ``get_optimizer_state_dict`` keys the state by parameter name, so it survives wrappers
+    (compile, activation checkpointing) and a changed parameter order.
+    """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    osd = get_optimizer_state_dict(model, optimizer)
+    tensors = {}
+    for fqn, st in osd["state"].items():
+        for k, v in st.items():
+            t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+            tensors[f"{fqn}/{k}"] = t.detach().cpu().contiguous()
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in osd["param_groups"]]
+    return tensors, groups
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict, groups: list) -> None:
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    state: dict[str, dict] = {}
+    for key, t in tensors.items():
+        fqn, k = key.rsplit("/", 1)
+        state.setdefault(fqn, {})[k] = t
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    expected = {fqn for g in groups for fqn in g["params"]}
+    current = {n for n, _ in model.named_parameters()}
+    if not expected <= current:
+        raise CheckpointError(f"optimizer state names parameters the model lacks: {sorted(expected - current)[:5]}")
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups})
+
+
+# ----------------------------------------------------------------------------- save / load
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    tokenizer_json: Optional[str], state: dict, keep_last: int = 3) -> Path:
+    """Write ``RUN_DIR/ckpt-<step>`` atomically, point ``latest`` at it, prune old ones."""
+    run_dir = Path(run_dir)
+    name = ckpt_name(step)
+    staging = run_dir / f".staging-{name}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_model_dir(model, staging, tokenizer_json, extra={"step": step})
+        opt_tensors, groups = optimizer_state(model, optimizer)
+        save_file(opt_tensors, str(staging / OPTIMIZER), metadata={"format": "pt"})
+        rng_tensors, rng_js = rng_state()
+        save_file(rng_tensors, str(staging / RNG))
+        full = dict(state, step=step, optimizer_param_groups=groups, rng=rng_js)
+        (staging / STATE).write_text(json.dumps(full, indent=1) + "\n")
+        publish_dir(staging, run_dir / name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    atomic_write_text(run_dir / LATEST, name + "\n")
+    prune_checkpoints(run_dir, keep_last, protect=name)
+    return run_dir / name
+
+
+def prune_checkpoints(run_dir: Path, keep_last: int, protect: str) -> None:
+    if keep_last <= 0:
+        return
+    ckpts = list_checkpoints(run_dir)
+    for old in ckpts[:-keep_last]:
+        if old.name != protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def clean_staging(run_dir: Path) -> None:
+    """Remove half-written checkpoints left by a kill (they were never visible)."""
+    for p in Path(run_dir).glob(".staging-ckpt-*"):
+        shutil.rmtree(p, ignore_errors=True)
+    for p in Path(run_dir).glob(".ckpt-*"):  # save_model_dir's temporary dirs
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def is_training_checkpoint(path: Path) -> bool:
+    return all((Path(path) / f).is_file() for f in (CONFIG, OPTIMIZER, RNG, STATE))
+
+
+def check_model_config(ckpt: Path, expected: ModelConfig) -> None:
+    """A checkpoint of another shape is an error naming every differing field."""
+    saved = read_model_config(ckpt)
+    diffs = [f"{k}: checkpoint {getattr(saved, k)!r}, this run {getattr(expected, k)!r}"
+             for k in vars(expected) if getattr(saved, k) != getattr(expected, k)]
+    if diffs:
+        raise CheckpointError(f"{ckpt} holds a model of another shape ({'; '.join(diffs)}): resume with "
+                              f"the checkpoint's model settings, or start a new run with another --out")
+
+
+def check_tokenizer(ckpt: Path, data_tokenizer_json: str, data_dir: Path) -> None:
+    p = Path(ckpt) / TOKENIZER
+    if p.is_file() and sha256_text(p.read_text()) != sha256_text(data_tokenizer_json):
+        raise CheckpointError(f"{ckpt} was trained with another tokenizer than {data_dir}/tokenizer.json: "
+                              f"its token ids mean different things; use the data the checkpoint was "
+                              f"trained on, or prepare your corpus with the checkpoint's tokenizer "
+                              f"(scalelm prepare --tokenizer {p})")
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
+    """Load weights (strictly), optimizer moments and RNG states; return ``state.json``."""
+    ckpt = Path(ckpt)
+    if not is_training_checkpoint(ckpt):
+        missing = [f for f in (OPTIMIZER, RNG, STATE) if not (ckpt / f).is_file()]
+        raise CheckpointError(f"{ckpt} is not a training checkpoint ({', '.join(missing)} missing): to start "
+                              f"a new run from its weights, use it as an initial model instead of resuming")
+    try:
+        state = json.loads((ckpt / STATE).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{ckpt / STATE} is corrupt: {e}") from None
+    load_state_dict_into(model, load_weights(ckpt / "model.safetensors"), source=str(ckpt))
+    if optimizer is not None:
+        try:
+            opt_tensors = load_file(str(ckpt / OPTIMIZER))
+        except Exception as e:  # safetensors raises several types for a damaged file
+            raise CheckpointError(f"{ckpt / OPTIMIZER} is corrupt: {e}") from None
+        load_optimizer_state(model, optimizer, opt_tensors, state["optimizer_param_groups"])
+    set_rng_state(load_file(str(ckpt / RNG)), state["rng"])
+    print(f"resumed from {ckpt} at step {state['step']}", file=sys.stderr)
+    return state
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+RUN_INFO = "run.json"  # which data the run trains on (the tokenizer's hash names it)
+
+
+def read_run_config(run_dir: Path):
+    """The resolved config a previous run saved in ``RUN_DIR/config.json`` (None if no run)."""
+    from .config import load_config_json
+
+    p = Path(run_dir) / CONFIG
+    if not p.is_file():
+        return None
+    try:
+        raw = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{p} is corrupt ({e}): delete it, or use another --out") from None
+    if "format" in raw:
+        raise CheckpointError(f"{run_dir} is a model directory, not a run directory: choose another --out")
+    cfg = load_config_json(p)
+    cfg.checkpoint.resume = "auto"  # a launch option, not a property of the run
+    return cfg
+
+
+def write_run_config(run_dir: Path, cfg, data) -> None:
+    import copy
+    import datetime
+
+    from .config import save_config
+
+    run_dir = Path(run_dir)
+    keep = copy.deepcopy(cfg)
+    keep.checkpoint.resume = "auto"
+    save_config(keep, run_dir / CONFIG)
+    info_path = run_dir / RUN_INFO
+    created = None
+    if info_path.is_file():
+        created = json.loads(info_path.read_text()).get("created")
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    info = {"data": {"path": str(Path(data.dir).resolve()), "tokenizer_sha256": data.tokenizer_sha256,
+                     "vocab_size": data.vocab_size, "inputs_sha256": data.meta.get("inputs_sha256")},
+            "created": created or now, "updated": now}
+    atomic_write_text(info_path, json.dumps(info, indent=2) + "\n")
+
+
+def _config_diffs(saved, cfg) -> list[str]:
+    return [f"model.{k}: {getattr(saved.model, k)!r} there, {getattr(cfg.model, k)!r} now"
+            for k in vars(cfg.model) if getattr(saved.model, k) != getattr(cfg.model, k)]
+
+
+def prepare_run_dir(run_dir: Path, cfg, data, saved) -> Optional[Path]:
+    """Decide what ``--out`` means: a new run, or the continuation of the run it holds.
+
+    Returns the checkpoint to resume from (None: start at step 0). A directory holding another
+    run (other model shape or data) is refused rather than overwritten.
+    """
+    from .checkpoint import BEST, latest_checkpoint, resolve_checkpoint
+    from .metrics import METRICS
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CheckpointError(f"--out {run_dir} is a file: choose a directory")
+    holds_run = saved is not None or bool(run_dir.is_dir() and list_checkpoints(run_dir))
+    mode = cfg.checkpoint.resume
+    if not holds_run and run_dir.is_dir() and any(not p.name.startswith(".") for p in run_dir.iterdir()):
+        raise CheckpointError(f"--out {run_dir} exists and is not a scalelm run directory: choose a new or "
+                              f"empty directory (nothing there was touched)")
+    if holds_run:
+        how = f"use another --out, or delete {run_dir} to start over"
+        if mode == "never":
+            raise CheckpointError(f"{run_dir} already holds a run and checkpoint.resume=never: {how}, "
+                                  f"or drop --checkpoint.resume=never to continue it")
+        diffs = _config_diffs(saved, cfg) if saved is not None else []
+        if diffs:
+            raise CheckpointError(f"{run_dir} holds another run ({'; '.join(diffs)}): {how}, or resume it "
+                                  f"with its own settings (`scalelm train --out {run_dir}` reuses them)")
+        info_path = run_dir / RUN_INFO
+        if info_path.is_file():
+            info = json.loads(info_path.read_text()).get("data", {})
+            if info.get("tokenizer_sha256") not in (None, data.tokenizer_sha256):
+                raise CheckpointError(f"{run_dir} holds a run trained on other data ({info.get('path')}, another "
+                                      f"tokenizer) than {data.dir}: {how}")
+            if info.get("path") and Path(info["path"]) != Path(data.dir).resolve():
+                print(f"warning: {run_dir} was trained on {info['path']}; continuing on {data.dir} "
+                      f"(same tokenizer)", file=sys.stderr)
+    if run_dir.is_dir():
+        clean_staging(run_dir)
+    if mode not in ("auto", "never"):
+        return resolve_checkpoint(mode)
+    ckpt = latest_checkpoint(run_dir) if holds_run else None
+    if ckpt is None and run_dir.is_dir():  # nothing to resume: leftovers of a run killed early go
+        (run_dir / METRICS).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / BEST, ignore_errors=True)
+    return ckpt
