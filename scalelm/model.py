@@ -21,6 +21,11 @@ from .config import ModelConfig
 IGNORE_INDEX = -100  # targets with this value (padding) do not count in the loss
 
 
+def _up(x: torch.Tensor) -> torch.Tensor:
+    """At least fp32 for numerically sensitive steps (fp64 stays fp64, e.g. in exactness tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -29,7 +34,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # F.rms_norm normalises in the input dtype; upcast so bf16 matches the fp32 reference
-        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).type_as(x)
+        return F.rms_norm(_up(x), (x.shape[-1],), _up(self.weight), self.eps).type_as(x)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -50,7 +55,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x: (B, H, T, D); cos/sin: (B or 1, 1, T, D)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).type_as(x)
+    return (_up(x) * cos + _up(rotated) * sin).type_as(x)
 
 
 class KVCache:
@@ -254,7 +259,7 @@ class GPT(nn.Module):
         logits = self.lm_head(h)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
+            loss = F.cross_entropy(_up(logits).view(-1, logits.size(-1)), targets.reshape(-1),
                                    ignore_index=IGNORE_INDEX)
         return logits, loss
 

@@ -69,6 +69,32 @@ def apply_tp(model: GPT, tp_mesh, sequence_parallel: bool = False) -> None:
         if model.norm_f is not None:  # the head is replicated: gather the sequence first
             parallelize_module(model.norm_f, tp_mesh, PrepareModuleInput(
                 input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),), use_local_output=True))
+    _replicate_rest(model, tp_mesh, skip_block_norms=sp)  # after the hooks above: they run first
+
+
+def _replicate_rest(model: GPT, tp_mesh, skip_block_norms: bool) -> None:
+    """Make every remaining parameter (embeddings, norms, head) a replicated DTensor that
+    computes on plain tensors. Then each optimizer group holds only DTensors, which the
+    multi-tensor (foreach) AdamW needs, and FSDP2 on top sees one 2-D mesh for all params."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module
+
+    def to_dtensor(_mod, inputs, mesh):
+        return tuple(DTensor.from_local(x, mesh, [Replicate()], run_check=False)
+                     if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x for x in inputs)
+
+    def to_local(_mod, out, _mesh):
+        return out.to_local() if isinstance(out, DTensor) else out
+
+    mods = [model.tok_emb, model.pos_emb, model.norm_f, model.lm_head]
+    if not skip_block_norms:
+        mods += [m for b in model.blocks.values() for m in (b.attn_norm, b.mlp_norm)]
+    tied = model.cfg.tie_embeddings and model.tok_emb is not None and model.lm_head is not None
+    for mod in mods:
+        if mod is None:
+            continue
+        if mod is model.lm_head and tied:  # re-tie to the embedding's new DTensor parameter
+            mod.weight = model.tok_emb.weight
+        distribute_module(mod, tp_mesh, input_fn=to_dtensor, output_fn=to_local)
 
 
 def apply_ac(model: GPT) -> None:
@@ -108,14 +134,16 @@ def resolved_precision(cfg: Config, device: torch.device) -> str:
     return "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"
 
 
-def apply_fsdp(model: GPT, dp_mesh, mp_policy=None, reshard_after_forward: bool = True) -> None:
+def apply_fsdp(model: GPT, dp_mesh, mp_policy=None, reshard_after_forward: bool = True,
+               root: Optional[nn.Module] = None) -> None:
     """``fully_shard`` each block, then the root (embeddings, final norm, head)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = mp_policy or MixedPrecisionPolicy()
     for block in model.blocks.values():
         fully_shard(block, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=dp_mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    fully_shard(root if root is not None else model, mesh=dp_mesh, mp_policy=mp,
+                reshard_after_forward=reshard_after_forward)
 
 
 def apply_ddp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
@@ -132,8 +160,15 @@ def uses_fsdp(ctx: ParallelContext) -> bool:
 
 # ----------------------------------------------------------------------------- entry point
 
-def parallelize_part(model: GPT, cfg: Config, ctx: ParallelContext, *, in_pipeline: bool = False) -> nn.Module:
-    """Apply TP, AC, compile, FSDP2, DDP (in that order) to one model or pipeline stage."""
+def parallelize_part(model: GPT, cfg: Config, ctx: ParallelContext, *, root: Optional[nn.Module] = None,
+                     in_pipeline: bool = False) -> nn.Module:
+    """Apply TP, AC, compile, FSDP2, DDP (in that order) to one model or pipeline stage.
+
+    ``root`` is the module the outer wrappers (FSDP2's root, DDP) go around: a pipeline
+    stage's :class:`~scalelm.distributed.pipeline.StageModule` around ``model``. Returns the
+    module to run (the root, possibly wrapped).
+    """
+    root = model if root is None else root
     sharded = ctx.tp > 1 or uses_fsdp(ctx) or in_pipeline
     if ctx.tp > 1:
         apply_tp(model, ctx.submesh("tp"), cfg.parallel.sequence_parallel)
@@ -145,10 +180,10 @@ def parallelize_part(model: GPT, cfg: Config, ctx: ParallelContext, *, in_pipeli
         names = ("dp_replicate", "dp_shard") if ctx.dp_replicate > 1 else ("dp_shard",)
         # inside a pipeline every micro-batch would re-gather parameters: keep them gathered
         apply_fsdp(model, ctx.submesh(*names), fsdp_mp_policy(cfg, ctx.device),
-                   reshard_after_forward=not in_pipeline)
+                   reshard_after_forward=not in_pipeline, root=root)
     elif ctx.dp_replicate > 1:
-        return apply_ddp(model, ctx)
-    return model
+        return apply_ddp(root, ctx)
+    return root
 
 
 def parallelize(model: GPT, cfg: Config, ctx: ParallelContext) -> nn.Module:
@@ -175,8 +210,9 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 def model_parts(model: nn.Module) -> list[nn.Module]:
     """The plain GPT (stage) modules this rank holds: one, or a pipeline's stages."""
-    parts = getattr(model, "parts", None)
-    return [unwrap_model(p) for p in parts] if parts is not None else [unwrap_model(model)]
+    if hasattr(model, "gpt_parts"):
+        return model.gpt_parts()
+    return [unwrap_model(model)]
 
 
 # ----------------------------------------------------------------------------- the training step
@@ -189,23 +225,19 @@ def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
     from torch.distributed.fsdp import FSDPModule
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    if enabled:
+    if enabled or hasattr(model, "gpt_parts"):  # a pipeline schedule syncs by itself
         yield
-        return
-    parts = list(getattr(model, "parts", [model]))
-    fsdp = [p for p in parts if isinstance(p, FSDPModule)]
-    ddp = [p for p in parts if isinstance(p, DDP)]
-    for p in fsdp:
-        p.set_requires_gradient_sync(False)
-    try:
-        if ddp:
-            with ddp[0].no_sync():  # one DDP part outside a pipeline
-                yield
-        else:
+    elif isinstance(model, DDP):
+        with model.no_sync():
             yield
-    finally:
-        for p in fsdp:
-            p.set_requires_gradient_sync(True)
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def _tied_copy(part: nn.Module) -> Optional[nn.Parameter]:
@@ -239,7 +271,10 @@ def grad_norm(model: nn.Module, ctx: ParallelContext) -> torch.Tensor:
                 if any(pl.is_partial() for pl in g.placements):
                     g = g.redistribute(g.device_mesh, [Replicate() if pl.is_partial() else pl
                                                        for pl in g.placements])
-                shards = math.prod(g.device_mesh.size(i) for i, pl in enumerate(g.placements) if pl.is_shard())
+                # every non-replicated dim splits the tensor (Shard, and FSDP x TP's _StridedShard,
+                # which is not a Shard subclass)
+                shards = math.prod(g.device_mesh.size(i) for i, pl in enumerate(g.placements)
+                                   if not pl.is_replicate())
                 copies = copies_all // shards
                 g = g.to_local()
             total += g.detach().double().pow(2).sum() / copies
@@ -250,11 +285,18 @@ def grad_norm(model: nn.Module, ctx: ParallelContext) -> torch.Tensor:
 
 def clip_grad_norm(model: nn.Module, max_norm: float, ctx: ParallelContext) -> torch.Tensor:
     """Clip all gradients to a global L2 norm of ``max_norm``; returns the norm before clipping."""
+    from torch.distributed.tensor import DTensor
+
     params = [p for part in model_parts(model) for p in part.parameters() if p.grad is not None]
     if not ctx.distributed:
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
     norm = grad_norm(model, ctx)
-    dtype = params[0].dtype if params else torch.float32  # fp64 runs keep a fp64 coefficient
-    if max_norm > 0 and params:
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm.to(dtype))
-    return norm.to(dtype)
+    coef = max_norm / (norm.item() + 1e-6)  # a Python float: exact enough for fp64 runs
+    if max_norm > 0 and coef < 1.0:
+        plain = [p.grad for p in params if not isinstance(p.grad, DTensor)]
+        if plain:
+            torch._foreach_mul_(plain, coef)
+        for p in params:  # DTensors on different meshes cannot share one foreach call
+            if isinstance(p.grad, DTensor):
+                p.grad.mul_(coef)
+    return norm.float()
