@@ -1,0 +1,364 @@
+"""``scalelm prepare``: a corpus in, a tokenizer and token shards out (the DATA_DIR format).
+
+Three streaming passes over the input, so memory stays bounded whatever its size:
+
+1. scan: count documents and bytes, hash the input, find bad input (binary files, invalid
+   UTF-8, broken records), collect the character set for ``--tokenizer char``;
+2. tokenizer: train the byte-level BPE on the train split (a spread-out sample of at most
+   ``--tokenizer-sample`` bytes); nothing to do for char/byte/a loaded tokenizer;
+3. encode: batches of pieces through the tokenizer's parallel ``encode_batch_fast``, appended
+   to ``train.bin`` / ``val.bin`` as they come, with the end-of-text id after each document.
+
+Everything is written to a temporary directory beside ``--out`` and renamed into place at the
+end, so an interrupted run leaves no half-written DATA_DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+
+from .. import __version__
+from ..checkpoint import publish_dir
+from ..errors import UserError
+from .sources import ON_INVALID, STDLIB_MAX_BYTES, DataWarning, SourceError, Stats, open_source, stream, utf8_len
+from .split import MODES, SplitPlan
+from .tokenizer import (DEFAULT_BPE_VOCAB, KINDS, byte_tokenizer, char_tokenizer, dtype_for_vocab, ensure_eot,
+                        load_tokenizer, tokenizer_sha256, train_bpe, vocab_size_of)
+
+FORMAT, VERSION = "scalelm-data", 1
+SPLITS = ("train", "val")
+BATCH_CHARS = 4 << 20  # characters per encode batch (bounds memory, feeds every core)
+BATCH_PIECES = 2048
+DEFAULT_SAMPLE = 128 << 20  # BPE training sample, bytes
+DEFAULT_BLOCK = 1024  # context length that the val split is checked against
+
+
+def parse_size(s: str | int | None) -> Optional[int]:
+    """``'8MB'``, ``'1.5G'``, ``'500k'``, ``'1048576'`` -> bytes (binary multiples)."""
+    if s is None or isinstance(s, int):
+        return s
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?[bB])?\s*", str(s))
+    if not m:
+        raise UserError(f"cannot read the size {s!r}: use a number of bytes or e.g. 500k, 8MB, 1.5GB")
+    return int(float(m.group(1)) * 1024 ** "_KMGT".index((m.group(2) or "_").upper()))
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, disable=not enabled,
+                file=sys.stderr, mininterval=0.5, leave=False)
+
+
+@contextmanager
+def _tokenizer_threads(workers: Optional[int]):
+    """Let ``encode_batch`` use the cores for this call (``TOKENIZERS_PARALLELISM=false`` is
+    often set globally to make forking safe); ``workers=1`` keeps it single-threaded."""
+    saved = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
+    os.environ["TOKENIZERS_PARALLELISM"] = "false" if workers == 1 else "true"
+    if workers and workers > 1 and saved["RAYON_NUM_THREADS"] is None:
+        os.environ["RAYON_NUM_THREADS"] = str(workers)  # effective if the thread pool is not yet started
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class _Notes:
+    """Warnings: raised as :class:`DataWarning` and kept for meta.json."""
+
+    def __init__(self):
+        self.items: list[str] = []
+
+    def warn(self, msg: str) -> None:
+        self.items.append(msg)
+        warnings.warn(msg, DataWarning, stacklevel=3)
+
+
+def _scan_warnings(st: Stats, notes: _Notes, on_invalid: str) -> None:
+    if st.binary_files:
+        shown = ", ".join(st.binary_files[:5]) + (f" and {len(st.binary_files) - 5} more" if len(st.binary_files) > 5 else "")
+        notes.warn(f"skipped {len(st.binary_files)} binary file(s) (NUL bytes): {shown}")
+    if st.invalid_utf8:
+        how = "replaced with U+FFFD" if on_invalid == "replace" else "dropped"
+        notes.warn(f"{st.invalid_utf8} invalid UTF-8 sequence(s) {how} (first in {st.invalid_utf8_first}); "
+                   f"--on-invalid-utf8 error stops instead")
+    if st.nul_bytes:
+        notes.warn(f"removed {st.nul_bytes} NUL byte(s) from text files")
+    if st.bad_records:
+        notes.warn(f"skipped {st.bad_records} record(s) that are not valid JSON (first at {st.bad_records_first})")
+    if st.missing_text:
+        notes.warn(f"skipped {st.missing_text} record(s) without text in the text field(s) "
+                   f"(first at {st.missing_text_first})")
+
+
+def _training_texts(source, plan: SplitPlan, max_bytes, sample_bytes: int, total: int, progress: bool) -> Iterator[str]:
+    """The train split's pieces, thinned evenly to about ``sample_bytes``."""
+    rate = min(1.0, sample_bytes / max(1, total))
+    credit = 0.0
+    plan.reset()
+    with _progress(total, "train tokenizer", progress) as bar:
+        for text, end, n in stream(source, Stats(), max_bytes):
+            bar.update(n)
+            for split, part, _ in plan.assign(text, end, n):
+                if split != "train" or not part:
+                    continue
+                credit += len(part) * rate
+                if credit >= len(part):
+                    credit -= len(part)
+                    yield part
+
+
+def build_tokenizer(spec: str, source, plan: SplitPlan, scan: Stats, *, vocab_size: Optional[int], max_bytes,
+                    sample_bytes: int, progress: bool, notes: _Notes, eot_token: Optional[str] = None):
+    """``(tokenizer, kind, eot_id, pad_id)`` for ``--tokenizer`` bpe/char/byte/PATH (or a loaded one)."""
+    if not isinstance(spec, str):
+        tok, kind = spec, "file"
+    elif spec == "byte":
+        tok, kind = byte_tokenizer(), "byte"
+    elif spec == "char":
+        tok, kind = char_tokenizer(scan.chars or ()), "char"
+    elif spec == "bpe":
+        vocab_size = vocab_size or DEFAULT_BPE_VOCAB
+        train_bytes = int(scan.bytes * (1 - plan.val_fraction))  # about: the exact size is known after encoding
+        texts = _training_texts(source, plan, max_bytes, sample_bytes, train_bytes, progress)
+        tok, kind = train_bpe(texts, vocab_size, progress=progress), "bpe"
+        if tok.get_vocab_size(with_added_tokens=True) < vocab_size:
+            notes.warn(f"BPE learned only {tok.get_vocab_size(with_added_tokens=True)} of the {vocab_size} "
+                       f"tokens asked for: the corpus has too few distinct pairs (that is fine; lower "
+                       f"--vocab-size to silence this)")
+    else:
+        tok, kind = load_tokenizer(spec), "file"
+    eot, pad, added = ensure_eot(tok, eot_token)
+    if added:
+        notes.warn(f"the tokenizer has no end-of-text token: added <|endoftext|> as id {eot}")
+    return tok, kind, eot, pad
+
+
+class _Shards:
+    """The two split files, appended to batch by batch."""
+
+    def __init__(self, out: Path, dtype: str, vocab_size: int, eot: int):
+        self.dtype, self.vocab_size, self.eot = np.dtype(dtype), vocab_size, eot
+        self.files = {s: open(out / f"{s}.bin", "wb") for s in SPLITS}
+        self.tokens = dict.fromkeys(SPLITS, 0)
+        self.bytes = dict.fromkeys(SPLITS, 0)
+        self.docs = dict.fromkeys(SPLITS, 0)
+        self._doc, self._seen = 0, {s: -1 for s in SPLITS}  # documents counted once per split
+
+    def write_batch(self, tok, batch: list[tuple[str, str, bool]]) -> None:
+        encs = tok.encode_batch_fast([t for _, t, _ in batch], add_special_tokens=False)
+        parts: dict[str, list] = {s: [] for s in SPLITS}
+        for (split, text, end), enc in zip(batch, encs):
+            parts[split].append(enc.ids)
+            self.bytes[split] += utf8_len(text)
+            if self._seen[split] != self._doc:
+                self._seen[split] = self._doc
+                self.docs[split] += 1
+            if end:
+                parts[split].append((self.eot,))
+                self._doc += 1
+        for split, lists in parts.items():
+            count = sum(map(len, lists))
+            if not count:
+                continue
+            ids = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=count)
+            top = int(ids.max())
+            if top >= self.vocab_size or int(ids.min()) < 0:
+                raise UserError(f"the tokenizer produced id {top}, outside its vocabulary of "
+                                f"{self.vocab_size}: the tokenizer.json is inconsistent")
+            ids.astype(self.dtype).tofile(self.files[split])
+            self.tokens[split] += count
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+
+
+def encode_corpus(source, tok, plan: SplitPlan, shards: _Shards, max_bytes, total: int, progress: bool) -> Stats:
+    st, batch, chars, nbytes = Stats(), [], 0, 0
+    plan.reset()
+    with _progress(total, "encode", progress) as bar:
+        for text, end, n in stream(source, st, max_bytes):
+            batch.extend(plan.assign(text, end, n))
+            chars, nbytes = chars + len(text), nbytes + n
+            if chars >= BATCH_CHARS or len(batch) >= BATCH_PIECES:
+                shards.write_batch(tok, batch)
+                bar.update(nbytes)
+                batch, chars, nbytes = [], 0, 0
+        if batch:
+            shards.write_batch(tok, batch)
+            bar.update(nbytes)
+    return st
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
+        raise UserError(f"--out {out} is a non-empty directory that is not a prepared DATA_DIR: refusing to "
+                        f"overwrite it (choose a new or empty directory)")
+
+
+def prepare(input: str, out: str, tokenizer: str = "bpe", vocab_size: Optional[int] = None,
+            val_fraction: float = 0.1, seed: int = 0, text_field: str = "text", glob: Optional[str] = None,
+            progress: bool = True, *, doc_sep: str = "eot", split: str = "train", split_by: str = "auto",
+            max_bytes: int | str | None = None, tokenizer_sample: int | str = DEFAULT_SAMPLE,
+            dtype: str = "auto", block_size: int = DEFAULT_BLOCK, on_invalid_utf8: str = "replace",
+            eot_token: Optional[str] = None, workers: Optional[int] = None) -> dict:
+    """Prepare a DATA_DIR from ``input`` (see module doc and README "Data"); returns its meta."""
+    t0 = time.perf_counter()
+    out_dir = Path(out).expanduser().resolve()
+    _check_out(out_dir)
+    max_bytes, sample = parse_size(max_bytes), parse_size(tokenizer_sample)
+    # wrong arguments fail before a possibly long read of the corpus
+    if vocab_size is not None and tokenizer != "bpe":
+        raise UserError(f"--vocab-size applies to --tokenizer bpe only (the {tokenizer} vocabulary is fixed "
+                        f"by the {'corpus' if tokenizer == 'char' else 'tokenizer'})")
+    SplitPlan(2, 2, val_fraction, seed, split_by)  # checks the split arguments
+    loaded = None if tokenizer in KINDS else load_tokenizer(tokenizer)
+    dtype_for_vocab(vocab_size_of(loaded) if loaded else (vocab_size or 2), dtype)
+    stdlib_cap = max_bytes if max_bytes is not None else STDLIB_MAX_BYTES
+    source = open_source(input, text_field=text_field, glob=glob, doc_sep=doc_sep, split=split,
+                         on_invalid=on_invalid_utf8, stdlib_max_bytes=stdlib_cap, exclude=out_dir)
+    limit = None if input == "stdlib" else max_bytes
+    notes = _Notes()
+    log = (lambda msg: print(f"prepare: {msg}", file=sys.stderr)) if progress else (lambda msg: None)
+
+    with _tokenizer_threads(workers):
+        scan = Stats(chars=set() if tokenizer == "char" else None)
+        with _progress(source.size_hint, "scan", progress) as bar:
+            for _, _, n in stream(source, scan, limit):
+                bar.update(n)
+        _scan_warnings(scan, notes, on_invalid_utf8)
+        if scan.documents == 0 or scan.bytes == 0:
+            what = f"{len(scan.binary_files)} binary file(s) skipped" if scan.binary_files else "no text found"
+            raise SourceError(f"the corpus {input} is empty ({what}): nothing to prepare")
+        if scan.truncated:
+            log(f"stopped reading at --max-bytes {max_bytes} bytes")
+        plan = SplitPlan(scan.documents, scan.bytes, val_fraction, seed, split_by)
+        log(f"{scan.documents:,} documents, {scan.bytes / 1e6:.2f} MB of text from {source.kind} {input}; "
+            f"val by {plan.mode}")
+
+        tok, kind, eot, pad = build_tokenizer(loaded or tokenizer, source, plan, scan, vocab_size=vocab_size, max_bytes=limit,
+                                              sample_bytes=sample, progress=progress, notes=notes, eot_token=eot_token)
+        n_vocab = vocab_size_of(tok)
+        np_dtype = dtype_for_vocab(n_vocab, dtype)
+        tok_json = tok.to_str()
+
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            shards = _Shards(tmp, np_dtype, n_vocab, eot)
+            try:
+                again = encode_corpus(source, tok, plan, shards, limit, scan.bytes, progress)
+            finally:
+                shards.close()
+            if (again.documents, again.bytes, again.inputs_sha256()) != (scan.documents, scan.bytes, scan.inputs_sha256()):
+                raise SourceError(f"{input} changed while it was being prepared; run prepare again")
+            for s, name in (("train", "training"), ("val", "validation")):
+                if shards.tokens[s] < block_size + 1:
+                    notes.warn(f"the {name} split has {shards.tokens[s]} tokens, fewer than one window of "
+                               f"{block_size} + 1: models with a context of at most {max(0, shards.tokens[s] - 1)} "
+                               f"tokens can use it (train/eval will refuse longer ones); use a larger corpus"
+                               + (" or --val-fraction" if s == "val" else ""))
+            meta = {
+                "format": FORMAT, "version": VERSION,
+                "tokenizer": {"kind": kind, "vocab_size": n_vocab, "eot_id": eot, "pad_id": pad,
+                              "sha256": tokenizer_sha256(tok_json),
+                              **({"path": str(tokenizer)} if kind == "file" else {})},
+                "dtype": np_dtype,
+                "splits": {s: {"file": f"{s}.bin", "tokens": shards.tokens[s], "documents": shards.docs[s],
+                               "bytes": shards.bytes[s]} for s in SPLITS},
+                "source": source.describe(),
+                "split": plan.describe(),
+                "stats": scan.to_dict(),
+                "inputs_sha256": scan.inputs_sha256(),
+                "warnings": notes.items,
+                "scalelm_version": __version__,
+                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            }
+            (tmp / "tokenizer.json").write_text(tok_json, encoding="utf-8")
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+            publish_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    secs = time.perf_counter() - t0
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    log(f"wrote {out_dir}: train {tr['tokens']:,} tokens ({tr['documents']:,} docs), val {va['tokens']:,} tokens "
+        f"({va['documents']:,} docs), {kind} vocab {n_vocab:,}, {np_dtype}; {scan.bytes / 1e6 / secs:.2f} MB/s "
+        f"({secs:.1f} s)")
+    return meta
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_prepare_parser(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = ("input forms: a text file; a folder (--glob); .jsonl/.json/.parquet with --text-field; a dataset "
+                "saved with datasets' save_to_disk; hf:owner/name[:config]; stdlib (this Python's standard "
+                "library, the demo corpus). Prints meta.json to stdout.")
+    p.add_argument("--input", required=True, help="corpus: FILE, DIR, hf:owner/name[:config], or stdlib")
+    p.add_argument("--out", required=True, help="DATA_DIR to write (replaced if it is a DATA_DIR already)")
+    p.add_argument("--tokenizer", default="bpe",
+                   help=f"{'|'.join(KINDS)}, or a tokenizer.json / directory holding one / hf:owner/name (default bpe)")
+    p.add_argument("--vocab-size", type=int, default=None, help=f"BPE vocabulary size (default {DEFAULT_BPE_VOCAB})")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of documents (or tail bytes) for val (0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the document split (0)")
+    p.add_argument("--split-by", choices=MODES, default="auto",
+                   help="documents: random whole documents; tail: the last bytes (one-file corpora); auto (default)")
+    p.add_argument("--text-field", default="text", help="JSONL/JSON/Parquet/dataset field(s) with the text; "
+                   "NAME1,NAME2 joins several with newlines (default text)")
+    p.add_argument("--glob", default=None, help="files to read in a folder (default **/*; hidden files skipped)")
+    p.add_argument("--doc-sep", default="eot", help="document separator in text files: eot (<|endoftext|>, "
+                   "default), blank (blank lines), line, none (one document per file), or a literal string")
+    p.add_argument("--split", default="train", help="which split of a Hugging Face dataset to read (train)")
+    p.add_argument("--max-bytes", default=None, help="read at most this much text, e.g. 100MB "
+                   f"(stdlib: a fixed sample of whole files, default {STDLIB_MAX_BYTES >> 20}MB)")
+    p.add_argument("--tokenizer-sample", default=f"{DEFAULT_SAMPLE >> 20}MB",
+                   help="train BPE on an evenly spread sample of this much train text (default 128MB)")
+    p.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto", help="token file dtype (auto)")
+    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK,
+                   help="warn when a split is shorter than one window of this context length (1024)")
+    p.add_argument("--on-invalid-utf8", choices=ON_INVALID, default="replace",
+                   help="invalid UTF-8 bytes: replace with U+FFFD (default), skip them, or stop with an error")
+    p.add_argument("--eot-token", default=None, help="end-of-text token of a loaded tokenizer (default: found)")
+    p.add_argument("--workers", type=int, default=None, help="threads for encoding (default: all cores; 1: one)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or log lines on stderr")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", DataWarning)
+        warnings.showwarning = show
+        meta = prepare(args.input, args.out, tokenizer=args.tokenizer, vocab_size=args.vocab_size,
+                       val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field, glob=args.glob,
+                       progress=not args.no_progress, doc_sep=args.doc_sep, split=args.split,
+                       split_by=args.split_by, max_bytes=args.max_bytes, tokenizer_sample=args.tokenizer_sample,
+                       dtype=args.dtype, block_size=args.block_size, on_invalid_utf8=args.on_invalid_utf8,
+                       eot_token=args.eot_token, workers=args.workers)
+    print(json.dumps(meta, indent=2))
+    return 0
