@@ -322,6 +322,8 @@ class Trainer:
         peak = peak_flops(self.device, DTYPES[self.precision])
         self.progress = Progress(t.max_steps, self.step, cfg.log.progress and self.is_main)
         if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
             print(f"model: {n_params:,} parameters | precision: {self.precision}"
                   f"{' autocast' if self.precision != 'fp32' else ''} on {self.device} | batch: "
                   f"{self.micro_batch} x {self.accum} accum x {self.ctx.dp_world} ranks x {self.seq_len} = "
@@ -427,7 +429,7 @@ def add_train_parser(p: argparse.ArgumentParser) -> None:
 
 def _vocab_is_explicit(args: argparse.Namespace) -> bool:
     """Did the user set model.vocab_size (a file or an override)? Otherwise it follows the data."""
-    if any(a.replace("-", "_").startswith("--model.vocab_size") for a in args.overrides):
+    if any(a.lstrip("-").replace("-", "_").startswith("model.vocab_size") for a in args.overrides):
         return True
     if args.config:
         import tomllib

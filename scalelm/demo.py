@@ -1,0 +1,223 @@
+"""``scalelm demo``: prepare a corpus, train a small GPT for a few minutes, evaluate, generate.
+
+The default corpus is this Python's standard library (``stdlib``: code, so a sample is easy to
+judge by eye). The model is sized for a couple of CPU cores: 4 layers x 256 wide, a 4096-token
+BPE vocabulary, context 128, bf16 autocast where the CPU has it. Training is time-budgeted:
+a few timed steps first measure the step time, the LR schedule is laid out over the steps
+that fit in ``--minutes``, and ``train.max_minutes`` stops the run if the machine slows down.
+Everything lands in ``--out``: the prepared data (reused by later demos), the run directory
+(checkpoints, ``metrics.jsonl``, ``loss.png``) and ``demo.json`` (the figures printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+MODEL = dict(n_layer=4, n_head=4, n_embd=256, block_size=128, dropout=0.0, bias=False)
+VOCAB = 4096
+MICRO_BATCH = 16
+LR = 2e-3
+EVALS = 6  # validation passes over the run (the first at step 0)
+EVAL_ITERS = 8
+
+
+def add_demo_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", default="stdlib",
+                   help="corpus to learn: stdlib (default: this Python's standard library), a text file, a folder, "
+                        "or anything `scalelm prepare --input` takes")
+    p.add_argument("--minutes", type=float, default=3.0, help="training budget in minutes (default 3)")
+    p.add_argument("--out", default="runs/demo", help="where data, run and demo.json go (default runs/demo)")
+    p.add_argument("--prompt", default=None, help="text to continue (default: code for stdlib, else the start "
+                                                  "of the validation text)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--fresh-data", action="store_true", help="prepare the corpus again even if it is cached")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+# ----------------------------------------------------------------------------- steps
+
+def prepare_data(input: str, out: Path, fresh: bool, progress: bool) -> Path:
+    """The corpus tokenized once into ``out/data/<name>-<hash>`` and reused by later demos."""
+    from .data.prepare import prepare
+
+    src = input if input == "stdlib" or input.startswith("hf:") else str(Path(input).expanduser().resolve())
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(src).name or src)[:40]
+    key = hashlib.sha256(f"{src}|bpe|{VOCAB}".encode()).hexdigest()[:10]
+    data_dir = out / "data" / f"{name}-{key}"
+    if (data_dir / "meta.json").is_file() and not fresh:
+        print(f"demo: reusing the prepared corpus in {data_dir} (--fresh-data to redo it)", file=sys.stderr)
+        return data_dir
+    print(f"demo: preparing {input} (byte-level BPE, {VOCAB} tokens) into {data_dir}", file=sys.stderr)
+    prepare(src, str(data_dir), tokenizer="bpe", vocab_size=VOCAB, progress=progress,
+            block_size=MODEL["block_size"])
+    return data_dir
+
+
+def build_config(data, minutes: float, steps: int, device: str, seed: int, progress: bool):
+    from .config import Config
+
+    cfg = Config()
+    for k, v in dict(MODEL, vocab_size=data.vocab_size).items():
+        setattr(cfg.model, k, v)
+    cfg.data.path = str(data.dir)
+    t = cfg.train
+    t.micro_batch_size, t.grad_accum_steps, t.max_steps, t.seed, t.device = MICRO_BATCH, 1, steps, seed, device
+    t.eval_every, t.eval_iters = max(1, steps // (EVALS - 1)), EVAL_ITERS
+    t.save_every, t.log_every, t.max_minutes = steps, max(1, min(10, steps // 50)), minutes
+    o = cfg.optim
+    o.lr, o.min_lr, o.warmup_steps, o.beta2, o.weight_decay = LR, LR / 10, max(1, steps // 20), 0.99, 0.1
+    cfg.checkpoint.keep_last = 1
+    cfg.log.progress = progress
+    return cfg.validate()
+
+
+def measure_step_seconds(cfg, precision: str, device: torch.device, reps: int = 3) -> float:
+    """Time a few training steps of a throwaway model of the demo's shape (the first is warm-up)."""
+    from .model import GPT
+    from .train import autocast_context
+
+    with torch.random.fork_rng(devices=[]):
+        model = GPT(cfg.model).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        x = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.model.block_size), device=device)
+        autocast, times = autocast_context(precision, device), []
+        for _ in range(reps + 1):
+            t0 = time.perf_counter()
+            with autocast():
+                loss = model(x, x)[1]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[len(times[1:]) // 2]
+
+
+def plan_steps(minutes: float, step_s: float) -> int:
+    """Steps that fit in the budget, leaving room for the evaluations (forward only: ~1/3 step each)."""
+    budget = 60 * minutes
+    eval_cost = EVALS * EVAL_ITERS * step_s / 3
+    return max(10, int((budget - eval_cost) / step_s * 0.95))
+
+
+def default_prompt(input: str, data) -> str:
+    if input == "stdlib":
+        return "import os\n\n\ndef "
+    tok = data.tokenizer()
+    head = tok.decode([int(i) for i in data.tokens("val")[:24]])
+    cut = head.rfind(" ")
+    return head[:cut + 1] if cut > 0 else head
+
+
+def sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int) -> str:
+    """Continue ``prompt`` with the generation engineer's ``generate_text``."""
+    try:
+        from .generate import generate_text
+    except ImportError:  # TEMPORARY: until scalelm.generate.generate_text lands
+        return _simple_sample(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed)
+    return generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_k=top_k, seed=seed)
+
+
+@torch.no_grad()
+def _simple_sample(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed) -> str:
+    gen = torch.Generator().manual_seed(seed)
+    model.eval()
+    ids = tokenizer.encode(prompt).ids or [0]
+    new = []
+    for _ in range(max_new_tokens):
+        ctx = torch.tensor([(ids + new)[-model.cfg.block_size:]])
+        logits = model(ctx, last_only=True)[0][0, -1].float() / max(temperature, 1e-5)
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
+        new.append(int(torch.multinomial(probs, 1, generator=gen)))
+    return tokenizer.decode(new)
+
+
+def _fresh_run_dir(run_dir: Path) -> None:
+    """Each demo trains from scratch: remove the previous demo run (and only a run directory)."""
+    if run_dir.exists():
+        if not (run_dir / "run.json").is_file() and any(run_dir.iterdir()):
+            raise UserError(f"{run_dir} exists and is not a scalelm run directory: choose another --out")
+        shutil.rmtree(run_dir)
+
+
+# ----------------------------------------------------------------------------- command
+
+def run_demo(args: argparse.Namespace) -> int:
+    from .analysis.plots import plot_runs
+    from .checkpoint import BEST, atomic_write_text, load_model_dir
+    from .data.loader import TokenData
+    from .train import Trainer, pick_device, resolve_precision
+
+    if args.minutes <= 0:
+        raise UserError("--minutes must be positive (e.g. --minutes 3)")
+    out, progress = Path(args.out), not args.no_progress
+    data = TokenData(prepare_data(args.input, out, args.fresh_data, progress))
+    device = pick_device(args.device)
+    precision = resolve_precision("auto", device)
+    probe = build_config(data, args.minutes, 100, args.device, args.seed, progress)
+    step_s = measure_step_seconds(probe, precision, device)
+    steps = plan_steps(args.minutes, step_s)
+    cfg = build_config(data, args.minutes, steps, args.device, args.seed, progress)
+    print(f"demo: {step_s * 1000:.0f} ms per step measured -> {steps} steps in {args.minutes:g} min "
+          f"({torch.get_num_threads()} threads, {precision})", file=sys.stderr)
+    run_dir = out / "run"
+    _fresh_run_dir(run_dir)
+    trainer = Trainer(cfg, data, run_dir)
+    from .train_state import write_run_config
+
+    write_run_config(run_dir, cfg, data)
+    summary = trainer.fit()
+    plots = plot_runs([run_dir], run_dir)
+
+    best = run_dir / BEST if (run_dir / BEST).is_dir() else Path(summary["checkpoint"])
+    model = load_model_dir(best, device=device)
+    prompt = args.prompt if args.prompt is not None else default_prompt(args.input, data)
+    text = sample(model, data.tokenizer(), prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+
+    first, last = summary.get("initial_val_loss"), summary.get("best_val_loss") or summary.get("val_loss")
+    report = {"input": args.input, "data_dir": str(data.dir), "run_dir": str(run_dir), "params": summary["params"],
+              "precision": summary["precision"], "steps": summary["step"], "tokens": summary["tokens"],
+              "train_seconds": summary["elapsed_s"], "step_ms_measured": round(1000 * step_s, 1),
+              "initial_val_loss": first, "final_val_loss": last,
+              "initial_bits_per_byte": summary.get("initial_val_bits_per_byte"),
+              "final_bits_per_byte": summary.get("val_bits_per_byte"), "stopped": summary["stopped"],
+              "prompt": prompt, "sample": text, "plots": plots}
+    atomic_write_text(out / "demo.json", json.dumps(report, indent=2) + "\n")
+    print_report(report)
+    return 0
+
+
+def print_report(r: dict) -> None:
+    m = MODEL
+    print(f"\nTrained a {m['n_layer']}-layer, {m['n_embd']}-wide GPT ({r['params'] / 1e6:.1f}M parameters) on "
+          f"{r['input']} for {r['train_seconds'] / 60:.1f} min: {r['steps']} steps, {r['tokens']:,} tokens, "
+          f"{r['precision']}.")
+    if r["initial_val_loss"] is not None and r["final_val_loss"] is not None:
+        drop = r["initial_val_loss"] - r["final_val_loss"]
+        print(f"Validation loss {r['initial_val_loss']:.3f} -> {r['final_val_loss']:.3f} nats/token "
+              f"(down {drop:.3f}); bits per byte {r['initial_bits_per_byte']:.3f} -> {r['final_bits_per_byte']:.3f}.")
+    print(f"\n--- sample (temperature and top-k sampling, prompt {r['prompt']!r}) ---")
+    print(r["prompt"] + r["sample"])
+    print("--- end of sample ---\n")
+    run = r["run_dir"]
+    print(f"Run directory: {run} (loss curve: {r['plots']['loss']})")
+    print(f"Next: scalelm generate {run}/best --prompt 'def '   |   scalelm eval {run} --data {r['data_dir']}"
+          f"   |   scalelm plot {run}")
