@@ -1,7 +1,6 @@
 """`scalelm prepare` end to end: the DATA_DIR format, determinism, every input form, bad input."""
 
 import json
-import os
 import time
 
 import numpy as np
@@ -247,3 +246,37 @@ def test_parse_size():
     assert parse_size(None) is None and parse_size("2GiB") == 2 << 30
     with pytest.raises(UserError, match="cannot read the size"):
         parse_size("lots")
+
+
+def test_byte_ids_match_the_tokenizer_even_with_special_token_text(tmp_path):
+    recs = [{"text": "plain ascii"}, {"text": "ünïcödé 😀"}, {"text": "has <|endoftext|> inside"}, {"text": "<|pad|>"}]
+    (tmp_path / "r.jsonl").write_text("\n".join(json.dumps(r) for r in recs * 5))
+    meta = prepare(str(tmp_path / "r.jsonl"), str(tmp_path / "d"), tokenizer="byte", split_by="tail",
+                   progress=False)
+    data = TokenData(tmp_path / "d")
+    tok = data.tokenizer()
+    ids = np.concatenate([data.tokens("train"), data.tokens("val")]).astype(np.int64).tolist()
+    expected = []
+    for r in recs * 5:
+        expected += tok.encode(r["text"]).ids + [meta["tokenizer"]["eot_id"]]
+    assert ids == expected and 256 in tok.encode(recs[2]["text"]).ids
+
+
+@pytest.mark.parametrize("mode", ["random", "sequential"])
+def test_loader_on_prepared_data_resumes_exactly_and_splits_ranks(shared_data, tmp_path, mode):
+    prepare(str(shared_data / "tinyshakespeare" / "input.txt"), str(tmp_path / "d"), tokenizer="char",
+            progress=False)
+    toks = TokenData(tmp_path / "d").tokens("train")
+    full = BatchLoader(toks, 4, 32, grad_accum_steps=2, seed=5, mode=mode)
+    stream = [full.next_batch()[0] for _ in range(12)]
+    part = BatchLoader(toks, 4, 32, grad_accum_steps=2, seed=5, mode=mode)
+    for _ in range(5):
+        part.next_batch()
+    resumed = BatchLoader(toks, 4, 32, grad_accum_steps=2, seed=5, mode=mode)
+    resumed.load_state_dict(json.loads(json.dumps(part.state_dict())))
+    assert all(np.array_equal(resumed.next_batch()[0], stream[i]) for i in range(5, 12))
+    ranks = [BatchLoader(toks, 4, 32, dp_rank=r, dp_world=2, seed=5, mode=mode) for r in range(2)]
+    a, b = ranks[0].next_batch()[0], ranks[1].next_batch()[0]
+    import torch
+
+    assert torch.equal(torch.cat([a, b]), torch.cat(stream[:2]))  # the same global batch, split by rank

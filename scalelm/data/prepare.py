@@ -16,7 +16,6 @@ end, so an interrupted run leaves no half-written DATA_DIR.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import re
@@ -42,7 +41,9 @@ from .tokenizer import (DEFAULT_BPE_VOCAB, KINDS, byte_tokenizer, char_tokenizer
 
 FORMAT, VERSION = "scalelm-data", 1
 SPLITS = ("train", "val")
-BATCH_CHARS = 4 << 20  # characters per encode batch (bounds memory, feeds every core)
+# characters per encode batch: enough pieces for every core, few enough that the tokenizer's
+# Encoding objects (about 100 bytes per token) stay small: 1 MiB per 4 threads, at most 8 MiB
+BATCH_CHARS = min(8 << 20, max(1 << 20, (os.cpu_count() or 1) << 18))
 BATCH_PIECES = 2048
 DEFAULT_SAMPLE = 128 << 20  # BPE training sample, bytes
 DEFAULT_BLOCK = 1024  # context length that the val split is checked against
@@ -157,31 +158,46 @@ def build_tokenizer(spec: str, source, plan: SplitPlan, scan: Stats, *, vocab_si
 class _Shards:
     """The two split files, appended to batch by batch."""
 
-    def __init__(self, out: Path, dtype: str, vocab_size: int, eot: int):
+    def __init__(self, out: Path, dtype: str, vocab_size: int, eot: int, raw_bytes: bool = False):
         self.dtype, self.vocab_size, self.eot = np.dtype(dtype), vocab_size, eot
+        self.raw_bytes = raw_bytes  # the byte tokenizer: ids are the UTF-8 bytes, no need to ask it
         self.files = {s: open(out / f"{s}.bin", "wb") for s in SPLITS}
         self.tokens = dict.fromkeys(SPLITS, 0)
         self.bytes = dict.fromkeys(SPLITS, 0)
         self.docs = dict.fromkeys(SPLITS, 0)
         self._doc, self._seen = 0, {s: -1 for s in SPLITS}  # documents counted once per split
 
+    def _encode(self, tok, texts: list[str]) -> list:
+        out: list = [None] * len(texts)
+        slow = list(range(len(texts)))
+        if self.raw_bytes:  # same ids as the tokenizer unless a special token's text is inside
+            slow = [i for i, t in enumerate(texts) if "<|" in t]
+            for i, t in enumerate(texts):
+                out[i] = np.frombuffer(t.encode("utf-8"), np.uint8)
+        if slow:
+            encs = tok.encode_batch_fast([texts[i] for i in slow], add_special_tokens=False)
+            for i, enc in zip(slow, encs):
+                out[i] = enc.ids
+        return out
+
     def write_batch(self, tok, batch: list[tuple[str, str, bool]]) -> None:
-        encs = tok.encode_batch_fast([t for _, t, _ in batch], add_special_tokens=False)
+        encs = self._encode(tok, [t for _, t, _ in batch])
         parts: dict[str, list] = {s: [] for s in SPLITS}
-        for (split, text, end), enc in zip(batch, encs):
-            parts[split].append(enc.ids)
+        eot = np.array([self.eot], dtype=np.int64)
+        for (split, text, end), ids in zip(batch, encs):
+            parts[split].append(np.asarray(ids, dtype=np.int64))
             self.bytes[split] += utf8_len(text)
             if self._seen[split] != self._doc:
                 self._seen[split] = self._doc
                 self.docs[split] += 1
             if end:
-                parts[split].append((self.eot,))
+                parts[split].append(eot)
                 self._doc += 1
-        for split, lists in parts.items():
-            count = sum(map(len, lists))
+        for split, arrays in parts.items():
+            count = sum(map(len, arrays))
             if not count:
                 continue
-            ids = np.fromiter(itertools.chain.from_iterable(lists), dtype=np.int64, count=count)
+            ids = np.concatenate(arrays)
             top = int(ids.max())
             if top >= self.vocab_size or int(ids.min()) < 0:
                 raise UserError(f"the tokenizer produced id {top}, outside its vocabulary of "
@@ -268,7 +284,7 @@ def prepare(input: str, out: str, tokenizer: str = "bpe", vocab_size: Optional[i
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
         try:
-            shards = _Shards(tmp, np_dtype, n_vocab, eot)
+            shards = _Shards(tmp, np_dtype, n_vocab, eot, raw_bytes=kind == "byte")
             try:
                 again = encode_corpus(source, tok, plan, shards, limit, scan.bytes, progress)
             finally:
