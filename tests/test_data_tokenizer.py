@@ -55,6 +55,12 @@ def test_load_tokenizer_from_file_dir_and_errors(tmp_path):
         load_tokenizer(tmp_path / "nope")
     with pytest.raises(TokenizerError, match="holds no tokenizer.json"):
         load_tokenizer(tmp_path)
+    run = tmp_path / "run"  # a RUN_DIR means its latest checkpoint
+    for step, t in ((1, char_tokenizer("xy")), (2, tok)):
+        (run / f"ckpt-{step:08d}").mkdir(parents=True)
+        (run / f"ckpt-{step:08d}" / "config.json").write_text("{}")
+        t.save(str(run / f"ckpt-{step:08d}" / "tokenizer.json"))
+    assert load_tokenizer(run).to_str() == tok.to_str()
     (tmp_path / "bad.json").write_text('{"not": "a tokenizer"}')
     with pytest.raises(TokenizerError, match="not a valid tokenizer.json"):
         load_tokenizer(tmp_path / "bad.json")

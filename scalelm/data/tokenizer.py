@@ -143,6 +143,12 @@ def load_tokenizer(path_or_dir: str | Path) -> "Tokenizer":
         hf_files = ("tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
         if any((p / f).is_file() for f in hf_files):
             return _from_hf_dir(p)
+        if any(p.glob("ckpt-*/tokenizer.json")):  # a RUN_DIR: its latest checkpoint's tokenizer
+            from ..checkpoint import latest_checkpoint
+
+            ckpt = latest_checkpoint(p)
+            if ckpt is not None and (ckpt / "tokenizer.json").is_file():
+                return _from_file(ckpt / "tokenizer.json")
         raise TokenizerError(f"{p} holds no tokenizer.json (nor a Hugging Face tokenizer): pass the file, "
                              f"a DATA_DIR, a checkpoint or a model directory")
     raise TokenizerError(f"tokenizer not found: {p} (expected bpe, char, byte, a tokenizer.json, "
