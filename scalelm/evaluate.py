@@ -85,11 +85,11 @@ def add_eval_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError, load_model_dir, read_tokenizer_json, resolve_checkpoint
+    from .checkpoint import load_model_dir, read_tokenizer_json, resolve_checkpoint
     from .data.loader import DataError, TokenData
+    from .data.tokenizer import check_same_tokenizer
     from .errors import UserError
     from .train import autocast_context, pick_device, resolve_precision
-    from .train_state import sha256_text
 
     ckpt = resolve_checkpoint(args.ckpt)
     data = TokenData(args.data)
@@ -100,11 +100,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if data.vocab_size > model.cfg.vocab_size:
         raise DataError(f"{args.data} has a vocabulary of {data.vocab_size} tokens but the model in {ckpt} "
                         f"knows only {model.cfg.vocab_size}: evaluate on data prepared with the model's tokenizer")
-    tok = read_tokenizer_json(ckpt)
-    if tok is not None and sha256_text(tok) != data.tokenizer_sha256:
-        raise CheckpointError(f"{ckpt} was trained with another tokenizer than {args.data}: its token ids "
-                              f"mean different things; prepare the data with `scalelm prepare --tokenizer "
-                              f"{ckpt / 'tokenizer.json'}`")
+    check_same_tokenizer(data.dir, read_tokenizer_json(ckpt), what=f"the checkpoint {ckpt}")
     seq_len = args.seq_len or model.cfg.block_size
     if seq_len > model.cfg.block_size or seq_len < 1:
         raise UserError(f"--seq-len must be between 1 and the model's block_size {model.cfg.block_size}")

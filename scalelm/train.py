@@ -263,7 +263,7 @@ class Trainer:
 
     def load_checkpoint(self, ckpt: Path) -> None:
         ts.check_model_config(ckpt, self.cfg.model)
-        ts.check_tokenizer(ckpt, self.data.tokenizer_json, self.data.dir)
+        ts.check_tokenizer(ckpt, self.data.dir)
         st = ts.load_checkpoint(ckpt, self.raw_model, self.optimizer)
         o = self.cfg.optim  # hyper-parameters follow the config (a resumed run may change them)
         for g in self.optimizer.param_groups:
@@ -467,7 +467,7 @@ def run_train(args: argparse.Namespace) -> int:
             raise UserError(f"{out} already holds a run to resume; --init-from starts a new one: use another --out")
         src = resolve_checkpoint(args.init_from)
         ts.check_model_config(src, cfg.model)
-        ts.check_tokenizer(src, data.tokenizer_json, data.dir)
+        ts.check_tokenizer(src, data.dir)
         model = load_model_dir(src)
     trainer = Trainer(cfg, data, out, model=model, resume_from=resume_from)
     if trainer.is_main:

@@ -10,7 +10,6 @@ atomically: a kill at any moment leaves the previous checkpoint intact. No pickl
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import shutil
@@ -95,10 +94,6 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ten
 
 # ----------------------------------------------------------------------------- save / load
 
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     tokenizer_json: Optional[str], state: dict, keep_last: int = 3) -> Path:
     """Write ``RUN_DIR/ckpt-<step>`` atomically, point ``latest`` at it, prune old ones."""
@@ -154,13 +149,12 @@ def check_model_config(ckpt: Path, expected: ModelConfig) -> None:
                               f"the checkpoint's model settings, or start a new run with another --out")
 
 
-def check_tokenizer(ckpt: Path, data_tokenizer_json: str, data_dir: Path) -> None:
+def check_tokenizer(ckpt: Path, data_dir: Path) -> None:
+    """The data must be tokenized with the checkpoint's tokenizer (else ids mean other text)."""
+    from .data.tokenizer import check_same_tokenizer
+
     p = Path(ckpt) / TOKENIZER
-    if p.is_file() and sha256_text(p.read_text()) != sha256_text(data_tokenizer_json):
-        raise CheckpointError(f"{ckpt} was trained with another tokenizer than {data_dir}/tokenizer.json: "
-                              f"its token ids mean different things; use the data the checkpoint was "
-                              f"trained on, or prepare your corpus with the checkpoint's tokenizer "
-                              f"(scalelm prepare --tokenizer {p})")
+    check_same_tokenizer(data_dir, p.read_text() if p.is_file() else None, what=f"the checkpoint {ckpt}")
 
 
 def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
