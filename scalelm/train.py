@@ -242,7 +242,7 @@ class Trainer:
         return {"tokens_seen": self.tokens_seen, "loader": self.batches.state_dict(),
                 "scheduler": {"schedule": self.cfg.optim.schedule, "step": self.step},
                 "best_val_loss": None if math.isinf(self.best_val) else self.best_val, "best_step": self.best_step,
-                "evals_since_best": self.evals_since_best, "elapsed_s": self.elapsed(),
+                "evals_since_best": self.evals_since_best, "last_eval_step": self.last_eval, "elapsed_s": self.elapsed(),
                 "history": self.history, "grad_scaler": self.scaler.state_dict() if self.scaler else None}
 
     def save_checkpoint(self) -> Path:
@@ -278,7 +278,7 @@ class Trainer:
         self.history = dict(st.get("history") or {})
         if self.scaler and st.get("grad_scaler"):
             self.scaler.load_state_dict(st["grad_scaler"])
-        self.last_saved = self.step
+        self.last_saved, self.last_eval = self.step, st.get("last_eval_step")
         self.metrics.truncate_after(self.step)
 
     # ------------------------------------------------------------------ stopping
@@ -328,6 +328,8 @@ class Trainer:
                   f"{' autocast' if self.precision != 'fp32' else ''} on {self.device} | batch: "
                   f"{self.micro_batch} x {self.accum} accum x {self.ctx.dp_world} ranks x {self.seq_len} = "
                   f"{self.tokens_per_step:,} tokens/step | steps {self.step} -> {t.max_steps}", file=sys.stderr)
+        if self.step >= t.max_steps and self.is_main:
+            print(f"the run is complete at step {self.step}: raise --train.max_steps to continue it", file=sys.stderr)
         self._t_start = time.perf_counter()
         stop = None
         try:

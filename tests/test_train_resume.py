@@ -141,8 +141,10 @@ def test_atomic_checkpoint_layout_and_leftovers(tmp_path, data, one_thread):
     b = json.loads(cli("eval", out, "--data", data, "--max-batches", "2")[1])
     assert a == b and set(a) == {"loss", "perplexity", "bits_per_byte", "tokens"}
     # finished run: running again with the same max_steps does nothing more, and says so
+    before = (out / "metrics.jsonl").read_text()
     rc, so, se = cli("train", "--data", data, "--out", out, "--train.max_steps=6", *RESUME)
-    assert json.loads(so)["step"] == 6 and "resumed from" in se
+    assert json.loads(so)["step"] == 6 and "resumed from" in se and "complete at step 6" in se
+    assert (out / "metrics.jsonl").read_text() == before  # no second evaluation of the same step
 
 
 def test_run_dir_guards(tmp_path, data, one_thread):
@@ -172,5 +174,5 @@ def test_run_dir_guards(tmp_path, data, one_thread):
     other2 = make_char_data(tmp_path / "swapped", swapped * 300)
     assert json.loads((other2 / "meta.json").read_text())["tokenizer"]["vocab_size"] == src
     rc, so, se = cli("train", "--data", other2, "--out", tmp_path / "new2", *RESUME, "--resume", out)
-    assert rc == 2 and "another tokenizer" in se
+    assert rc == 2 and "different tokenizer" in se
     assert not list((tmp_path / "new2").glob("ckpt-*"))

@@ -1,0 +1,127 @@
+"""Quality benchmarks on Tiny Shakespeare characters, against nanoGPT's published figures.
+
+    python benchmarks/bench_quality.py baby                    # nanoGPT's CPU run: val <= 1.88 in < ~3 min
+    python benchmarks/bench_quality.py char-shakespeare        # measure the step time, estimate the full run
+    python benchmarks/bench_quality.py char-shakespeare --full # the full 5000 steps (hours on 2 CPU cores)
+
+Each run is the README's command (``scalelm prepare`` with the character tokenizer and
+nanoGPT's 90/10 tail split, then ``scalelm train --preset NAME``) in a subprocess; the wall
+time includes start-up and every evaluation. The share of the machine other processes used
+during the run is measured (``LoadMeter``) and reported next to the times, because on a
+shared machine it inflates them. Prints a table and writes ``benchmarks/results/quality_<preset>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scalelm.analysis.hardware import LoadMeter, cpu_name  # noqa: E402
+from scalelm.checkpoint import atomic_write_text  # noqa: E402
+
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+TARGETS = {  # nanoGPT README: val loss and the wall time it quotes
+    "baby": {"val_loss": 1.88, "wall_s": 180.0, "where": "nanoGPT README, CPU (MacBook), ~3 minutes"},
+    "char-shakespeare": {"val_loss": 1.47, "wall_s": 180.0, "where": "nanoGPT README, one A100, ~3 minutes"},
+}
+
+
+def scalelm(*args: str, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scalelm", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+def prepare(work: Path) -> Path:
+    data = work / "shakespeare_char"
+    if not (data / "meta.json").is_file():
+        p = scalelm("prepare", "--input", str(SHAKESPEARE), "--out", str(data), "--tokenizer", "char",
+                    "--split-by", "tail", "--val-fraction", "0.1", "--no-progress")
+        if p.returncode:
+            sys.exit(f"prepare failed:\n{p.stderr}")
+    return data
+
+
+def train(preset: str, data: Path, out: Path, overrides: list[str], env: dict) -> tuple[dict, float, float]:
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    t0 = time.perf_counter()
+    with LoadMeter() as lm:
+        p = scalelm("train", "--preset", preset, "--data", str(data), "--out", str(out), "--log.progress=false",
+                    *overrides, env=env)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        sys.exit(f"train failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1]), wall, lm.other
+
+
+def val_curve(run: Path) -> list[tuple[int, float]]:
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return [(r["step"], round(r["val_loss"], 4)) for r in recs if "val_loss" in r]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("preset", choices=sorted(TARGETS))
+    ap.add_argument("--full", action="store_true", help="char-shakespeare: run all 5000 steps")
+    ap.add_argument("--estimate-steps", type=int, default=30, help="char-shakespeare: steps timed for the estimate")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads of the training process (OMP_NUM_THREADS; default: torch's choice)")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "bench"), help="data and run directories")
+    ap.add_argument("overrides", nargs="*", help="extra --section.key=value overrides")
+    args = ap.parse_args()
+    work = Path(args.work)
+    data = prepare(work)
+    out = work / args.preset
+    target = TARGETS[args.preset]
+    estimate = args.preset == "char-shakespeare" and not args.full
+    overrides = list(args.overrides)
+    if estimate:  # a short run with the preset's shapes: time per step, no evaluation in between
+        overrides += [f"--train.max_steps={args.estimate_steps}", "--train.eval_every=0",
+                      f"--train.save_every={args.estimate_steps}", "--train.log_every=1"]
+    env = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
+    summary, wall, other = train(args.preset, data, out, overrides, env)
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    tps = sorted(r["tokens_per_s"] for r in recs if r.get("tokens_per_s"))
+    med_tps = tps[len(tps) // 2] if tps else None
+    result = {"preset": args.preset, "target": target, "cpu": cpu_name(), "threads": summary["threads"],
+              "precision": summary["precision"], "params": summary["params"], "steps": summary["step"],
+              "wall_s": round(wall, 1), "train_s": summary["elapsed_s"], "median_tokens_per_s": med_tps,
+              "other_load": round(other, 3), "loadavg_1m_at_end": summary.get("loadavg_1m"),
+              "overrides": overrides, "command": f"python benchmarks/bench_quality.py {' '.join(sys.argv[1:])}"}
+    if estimate:
+        step_s = (summary["tokens"] / med_tps) / summary["step"] if med_tps else float("nan")
+        full_steps, evals = 5000, 5000 // 250 + 1
+        eval_s = evals * 200 * step_s / 3  # eval_iters=200 forward passes ~ 1/3 of a training step each
+        result.update(median_step_s=round(step_s, 3), estimated_full_hours=round((full_steps * step_s + eval_s) / 3600, 2))
+        rows = [("steps timed", summary["step"]), ("median step", f"{step_s:.3f} s"),
+                ("estimated 5000 steps + 21 evals", f"{result['estimated_full_hours']:.2f} h")]
+    else:
+        val = summary.get("val_loss")
+        result.update(final_val_loss=val, best_val_loss=summary.get("best_val_loss"), val_curve=val_curve(out),
+                      reached_target=val is not None and val <= target["val_loss"],
+                      faster_than_target=wall < target["wall_s"])
+        rows = [("final val loss", f"{val:.4f} (target <= {target['val_loss']})"),
+                ("wall time", f"{wall:.1f} s (nanoGPT ~{target['wall_s']:.0f} s)"),
+                ("steps", summary["step"])]
+    rows += [("median tokens/s", f"{med_tps:,.0f}" if med_tps else "-"), ("precision", summary["precision"]),
+             ("threads", summary["threads"]), ("others' share of the CPU", f"{100 * other:.0f}%")]
+    print(f"\n{args.preset} on {cpu_name()}")
+    for k, v in rows:
+        print(f"  {k:<34} {v}")
+    res_dir = ROOT / "benchmarks" / "results"
+    res_dir.mkdir(parents=True, exist_ok=True)
+    suffix = "_estimate" if estimate else ""
+    atomic_write_text(res_dir / f"quality_{args.preset}{suffix}.json", json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
