@@ -96,29 +96,24 @@ def bench_corpus(name: str, path: Path, repeats: int, work: Path) -> dict:
             "others_load": lm.other, "others_load_train": lm_train.other}
 
 
-MEMORY_CHILD = """
-import json, resource, sys, time
-from scalelm.data.prepare import prepare
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def bench_memory(size_mb: int, work: Path) -> list[dict]:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_data_memory import MEASURE, write_corpus
+
+    child = "import time\nfrom scalelm.data.prepare import prepare\n" + MEASURE + """
 t = time.perf_counter()
 meta = prepare(sys.argv[1], sys.argv[2], tokenizer=sys.argv[3], vocab_size=int(sys.argv[4]) or None,
                tokenizer_sample="16MB", progress=False)
 secs = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"base_mb": base, "peak_mb": peak, "secs": secs, "text_mb": meta["stats"]["bytes"] / 1e6}))
+print(json.dumps({"base_mb": base, "peak_mb": vm("VmHWM"), "secs": secs, "text_mb": meta["stats"]["bytes"] / 1e6}))
 """
-
-
-def bench_memory(size_mb: int, work: Path) -> list[dict]:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from test_data_memory import write_corpus
 
     corpus = work / "synthetic.txt"
     write_corpus(corpus, size_mb << 20)
     rows = []
     for tokenizer, vocab in (("byte", 0), ("bpe", 4096)):
         with LoadMeter() as lm:
-            p = subprocess.run([sys.executable, "-c", MEMORY_CHILD, str(corpus), str(work / f"mem-{tokenizer}"),
+            p = subprocess.run([sys.executable, "-c", child, str(corpus), str(work / f"mem-{tokenizer}"),
                                 tokenizer, str(vocab)], capture_output=True, text=True, cwd=ROOT)
         if p.returncode:
             sys.exit(f"memory run failed:\n{p.stderr[-3000:]}")
