@@ -29,8 +29,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .config import Config, ConfigError
-from .distributed import (ParallelContext, all_reduce_mean_loss, clip_grad_norm, grad_sync, init_parallel,
-                          parallelize)
+from .distributed import (ParallelContext, all_reduce_mean_loss, clip_grad_norm, destroy_parallel, grad_sync,
+                          init_parallel, parallelize)
 from .errors import UserError
 from .metrics import MetricsLogger, Progress, env_summary, peak_flops, peak_memory_mb
 from .model import GPT, flops_per_token
@@ -145,6 +145,11 @@ class Trainer:
         self.seq_len = cfg.model.block_size
         self.tokens_per_step = self.micro_batch * self.accum * self.ctx.dp_world * self.seq_len
 
+        if batches is None:
+            data.check_window("train", self.seq_len)
+        if t.eval_every > 0:
+            data.check_window("val", self.seq_len)
+
         torch.manual_seed(t.seed)  # the same initial weights on every rank and layout
         self.raw_model = (model or GPT(cfg.model)).to(self.device)
         self.model = parallelize(self.raw_model, cfg, self.ctx)
@@ -153,9 +158,6 @@ class Trainer:
         if self.ctx.dp_rank:  # dropout masks differ across data-parallel ranks
             torch.manual_seed(t.seed + self.ctx.dp_rank)
 
-        data.check_window("train", self.seq_len)
-        if t.eval_every > 0:
-            data.check_window("val", self.seq_len)
         if batches is None:
             from .data.loader import BatchLoader
 
@@ -462,19 +464,25 @@ def run_train(args: argparse.Namespace) -> int:
     if base is None and not _vocab_is_explicit(args):
         cfg.model.vocab_size = data.vocab_size
     cfg.validate()
-    resume_from = ts.prepare_run_dir(out, cfg, data, saved)
-    model = None
-    if args.init_from:
-        if resume_from is not None:
-            raise UserError(f"{out} already holds a run to resume; --init-from starts a new one: use another --out")
-        src = resolve_checkpoint(args.init_from)
-        ts.check_model_config(src, cfg.model)
-        ts.check_tokenizer(src, data.dir)
-        model = load_model_dir(src)
-    trainer = Trainer(cfg, data, out, model=model, resume_from=resume_from)
-    if trainer.is_main:
-        ts.write_run_config(out, cfg, data)
-    summary = trainer.fit()
-    if trainer.is_main:
+    ctx = init_parallel(cfg)
+    try:
+        resume_from = ts.prepare_run_dir(out, cfg, data, saved, write=ctx.is_main)
+        ctx.barrier()
+        model = None
+        if args.init_from:
+            if resume_from is not None:
+                raise UserError(f"{out} already holds a run to resume; --init-from starts a new one: "
+                                f"use another --out")
+            src = resolve_checkpoint(args.init_from)
+            ts.check_model_config(src, cfg.model)
+            ts.check_tokenizer(src, data.dir)
+            model = load_model_dir(src)
+        trainer = Trainer(cfg, data, out, ctx=ctx, model=model, resume_from=resume_from)
+        if trainer.is_main:
+            ts.write_run_config(out, cfg, data)
+        summary = trainer.fit()
+    finally:
+        destroy_parallel(ctx)
+    if ctx.is_main:
         print(json.dumps(summary))
     return 128 + trainer._signal if trainer._signal else 0

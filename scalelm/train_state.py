@@ -229,11 +229,13 @@ def _config_diffs(saved, cfg) -> list[str]:
             for k in vars(cfg.model) if getattr(saved.model, k) != getattr(cfg.model, k)]
 
 
-def prepare_run_dir(run_dir: Path, cfg, data, saved) -> Optional[Path]:
+def prepare_run_dir(run_dir: Path, cfg, data, saved, write: bool = True) -> Optional[Path]:
     """Decide what ``--out`` means: a new run, or the continuation of the run it holds.
 
     Returns the checkpoint to resume from (None: start at step 0). A directory holding another
-    run (other model shape or data) is refused rather than overwritten.
+    run (other model shape or data) is refused rather than overwritten. Only the process with
+    ``write`` removes leftovers (half-written checkpoints, metrics of a run killed before its
+    first checkpoint).
     """
     from .checkpoint import BEST, latest_checkpoint, resolve_checkpoint
     from .metrics import METRICS
@@ -264,12 +266,12 @@ def prepare_run_dir(run_dir: Path, cfg, data, saved) -> Optional[Path]:
             if info.get("path") and Path(info["path"]) != Path(data.dir).resolve():
                 print(f"warning: {run_dir} was trained on {info['path']}; continuing on {data.dir} "
                       f"(same tokenizer)", file=sys.stderr)
-    if run_dir.is_dir():
+    if run_dir.is_dir() and write:
         clean_staging(run_dir)
     if mode not in ("auto", "never"):
         return resolve_checkpoint(mode)
     ckpt = latest_checkpoint(run_dir) if holds_run else None
-    if ckpt is None and run_dir.is_dir():  # nothing to resume: leftovers of a run killed early go
+    if ckpt is None and run_dir.is_dir() and write:  # nothing to resume: leftovers of a run killed early go
         (run_dir / METRICS).unlink(missing_ok=True)
         shutil.rmtree(run_dir / BEST, ignore_errors=True)
     return ckpt
