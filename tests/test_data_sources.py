@@ -127,8 +127,9 @@ def test_jsonl_json_and_text_fields(tmp_path):
     docs = docs_of(stream(open_source(str(tmp_path / "d.jsonl"), text_field="q,a"), st))
     assert docs == [f"question {i}\nanswer {i}" for i in range(5)]
     assert st.bad_records == 1 and st.missing_text == 1 and "d.jsonl:3" in st.bad_records_first
-    (tmp_path / "arr.json").write_text(json.dumps(rows))
+    (tmp_path / "arr.json").write_text(json.dumps(rows + [{"q": "alpaca", "a": "", "text": ""}]))
     assert docs_of(stream(open_source(str(tmp_path / "arr.json")), Stats())) == [f"t{i}" for i in range(5)]
+    assert docs_of(stream(open_source(str(tmp_path / "arr.json"), text_field="q,a,text"), Stats()))[-1] == "alpaca"
     with pytest.raises(SourceError, match="no field 'body'.*it has: a, q, text.*--text-field"):
         list(stream(open_source(str(tmp_path / "d.jsonl"), text_field="body"), Stats()))
     (tmp_path / "obj.json").write_text("[1, 2]")

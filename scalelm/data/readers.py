@@ -236,7 +236,7 @@ def record_text(rec, fields: list[str], where: str, stats: Stats, first: bool) -
             stats.missing_text += 1
             stats.missing_text_first = stats.missing_text_first or where
             return None
-    return "\n".join(parts)
+    return "\n".join(p for p in parts if p)  # an empty field (Alpaca's blank input) adds no blank line
 
 
 # ----------------------------------------------------------------------------- file readers
@@ -376,4 +376,4 @@ def rows_pieces(batches, fields: list[str], where: str, stats: Stats) -> Iterato
                 stats.missing_text += 1
                 stats.missing_text_first = stats.missing_text_first or f"{where} row {row}"
                 continue
-            yield from record_pieces("\n".join(values), stats)
+            yield from record_pieces("\n".join(v for v in values if v), stats)

@@ -68,9 +68,10 @@ class FilesSource(Source):
 
     def describe(self) -> dict:
         d = {"type": self.kind, "path": str(self.root), "files": len(self.files), "input_bytes": self.size_hint}
-        if self.doc_sep is not None:
+        formats = {file_format(p) for p in self.files[:1000]}
+        if self.doc_sep is not None and "text" in formats:
             d["doc_sep"] = self.doc_sep
-        if any(file_format(p) != "text" for p in self.files[:1000]):
+        if formats - {"text"}:
             d["text_field"] = ",".join(self.fields)
         return {**d, **self.extra}
 
