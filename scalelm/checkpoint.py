@@ -188,6 +188,10 @@ def load_model_dir(ckpt_dir: str | Path, device="cpu", dtype: Optional[torch.dty
     """Build the model from ``config.json`` (or ``model_cfg``) and load its weights strictly."""
     d = Path(ckpt_dir)
     cfg = model_cfg or read_model_config(d)
+    if not (d / WEIGHTS).is_file() and (d / "dcp" / ".metadata").is_file():
+        from .distributed.dcp import consolidated_model  # a sharded training checkpoint (torchrun)
+
+        return consolidated_model(d, device=device, dtype=dtype or torch.get_default_dtype())
     model = GPT(cfg)
     load_state_dict_into(model, load_weights(d / WEIGHTS), source=str(d / WEIGHTS))
     model.to(device=device, dtype=dtype) if dtype else model.to(device)
@@ -231,8 +235,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint not found: {p}")
-    if (p / CONFIG).is_file() and (p / WEIGHTS).is_file():
-        return p
+    if (p / CONFIG).is_file() and ((p / WEIGHTS).is_file() or (p / "dcp" / ".metadata").is_file()):
+        return p  # a model dir, or a sharded checkpoint that load_model_dir consolidates
     latest = latest_checkpoint(p)
     if latest is None:
         raise CheckpointError(f"{p} holds no checkpoint (expected {WEIGHTS} + {CONFIG}, "

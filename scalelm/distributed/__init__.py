@@ -14,11 +14,14 @@ The seam the trainer uses::
 
 from .mesh import (MESH_DIMS, Layout, LayoutError, ParallelContext, all_reduce_mean_loss, destroy_parallel,
                    init_parallel, resolve_layout)
+from .dcp import (add_export_parser, consolidated_model, is_sharded_checkpoint, load_full_training_checkpoint,
+                  load_sharded_checkpoint, run_export, save_full_model_dir, save_sharded_checkpoint)
 from .parallelize import (apply_ac, apply_compile, apply_ddp, apply_fsdp, apply_tp, clip_grad_norm, grad_norm,
                           grad_sync, model_parts, parallelize, unwrap_model)
 
 __all__ = [
-    "MESH_DIMS", "Layout", "LayoutError", "ParallelContext", "all_reduce_mean_loss", "apply_ac",
+    "add_export_parser", "consolidated_model", "is_sharded_checkpoint", "load_full_training_checkpoint",
+    "load_sharded_checkpoint", "run_export", "save_full_model_dir", "save_sharded_checkpoint", "MESH_DIMS", "Layout", "LayoutError", "ParallelContext", "all_reduce_mean_loss", "apply_ac",
     "apply_compile", "apply_ddp", "apply_fsdp", "apply_tp", "clip_grad_norm", "destroy_parallel", "grad_norm",
     "grad_sync", "init_parallel", "model_parts", "parallelize", "resolve_layout", "unwrap_model",
 ]

@@ -204,7 +204,10 @@ def init_parallel(cfg: Config) -> ParallelContext:
 
 
 def destroy_parallel(ctx: Optional[ParallelContext] = None) -> None:
+    """Leave the process group. The barrier first lets in-flight point-to-point work (pipeline
+    sends) finish everywhere: tearing gloo down under it aborts the process."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -12,7 +12,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import ACCUM, main_guard, make_cfg, max_param_diff, reference, report, setup, train_steps  # noqa: E402
+from harness import main_guard, make_cfg, max_param_diff, reference, report, setup, train_steps  # noqa: E402
 
 STEPS = 3
 
@@ -34,9 +34,9 @@ def run_check(spec: str) -> None:
     for k, v in train_opts.items():
         setattr(cfg.train, k, v)
     t0 = time.perf_counter()
-    ctx, model, opt, loader = setup(cfg)
-    losses = train_steps(model, opt, loader, ctx, STEPS, ACCUM)
-    ref, ref_losses = reference(cfg, ctx.dp_world, STEPS)
+    ctx, model, opt, loader, accum = setup(cfg)
+    losses = train_steps(model, opt, loader, ctx, STEPS, accum)
+    ref, ref_losses = reference(cfg, STEPS)
     report(check=name, world=ctx.world_size, layout=ctx.layout.describe(), dtype=dtype,
            param_diff=max_param_diff(model, ref), loss_diff=max(abs(a - b) for a, b in zip(losses, ref_losses)),
            losses=losses, seconds=round(time.perf_counter() - t0, 2))

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from scalelm.config import Config, ModelConfig
 from scalelm.data import BatchLoader
-from scalelm.distributed import all_reduce_mean_loss, clip_grad_norm, grad_sync, init_parallel, model_parts, parallelize
+from scalelm.distributed import all_reduce_mean_loss, destroy_parallel, clip_grad_norm, grad_sync, init_parallel, model_parts, parallelize
 from scalelm.model import GPT
 from scalelm.optim import build_optimizer
 
@@ -26,7 +26,7 @@ STYLES = {
                   tie_embeddings=True, dropout=0.0),
 }
 TOKENS = np.random.default_rng(0).integers(0, 64, 20_000).astype(np.uint16)
-MICRO, ACCUM, CLIP = 2, 2, 0.5  # per-rank micro batch, accumulation steps
+MICRO, MICROS_PER_STEP, CLIP = 2, 4, 0.5  # micro batch rows; micro-batches per step over all dp ranks
 
 
 def make_cfg(style: str = "gpt2", **parallel) -> Config:
@@ -67,14 +67,14 @@ def train_steps(model, opt, loader, ctx, steps: int, accum: int) -> list[float]:
     return losses
 
 
-def reference(cfg: Config, dp_world: int, steps: int, accum: int = ACCUM, start_step: int = 0):
-    """The same training on one process: the global batch as dp_world*accum micro-batches."""
+def reference(cfg: Config, steps: int):
+    """The same training on one process: the global batch as MICROS_PER_STEP micro-batches."""
     from scalelm.distributed import ParallelContext
 
     model = fresh_model(cfg)
     opt = build_optimizer(model, cfg.optim)
-    loader = BatchLoader(TOKENS, MICRO, cfg.model.block_size, grad_accum_steps=dp_world * accum, seed=1)
-    losses = train_steps(model, opt, loader, ParallelContext(), steps, dp_world * accum)
+    loader = BatchLoader(TOKENS, MICRO, cfg.model.block_size, grad_accum_steps=MICROS_PER_STEP, seed=1)
+    losses = train_steps(model, opt, loader, ParallelContext(), steps, MICROS_PER_STEP)
     return model, losses
 
 
@@ -104,12 +104,14 @@ def max_param_diff(model, ref) -> float:
 
 
 def setup(cfg: Config):
+    """(ctx, model, optimizer, loader, accum): the same global batch on any layout."""
     ctx = init_parallel(cfg)
     model = parallelize(fresh_model(cfg), cfg, ctx)
     opt = build_optimizer(model, cfg.optim)
-    loader = BatchLoader(TOKENS, MICRO, cfg.model.block_size, grad_accum_steps=ACCUM,
+    accum = MICROS_PER_STEP // ctx.dp_world
+    loader = BatchLoader(TOKENS, MICRO, cfg.model.block_size, grad_accum_steps=accum,
                          dp_rank=ctx.dp_rank, dp_world=ctx.dp_world, seed=1)
-    return ctx, model, opt, loader
+    return ctx, model, opt, loader, accum
 
 
 def report(**row) -> None:
@@ -118,9 +120,5 @@ def report(**row) -> None:
 
 
 def main_guard(fn) -> None:
-    try:
-        fn()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        sys.stdout.flush()
+    fn()
+    destroy_parallel()  # only after success: a failing rank must not wait for the others
