@@ -331,9 +331,9 @@ def prepare(input: str, out: str, tokenizer: str = "bpe", vocab_size: Optional[i
 
 def add_prepare_parser(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.epilog = ("input forms: a text file; a folder (--glob); .jsonl/.json/.parquet with --text-field; a dataset "
-                "saved with datasets' save_to_disk; hf:owner/name[:config]; stdlib (this Python's standard "
-                "library, the demo corpus). Prints meta.json to stdout.")
+    p.epilog = ("input forms: a text file; a folder (--glob); .jsonl/.json/.parquet with --text-field;\n"
+                "a dataset saved with datasets' save_to_disk; hf:owner/name[:config];\n"
+                "stdlib (this Python's standard library, the demo corpus). Prints meta.json to stdout.")
     p.add_argument("--input", required=True, help="corpus: FILE, DIR, hf:owner/name[:config], or stdlib")
     p.add_argument("--out", required=True, help="DATA_DIR to write (replaced if it is a DATA_DIR already)")
     p.add_argument("--tokenizer", default="bpe",
