@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("scalelm.train", "train a model (one process, or many under torchrun)"),
     "eval": ("scalelm.evaluate", "loss, perplexity and bits per byte of a checkpoint on a data split"),
     "generate": ("scalelm.generate", "generate text from a checkpoint"),
-    "chat": ("scalelm.generate", "interactive multi-turn chat with a checkpoint"),
+    "chat": ("scalelm.chat", "interactive multi-turn chat with a checkpoint"),
     "convert": ("scalelm.hf", "convert checkpoints to and from Hugging Face transformers"),
     "export": ("scalelm.distributed", "consolidate a sharded (DCP) checkpoint into a model directory"),
     "plot": ("scalelm.analysis.plots", "plot loss and throughput curves of a run"),

@@ -75,6 +75,7 @@ class KVCache:
         self.start = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.pos = 0
         self.static = False  # True: attend over the whole buffer (fixed shapes) instead of [:pos]
+        self._padded = False  # any row starting after slot 0 (left padding)
         self._mask: Optional[torch.Tensor] = None
 
     @property
@@ -84,18 +85,24 @@ class KVCache:
     def reset(self, start: Optional[torch.Tensor] = None) -> None:
         self.pos = 0
         self.start = (start.to(self.start.device) if start is not None else torch.zeros_like(self.start))
+        self._padded = start is not None and bool((start > 0).any())
 
     def prepare(self, T: int) -> torch.Tensor:
-        """Called once per forward: returns position ids (B, T) and builds the attention mask."""
+        """Called once per forward: returns position ids (B or 1, T) and sets the attention mask."""
         if self.pos + T > self.max_len:
             raise ValueError(f"KV cache full: {self.pos} + {T} tokens exceed its {self.max_len} slots")
         dev = self.k.device
         q_slot = torch.arange(self.pos, self.pos + T, device=dev)
+        if not self._padded and not self.static and (T == 1 or self.pos == 0):
+            self._mask = None  # plain causal (prefill) or one new token seeing all: no mask to build
+            return q_slot[None, :]
         k_len = self.max_len if self.static else self.pos + T
         k_slot = torch.arange(k_len, device=dev)
         causal = k_slot[None, :] <= q_slot[:, None]  # (T, S)
         valid = k_slot[None, :] >= self.start[:, None]  # (B, S): skip left padding
-        self._mask = (causal[None] & valid[:, None, :])[:, None]  # (B, 1, T, S)
+        # a padding query sees its own slot, so no row is fully masked (NaN on some kernels)
+        own = k_slot[None, :] == q_slot[:, None]
+        self._mask = ((causal[None] & valid[:, None, :]) | own[None])[:, None]  # (B, 1, T, S)
         return (q_slot[None, :] - self.start[:, None]).clamp(min=0)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -131,9 +138,10 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v, mask = kv_cache.update(layer, k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
             k, v = k.to(q.dtype), v.to(q.dtype)
-        gqa = q.shape[1] != k.shape[1]
+        gqa = self.n_kv_head != self.n_head  # from the config, not shapes: static under compile
+        causal = True if mask is None and T > 1 else False  # a Python bool even when T is symbolic
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            q, k, v, attn_mask=mask, is_causal=causal,
             dropout_p=self.dropout if self.training else 0.0, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 

@@ -1,0 +1,153 @@
+"""``scalelm chat``: interactive multi-turn chat over stdin, replies streamed to stdout.
+
+Each line on stdin is one user message (``/reset`` forgets the conversation, ``/exit`` or end
+of input ends it). The conversation is rendered with the tokenizer's chat template when the
+checkpoint has one (``tokenizer_config.json`` or ``chat_template.jinja``, e.g. imported from
+Hugging Face), in a Jinja sandbox as ``transformers`` does; otherwise with a plain
+``User:`` / ``Assistant:`` transcript, where a reply ends at end-of-text or at the next
+``User:``. When the conversation outgrows the context, the oldest turns are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .generate import (GenerationError, Generator, add_model_args, add_sampling_args, generator_from_args,
+                       pick_seed, sampling_from_args)
+
+PLAIN_STOPS = ["\nUser:"]
+
+
+def _special_token(gen: Generator, tokenizer_dir: Optional[Path], name: str, token_id) -> str:
+    """bos/eos as text for templates: from tokenizer_config.json, else decoded from its id."""
+    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer_config.json").is_file():
+        v = json.loads((tokenizer_dir / "tokenizer_config.json").read_text()).get(name)
+        if isinstance(v, dict):
+            v = v.get("content")
+        if isinstance(v, str):
+            return v
+    if token_id is None or gen.tokenizer is None:
+        return ""
+    return gen.tokenizer.id_to_token(int(token_id)) or ""
+
+
+class ChatFormat:
+    """Renders a message list to the prompt that asks for the assistant's next reply."""
+
+    def __init__(self, gen: Generator, tokenizer_dir: Optional[Path] = None, plain: bool = False):
+        self.gen = gen
+        self.template = None if plain else gen.chat_template
+        self.stops = [] if self.template else PLAIN_STOPS
+        if self.template:
+            try:
+                from jinja2.sandbox import ImmutableSandboxedEnvironment
+            except ImportError:
+                raise GenerationError("this checkpoint's chat template needs jinja2: pip install jinja2") from None
+
+            def raise_exception(msg):
+                raise GenerationError(f"the chat template refused the conversation: {msg}")
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            self._compiled = env.from_string(self.template)
+            eos = min(gen.eos_ids) if gen.eos_ids else None
+            self.bos = _special_token(gen, tokenizer_dir, "bos_token", gen.bos_id)
+            self.eos = _special_token(gen, tokenizer_dir, "eos_token", eos)
+
+    def render(self, messages: list[dict]) -> str:
+        if self.template:
+            return self._compiled.render(messages=messages, add_generation_prompt=True,
+                                         bos_token=self.bos, eos_token=self.eos)
+        parts = [m["content"] + "\n\n" for m in messages if m["role"] == "system"]
+        for m in messages:
+            if m["role"] == "user":
+                parts.append(f"User: {m['content']}\nAssistant:")
+            elif m["role"] == "assistant":
+                parts.append(f" {m['content']}\n")
+        return "".join(parts)
+
+    def encode(self, messages: list[dict]) -> list[int]:
+        # a template writes its own special tokens (bos); do not let the tokenizer add them again
+        return self.gen.encode(self.render(messages), add_special_tokens=not self.template)
+
+
+def fit_context(fmt: ChatFormat, messages: list[dict], room: int) -> tuple[list[dict], list[int]]:
+    """Drop the oldest turns (never the system message or the last user message) until the
+    prompt leaves ``room`` tokens of context for the reply."""
+    limit = max(1, fmt.gen.cfg.block_size - room)
+    msgs = list(messages)
+    ids = fmt.encode(msgs)
+    while len(ids) > limit:
+        first = next((i for i, m in enumerate(msgs) if m["role"] != "system"), None)
+        if first is None or first == len(msgs) - 1:
+            break  # only the last message is left: the prompt gets truncated instead
+        del msgs[first]
+        ids = fmt.encode(msgs)
+    return msgs, ids
+
+
+def add_chat_parser(p) -> None:
+    add_model_args(p)
+    p.add_argument("--system", help="system message that starts the conversation")
+    p.add_argument("--plain", action="store_true", help="use the plain User:/Assistant: format even "
+                   "when the tokenizer has a chat template")
+    add_sampling_args(p, temperature=0.7, top_k=50, top_p=0.95, max_new=256)
+
+
+def run_chat(args) -> int:
+    sampling = sampling_from_args(args)
+    gen = generator_from_args(args)
+    if gen.tokenizer is None:
+        raise GenerationError(f"{args.ckpt} has no tokenizer.json: chat needs one (pass --tokenizer PATH)")
+    tok_dir = Path(args.tokenizer) if args.tokenizer else None
+    if tok_dir is not None and not tok_dir.is_dir():
+        tok_dir = tok_dir.parent
+    fmt = ChatFormat(gen, tok_dir or _ckpt_dir(args.ckpt), plain=args.plain)
+    seed = pick_seed(args, sampling)
+    interactive = sys.stdin.isatty()
+    print(f"chat ({'chat template' if fmt.template else 'plain User:/Assistant: format'}); "
+          "/reset forgets, /exit or end of input quits", file=sys.stderr)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict] = []
+    turn = 0
+    room = min(args.max_new_tokens, gen.cfg.block_size // 4)
+    while True:
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            break
+        msg = line.rstrip("\n")
+        if msg.strip() in ("/exit", "/quit"):
+            break
+        if msg.strip() == "/reset":
+            history = []
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if not msg.strip():
+            continue
+        history.append({"role": "user", "content": msg})
+        msgs, ids = fit_context(fmt, system + history, room)
+        history = [m for m in msgs if m["role"] != "system"]
+        reply = []
+        for ev in gen.stream([ids], args.max_new_tokens, sampling=sampling, stop=fmt.stops,
+                             seed=None if seed is None else seed + turn, truncate=True):
+            text = ev.text.lstrip() if not reply else ev.text  # the reply's leading space
+            if text:
+                reply.append(text)
+                sys.stdout.write(text)
+                sys.stdout.flush()
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        history.append({"role": "assistant", "content": "".join(reply).strip()})
+        turn += 1
+    return 0
+
+
+def _ckpt_dir(path: str) -> Path:
+    from .checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(path)

@@ -1,0 +1,481 @@
+"""Text generation: KV-cached decoding with batching, sampling, stop strings and streaming.
+
+Python API::
+
+    gen = Generator.from_checkpoint("runs/baby")          # a model dir, or a RUN_DIR's latest
+    out = gen.generate("To be", max_new_tokens=50, sampling=SamplingParams(temperature=0.8), seed=1)
+    print(out[0].text)
+    for ev in gen.stream(["To be", "Once upon"], max_new_tokens=50):   # token by token
+        print(ev.index, ev.text, end="")
+
+How a batch runs: prompts are left-padded to one length (the cache's per-row ``start`` masks
+the padding and shifts position ids, so each row sees exactly what it would alone), prefilled
+in one forward, then decoded one token per step for every row. A row ends at end-of-text, a
+stop string, or ``max_new_tokens``; the others go on. The cache is pre-allocated for
+``prompt + max_new_tokens`` slots, at most ``block_size``. When a row would outgrow the
+context, the window slides: the last 3/4 of the context is prefilled again and decoding
+continues (learned positions cannot go beyond ``block_size``).
+
+The ``scalelm generate`` command is at the end of this file; ``scalelm chat`` is in
+:mod:`scalelm.chat`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+
+from .checkpoint import TOKENIZER, load_model_dir, resolve_checkpoint
+from .errors import UserError
+from .inference import pack_linears, shallow_copy, should_pack
+from .model import GPT, KVCache
+from .sampling import SamplingParams, next_token
+from .textstream import TextStream
+
+EOT = "<|endoftext|>"
+Prompt = Union[str, Sequence[int]]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class GenerationError(UserError, ValueError):
+    """A generation request that cannot be served as asked (too long, no tokenizer, ...)."""
+
+
+@dataclass
+class Event:
+    """One step of one row: ``token`` was generated (None on a row's closing event) and
+    ``text`` became printable. ``finish_reason`` is set on the row's last event."""
+    index: int
+    token: Optional[int]
+    text: str
+    finish_reason: Optional[str] = None  # "eos", "stop" or "length"
+
+
+@dataclass
+class Completion:
+    index: int
+    prompt_tokens: list[int]
+    tokens: list[int] = field(default_factory=list)  # generated ids (end-of-text not included)
+    text: str = ""  # generated text, cut before a stop string
+    finish_reason: str = "length"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GenerationError(f"--device {device}: CUDA is not available here (use cpu)")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """auto: bf16 on a GPU that has it, else fp32 (the reference; bf16 on CPU is an option)."""
+    if dtype == "auto":
+        cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    if dtype not in DTYPES:
+        raise GenerationError(f"unknown dtype {dtype!r}: choose auto, {', '.join(DTYPES)}")
+    if dtype == "float16" and device.type == "cpu":
+        raise GenerationError("float16 on CPU is very slow and has no advantage; use bfloat16 or float32")
+    return DTYPES[dtype]
+
+
+def load_tokenizer(path: Union[str, Path]):
+    """A ``tokenizers.Tokenizer`` from a tokenizer.json file or a directory holding one."""
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    f = p / TOKENIZER if p.is_dir() else p
+    if not f.is_file():
+        raise GenerationError(f"tokenizer not found: {f}")
+    try:
+        return Tokenizer.from_str(f.read_text())
+    except Exception as e:  # tokenizers raises plain Exception subclasses on bad JSON
+        raise GenerationError(f"{f} is not a valid tokenizer.json: {e}") from None
+
+
+def read_chat_template(tokenizer_dir: Path) -> Optional[str]:
+    """The Jinja chat template of an HF-style tokenizer directory, if it has one."""
+    jinja = tokenizer_dir / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text()
+    cfg = tokenizer_dir / "tokenizer_config.json"
+    if cfg.is_file():
+        try:
+            t = json.loads(cfg.read_text()).get("chat_template")
+        except json.JSONDecodeError:
+            return None
+        if isinstance(t, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            t = next((x["template"] for x in t if x.get("name") == "default"), None)
+        return t if isinstance(t, str) else None
+    return None
+
+
+class Generator:
+    """A model, its tokenizer and end-of-text ids, ready to generate."""
+
+    def __init__(self, model: GPT, tokenizer=None, eos_ids: Sequence[int] = (), bos_id: Optional[int] = None,
+                 chat_template: Optional[str] = None, compile: bool = False, pack: Union[bool, str] = "auto"):
+        p = next(model.parameters())
+        # work on a copy that shares the weights: the caller's model keeps its mode and modules
+        packed = pack is True or (pack == "auto" and should_pack(p.device))
+        self.model = (pack_linears(model) if packed else shallow_copy(model)).eval()
+        self.cfg = model.cfg
+        self.tokenizer = tokenizer
+        self.eos_ids = frozenset(int(i) for i in eos_ids)
+        self.bos_id = bos_id if bos_id is not None else (min(self.eos_ids) if self.eos_ids else None)
+        self.chat_template = chat_template
+        self.device, self.dtype = p.device, p.dtype
+        self._forward = self.model
+        if compile:
+            # dynamic=True: one graph for every cache position and prompt length
+            self._forward = torch.compile(self.model, dynamic=True)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_checkpoint(cls, path: Union[str, Path], tokenizer: Optional[Union[str, Path]] = None,
+                        device: str = "auto", dtype: str = "auto", compile: bool = False) -> "Generator":
+        from .hf import special_token_ids
+
+        ckpt = resolve_checkpoint(path)
+        dev = resolve_device(device)
+        model = load_model_dir(ckpt, device=dev, dtype=resolve_dtype(dtype, dev))
+        tok_src = Path(tokenizer) if tokenizer is not None else ckpt
+        tok = load_tokenizer(tok_src) if tokenizer is not None or (ckpt / TOKENIZER).is_file() else None
+        bos, eos = special_token_ids(ckpt)
+        if tokenizer is not None:  # another tokenizer: its own end-of-text token
+            bos = eos = tok.token_to_id(EOT)
+        eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        template = read_chat_template(tok_src if tok_src.is_dir() else tok_src.parent)
+        return cls(model, tok, eos_ids, bos, template, compile)
+
+    # ------------------------------------------------------------------ text <-> ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if self.tokenizer is None:
+            raise GenerationError("this checkpoint has no tokenizer.json: pass a tokenizer "
+                                  "(--tokenizer PATH) or token ids (--prompt-ids)")
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids)) if self.tokenizer is not None else ""
+
+    def prompt_ids(self, prompt: Prompt, truncate: bool = False) -> list[int]:
+        """Token ids of a prompt; empty starts from end-of-text; too long is an error unless truncated."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if not ids:
+            if self.bos_id is None:
+                raise GenerationError("empty prompt and no end-of-text token to start from: give a prompt")
+            ids = [self.bos_id]
+        bad = [i for i in ids if not 0 <= i < self.cfg.vocab_size]
+        if bad:
+            raise GenerationError(f"token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        if len(ids) > self.cfg.block_size:
+            if not truncate:
+                raise GenerationError(
+                    f"the prompt has {len(ids)} tokens but the model's context is {self.cfg.block_size}: "
+                    "shorten it, or pass --truncate to keep its last tokens")
+            ids = ids[-self.window_keep:]
+        return ids
+
+    @property
+    def window_keep(self) -> int:
+        """Tokens kept when the context slides (and when a long prompt is truncated)."""
+        return max(1, self.cfg.block_size - self.cfg.block_size // 4)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompts: Union[Prompt, list[Prompt]], max_new_tokens: int = 128, **kw) -> list[Completion]:
+        """Run to the end; one Completion per prompt (per sample with ``num_samples``)."""
+        out: dict[int, Completion] = {}
+        for ev in self.stream(prompts, max_new_tokens, _completions=out, **kw):
+            pass
+        return [out[i] for i in sorted(out)]
+
+    def stream(self, prompts: Union[Prompt, list[Prompt]], max_new_tokens: int = 128,
+               sampling: Optional[SamplingParams] = None, stop: Sequence[str] = (),
+               seed: Optional[int] = None, num_samples: int = 1, truncate: bool = False,
+               ignore_eos: bool = False, _completions: Optional[dict] = None) -> Iterator[Event]:
+        """Yield an Event per generated token per row, then a closing Event per row."""
+        sampling = (sampling or SamplingParams()).validate()
+        if max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+        if num_samples < 1:
+            raise GenerationError(f"num_samples={num_samples} is invalid: must be >= 1")
+        if stop and self.tokenizer is None:
+            raise GenerationError("stop strings need a tokenizer (this checkpoint has none)")
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        plist = [prompts] if single else list(prompts)
+        if not plist:
+            raise GenerationError("no prompt given")
+        rows = [ids for ids in (self.prompt_ids(p, truncate) for p in plist) for _ in range(num_samples)]
+        gen = None
+        if not sampling.greedy:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed if seed is not None else torch.seed())
+        done = _completions if _completions is not None else {}
+        yield from self._decode(rows, max_new_tokens, sampling, list(stop), gen,
+                                frozenset() if ignore_eos else self.eos_ids, done)
+
+    @torch.inference_mode()
+    def _decode(self, rows: list[list[int]], max_new: int, sampling: SamplingParams,
+                stops: list[str], gen: Optional[torch.Generator], eos: frozenset,
+                done: dict[int, Completion]) -> Iterator[Event]:
+        B = len(rows)
+        capacity = min(self.cfg.block_size, max(map(len, rows)) + max_new)
+        cache = KVCache(self.cfg, B, max_len=capacity, device=self.device, dtype=self.dtype)
+        seqs = [list(r) for r in rows]
+        texts = [TextStream(self.tokenizer, r, stops) for r in rows]
+        comps = [Completion(i, list(r)) for i, r in enumerate(rows)]
+        seen = None
+        if sampling.repetition_penalty != 1.0:
+            seen = torch.zeros(B, self.cfg.vocab_size, dtype=torch.bool, device=self.device)
+            for b, r in enumerate(rows):
+                seen[b, r] = True
+        live = list(range(B))
+        logits = self._prefill(cache, seqs)
+        for step in range(max_new):
+            tok = next_token(logits, sampling, gen, seen)
+            ids = tok.tolist()  # the one host sync per step: text, stops and eos need the ids
+            still = []
+            for b in live:
+                t, c = ids[b], comps[b]
+                if t in eos:
+                    yield self._finish(c, texts[b], "eos", done)
+                    continue
+                c.tokens.append(t)
+                seqs[b].append(t)
+                delta = texts[b].add(t)
+                if texts[b].stopped:
+                    c.text = texts[b].text
+                    yield Event(b, t, delta)
+                    yield self._finish(c, texts[b], "stop", done)
+                    continue
+                yield Event(b, t, delta)
+                still.append(b)
+            live = still
+            if not live or step == max_new - 1:
+                break
+            if seen is not None:
+                seen.scatter_(1, tok[:, None], True)
+            if cache.pos >= cache.max_len:  # context full: slide the window
+                logits = self._prefill(cache, [s[-self.window_keep:] for s in seqs])
+            else:
+                logits = self._forward(tok[:, None], kv_cache=cache, last_only=True)[0][:, -1]
+        for b in live:
+            yield self._finish(comps[b], texts[b], "length", done)
+
+    def _prefill(self, cache: KVCache, seqs: list[list[int]]) -> torch.Tensor:
+        """Left-pad rows to one length, reset the cache and run them; last-position logits."""
+        T = max(map(len, seqs))
+        idx = torch.zeros(len(seqs), T, dtype=torch.long)
+        for b, s in enumerate(seqs):
+            idx[b, T - len(s):] = torch.tensor(s)
+        start = torch.tensor([T - len(s) for s in seqs])
+        cache.reset(start if int(start.max()) > 0 else None)
+        return self._forward(idx.to(self.device), kv_cache=cache, last_only=True)[0][:, -1]
+
+    @staticmethod
+    def _finish(c: Completion, text: TextStream, reason: str, done: dict) -> Event:
+        delta = text.flush() if reason != "stop" else ""
+        c.text, c.finish_reason = text.text, reason
+        done[c.index] = c
+        return Event(c.index, None, delta, reason)
+
+
+def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.8,
+                  top_k: int = 200, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                  seed: Optional[int] = None, stop: Sequence[str] = ()) -> str:
+    """One continuation of ``prompt`` from an in-memory model (e.g. right after training);
+    ends at ``<|endoftext|>``; a prompt longer than the context keeps its last tokens."""
+    eot = tokenizer.token_to_id(EOT) if tokenizer is not None else None
+    gen = Generator(model, tokenizer, [] if eot is None else [eot])
+    params = SamplingParams(temperature, top_k, top_p, repetition_penalty)
+    return gen.generate(prompt, max_new_tokens, sampling=params, seed=seed, stop=stop, truncate=True)[0].text
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_model_args(p) -> None:
+    """Options shared by ``generate`` and ``chat``: which model, where, in what precision."""
+    p.add_argument("ckpt", help="model directory, or a RUN_DIR (its latest checkpoint)")
+    p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json (or a directory with one) "
+                   "instead of the checkpoint's")
+    p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="weights and cache precision; auto = bfloat16 on a GPU that has it, else float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first call)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's); on a busy machine 1 can be "
+                   "much faster than oversubscribed cores")
+
+
+def add_sampling_args(p, temperature: float, top_k: int, top_p: float, max_new: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new, help=f"default {max_new}")
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"0 = greedy; default {temperature}")
+    p.add_argument("--top-k", type=int, default=top_k, help=f"0 = off; default {top_k}")
+    p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling, in (0, 1]; default {top_p}")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats; default 1")
+    p.add_argument("--seed", type=int, help="makes sampling reproducible (printed when not given)")
+
+
+def sampling_from_args(args) -> SamplingParams:
+    return SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty).validate()
+
+
+def generator_from_args(args) -> Generator:
+    import sys
+    import time
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise GenerationError(f"--threads={args.threads} is invalid: must be >= 1")
+        torch.set_num_threads(args.threads)
+    t = time.perf_counter()
+    gen = Generator.from_checkpoint(args.ckpt, args.tokenizer, args.device, args.dtype, args.compile)
+    print(f"loaded {gen.cfg.n_layer}-layer model ({sum(p.numel() for p in gen.model.parameters()) / 1e6:.1f}M "
+          f"params, {str(gen.dtype).removeprefix('torch.')}, {gen.device}) in {time.perf_counter() - t:.1f}s",
+          file=sys.stderr)
+    return gen
+
+
+def pick_seed(args, sampling: SamplingParams) -> Optional[int]:
+    if sampling.greedy or args.seed is not None:
+        return args.seed
+    import random
+    import sys
+
+    seed = random.SystemRandom().randrange(2**31)
+    print(f"seed {seed} (pass --seed {seed} to reproduce)", file=sys.stderr)
+    return seed
+
+
+def unescape(s: str) -> str:
+    """Stop strings typed in a shell: '\\n' and '\\t' mean newline and tab."""
+    return s.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def add_generate_parser(p) -> None:
+    add_model_args(p)
+    src = p.add_argument_group("prompt (none: start from end-of-text)")
+    src.add_argument("--prompt", action="append", help="prompt text; repeat for a batch of prompts")
+    src.add_argument("--prompt-file", metavar="F", help="read the prompt from a file ('-' = stdin)")
+    src.add_argument("--prompt-ids", metavar="IDS", help="prompt as token ids, e.g. '1,2,3' (no tokenizer needed)")
+    add_sampling_args(p, temperature=0.8, top_k=200, top_p=1.0, max_new=256)
+    p.add_argument("--stop", nargs="+", action="extend", default=[], metavar="STR",
+                   help="end a sample where it produces STR (not printed); '\\n' is a newline")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt, decoded as one batch")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--truncate", action="store_true",
+                   help="keep the last 3/4 of the context of a prompt longer than it (else an error)")
+    p.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text")
+    p.add_argument("--json", action="store_true", help="one JSON object per sample (tokens, text, finish reason)")
+
+
+def _read_prompts(args) -> list[Prompt]:
+    import sys
+
+    given = [x for x in (args.prompt, args.prompt_file, args.prompt_ids) if x is not None]
+    if len(given) > 1:
+        raise GenerationError("give only one of --prompt, --prompt-file, --prompt-ids")
+    if args.prompt_file is not None:
+        if args.prompt_file == "-":
+            return [sys.stdin.read()]
+        f = Path(args.prompt_file)
+        if not f.is_file():
+            raise GenerationError(f"prompt file not found: {f}")
+        return [f.read_text()]
+    if args.prompt_ids is not None:
+        try:
+            return [[int(x) for x in args.prompt_ids.replace(",", " ").split()]]
+        except ValueError:
+            raise GenerationError(f"--prompt-ids must be integers separated by commas or spaces, "
+                                  f"got {args.prompt_ids!r}") from None
+    return args.prompt if args.prompt else [""]
+
+
+class _RowPrinter:
+    """Streams rows to stdout in order: the current row live, later rows buffered until their turn."""
+
+    def __init__(self, gen: Generator, prompts: list, num_samples: int, echo: bool):
+        self.gen, self.prompts, self.k, self.echo = gen, prompts, num_samples, echo
+        self.n = len(prompts) * num_samples
+        self.cur, self.pending, self.finished = 0, [""] * self.n, set()
+        self.started = False
+
+    def _head(self, b: int) -> str:
+        head = "\n" + "-" * 40 + "\n" if b else ""
+        if self.echo:
+            p = self.prompts[b // self.k]
+            head += p if isinstance(p, str) else self.gen.decode(p)
+        return head
+
+    def _write(self, text: str) -> None:
+        import sys
+
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def event(self, ev: Event) -> None:
+        piece = ev.text if self.gen.tokenizer is not None else (f"{ev.token} " if ev.token is not None else "")
+        if ev.index == self.cur:
+            if not self.started:
+                self.started = True
+                piece = self._head(self.cur) + piece
+            self._write(piece)
+        else:
+            self.pending[ev.index] += piece
+        if ev.finish_reason is not None:
+            self.finished.add(ev.index)
+        while self.cur in self.finished and self.cur < self.n:
+            if not self.started:
+                self._write(self._head(self.cur))
+            self.cur += 1
+            if self.cur < self.n:
+                self._write(self._head(self.cur) + self.pending[self.cur])
+            self.started = True
+
+
+def run_generate(args) -> int:
+    import sys
+    import time
+
+    sampling = sampling_from_args(args)
+    prompts = _read_prompts(args)
+    gen = generator_from_args(args)
+    if gen.tokenizer is None and any(isinstance(p, str) for p in prompts):
+        raise GenerationError(f"{args.ckpt} has no tokenizer.json: pass --tokenizer PATH, or the prompt "
+                              "as token ids with --prompt-ids")
+    seed = pick_seed(args, sampling)
+    printer = _RowPrinter(gen, prompts, args.num_samples, args.echo) if args.stream and not args.json else None
+    out: dict[int, Completion] = {}
+    t0, t_first, n_tok = time.perf_counter(), None, 0
+    for ev in gen.stream(prompts, args.max_new_tokens, sampling=sampling, stop=[unescape(s) for s in args.stop],
+                         seed=seed, num_samples=args.num_samples, truncate=args.truncate,
+                         ignore_eos=args.ignore_eos, _completions=out):
+        if ev.token is not None:
+            n_tok += 1
+            t_first = t_first or time.perf_counter()
+        if printer:
+            printer.event(ev)
+    elapsed = time.perf_counter() - t0
+    comps = [out[i] for i in sorted(out)]
+    if args.json:
+        for c in comps:
+            print(json.dumps({"index": c.index, "prompt_index": c.index // args.num_samples,
+                              "prompt_tokens": len(c.prompt_tokens), "tokens": c.tokens,
+                              "text": c.text, "finish_reason": c.finish_reason}))
+    elif printer:
+        print()
+    else:
+        heads = _RowPrinter(gen, prompts, args.num_samples, args.echo)
+        print("".join(heads._head(c.index) + (c.text if gen.tokenizer is not None else
+                                               " ".join(map(str, c.tokens)) + " ") for c in comps))
+    ttft = f", first token after {1e3 * (t_first - t0):.0f} ms" if t_first else ""
+    print(f"generated {n_tok} tokens in {elapsed:.2f}s ({n_tok / elapsed:.1f} tok/s{ttft}); "
+          f"finish: {', '.join(c.finish_reason for c in comps)}", file=sys.stderr)
+    return 0

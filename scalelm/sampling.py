@@ -1,0 +1,84 @@
+"""Choosing the next token: greedy, temperature, top-k, top-p (nucleus), repetition penalty.
+
+All functions work on a batch of last-position logits ``(B, V)`` and never leave the device,
+so a decode step needs no host round trip until the caller asks for the token ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .errors import UserError
+
+
+class SamplingError(UserError, ValueError):
+    """A sampling setting outside its valid range."""
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0  # 0 means greedy (argmax)
+    top_k: int = 0  # keep the k most likely tokens; 0 = off
+    top_p: float = 1.0  # keep the smallest set whose probability reaches p; 1 = off
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in the sequence; 1 = off
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> "SamplingParams":
+        import math
+
+        def bad(name: str, value, valid: str) -> SamplingError:
+            return SamplingError(f"{name}={value} is invalid: must be {valid}")
+
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise bad("temperature", self.temperature, ">= 0 (0 = greedy)")
+        if self.top_k < 0:
+            raise bad("top_k", self.top_k, ">= 0 (0 = off)")
+        if not (0.0 < self.top_p <= 1.0):
+            raise bad("top_p", self.top_p, "in (0, 1] (1 = off)")
+        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", self.repetition_penalty, "> 0 (1 = off, > 1 penalizes repeats)")
+        return self
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """CTRL's penalty as in HF: seen tokens' positive logits are divided, negative multiplied."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the most likely tokens until their probability mass reaches ``p`` (at least one)."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    # drop a token when the mass before it already reaches p; the top token always stays
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator] = None,
+               seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Next token ids ``(B,)`` from last-position logits ``(B, V)``."""
+    logits = logits.float()
+    if seen is not None and params.repetition_penalty != 1.0:
+        logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    logits = filter_top_p(filter_top_k(logits / params.temperature, params.top_k), params.top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
