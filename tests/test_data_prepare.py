@@ -13,6 +13,9 @@ from scalelm.data.prepare import parse_size, prepare
 from scalelm.data.readers import DataWarning
 from scalelm.errors import UserError
 
+# small corpora warn that a split is shorter than a 1024-token window; tests that check it use pytest.warns
+pytestmark = pytest.mark.filterwarnings("ignore::scalelm.data.readers.DataWarning")
+
 
 def read_docs(data: TokenData, split: str) -> list[str]:
     """Decode a split back into its documents (the end-of-text id separates them)."""
@@ -95,8 +98,7 @@ def test_deterministic_and_seeded(tmp_path):
     drop = lambda m: {k: v for k, v in m.items() if k != "created"}
     assert drop(a) == drop(b)
     assert (tmp_path / "a" / "val.bin").read_bytes() != (tmp_path / "c" / "val.bin").read_bytes()
-    assert (tmp_path / "a" / "tokenizer.json").read_bytes() != (tmp_path / "c" / "tokenizer.json").read_bytes() \
-        or a["splits"] != c["splits"]
+    assert c["splits"]["val"]["documents"] == a["splits"]["val"]["documents"] == 30  # other documents, same count
 
 
 def test_jsonl_cli_with_two_fields(shared_data, tmp_path):
