@@ -127,27 +127,10 @@ def default_prompt(input: str, data) -> str:
 
 def sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int) -> str:
     """Continue ``prompt`` with the generation engineer's ``generate_text``."""
-    try:
-        from .generate import generate_text
-    except ImportError:  # TEMPORARY: until scalelm.generate.generate_text lands
-        return _simple_sample(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed)
+    from .generate import generate_text
+
     return generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_k=top_k, seed=seed)
-
-
-@torch.no_grad()
-def _simple_sample(model, tokenizer, prompt, max_new_tokens, temperature, top_k, seed) -> str:
-    gen = torch.Generator().manual_seed(seed)
-    model.eval()
-    ids = tokenizer.encode(prompt).ids or [0]
-    new = []
-    for _ in range(max_new_tokens):
-        ctx = torch.tensor([(ids + new)[-model.cfg.block_size:]])
-        logits = model(ctx, last_only=True)[0][0, -1].float() / max(temperature, 1e-5)
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        probs = torch.softmax(logits.masked_fill(logits < kth, float("-inf")), -1)
-        new.append(int(torch.multinomial(probs, 1, generator=gen)))
-    return tokenizer.decode(new)
 
 
 def _fresh_run_dir(run_dir: Path) -> None:
