@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .fileio import atomic_write, atomic_write_bytes, atomic_write_text, fsync_dir, publish_dir  # noqa: F401
 from .config import ConfigError, ModelConfig, _coerce, _field_types
 from .model import GPT
 
@@ -32,64 +32,6 @@ TOKENIZER = "tokenizer.json"
 
 class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt, or does not match the model."""
-
-
-# ----------------------------------------------------------------------------- atomic I/O
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write_fn) -> None:
-    """Call ``write_fn(tmp_path)``, fsync the result, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
-def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
-    """Atomically make a fully written directory visible under ``final_dir``."""
-    for f in tmp_dir.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-    fsync_dir(tmp_dir)
-    if final_dir.exists():  # replace: move the old one aside first, then drop it
-        old = final_dir.with_name(f".{final_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final_dir, old)
-        os.replace(tmp_dir, final_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, final_dir)
-    fsync_dir(final_dir.parent)
 
 
 # ----------------------------------------------------------------------------- model dirs

@@ -350,7 +350,7 @@ def resolve(preset: Optional[str] = None, config_file: Optional[str] = None,
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
-    from .checkpoint import atomic_write_text
+    from .fileio import atomic_write_text
 
     atomic_write_text(Path(path), json.dumps(cfg.to_dict(), indent=2) + "\n")
 

@@ -32,7 +32,7 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .. import __version__
-from ..checkpoint import publish_dir
+from ..fileio import publish_dir
 from ..errors import UserError
 from .sources import ON_INVALID, STDLIB_MAX_BYTES, DataWarning, SourceError, Stats, open_source, stream, utf8_len
 from .split import MODES, SplitPlan
