@@ -57,8 +57,9 @@ def test_bad_dtype_is_an_error():
 
 def test_cpu_peaks_measured_and_cached(temp_cache, monkeypatch):
     p = hw.cpu_peaks()
-    # real measurements of this machine, in plausible ranges for any CPU of the last decade
-    assert 1e9 < p["fp32"] < 1e14 and p["bf16"] > 1e8 and 1e9 < p["mem_bandwidth"] < 1e13
+    assert p["fp32"] > 0 and p["bf16"] > 0 and p["mem_bandwidth"] > 0
+    if p["other_load"] <= hw.BUSY_LIMIT:  # a quiet machine: plausible for any CPU of the last decade
+        assert 1e9 < p["fp32"] < 1e14 and p["bf16"] > 1e8 and 1e9 < p["mem_bandwidth"] < 1e13
     assert p["threads"] == torch.get_num_threads() and p["bf16_native"] == hw.cpu_has_bf16()
     assert hw.peak_flops("cpu", torch.float32) == p["fp32"]
     assert hw.peak_flops("cpu", "bf16") == p["bf16"]
@@ -77,7 +78,8 @@ def test_busy_measurement_is_not_cached(temp_cache, monkeypatch):
     fake = dict(fp32=1e11, tf32=1e11, bf16=4e11, fp16=1e9, mem_bandwidth=4e10, bf16_native=True,
                 threads=2, cpu="x", torch="y", other_load=0.6, measured_at=0.0)
     monkeypatch.setattr(hw, "measure_cpu_peaks", lambda: dict(fake))
-    assert hw.cpu_peaks()["fp32"] == 1e11
+    with pytest.warns(UserWarning, match="not cached"):
+        assert hw.cpu_peaks()["fp32"] == 1e11
     assert not (temp_cache / "peaks.json").exists()
     fake["other_load"] = 0.0
     hw.cpu_peaks(refresh=True)

@@ -25,6 +25,7 @@ import torch
 TB = 1e12
 GB = 1e9
 GiB = 2**30
+MiB = 2**20
 
 # ----------------------------------------------------------------------------- device table
 
@@ -35,7 +36,7 @@ class DeviceSpec:
 
     name: str
     flops: dict[str, float]  # "fp32" (no tensor cores), "tf32", "bf16", "fp16", "fp8"
-    memory: float  # bytes per device
+    memory: float  # bytes per device, as nvidia-smi reports the total
     mem_bandwidth: float  # bytes/s, device memory
     intra_node: tuple[str, float]  # link between devices of one node, bytes/s per direction
     inter_node: tuple[str, float] = ("InfiniBand NDR 400 Gb/s per device", 50 * GB)
@@ -55,45 +56,45 @@ ETH_25G = ("25 Gb Ethernet", 3.125 * GB)
 # Order matters: the first pattern that matches wins ("H100 PCIe" before "H100", "L40S" before "L4").
 GPUS: dict[str, DeviceSpec] = {
     "h100-pcie": DeviceSpec("NVIDIA H100 PCIe", dict(fp32=51 * TB, tf32=378 * TB, bf16=756 * TB,
-                            fp16=756 * TB, fp8=1513 * TB), 80 * GB, 2.0 * TB, PCIE5,
+                            fp16=756 * TB, fp8=1513 * TB), 81559 * MiB, 2.0 * TB, PCIE5,
                             patterns=(r"H100.*PCIe",)),
     "h100-nvl": DeviceSpec("NVIDIA H100 NVL", dict(fp32=60 * TB, tf32=418 * TB, bf16=835 * TB,
-                           fp16=835 * TB, fp8=1671 * TB), 94 * GB, 3.9 * TB, NVLINK4,
+                           fp16=835 * TB, fp8=1671 * TB), 95830 * MiB, 3.9 * TB, NVLINK4,
                            patterns=(r"H100 NVL",)),
     "h100": DeviceSpec("NVIDIA H100 SXM", dict(fp32=67 * TB, tf32=494.7 * TB, bf16=989.4 * TB,
-                       fp16=989.4 * TB, fp8=1978.9 * TB), 80 * GB, 3.35 * TB, NVLINK4,
+                       fp16=989.4 * TB, fp8=1978.9 * TB), 81559 * MiB, 3.35 * TB, NVLINK4,
                        patterns=(r"H100",)),
     "h200": DeviceSpec("NVIDIA H200 SXM", dict(fp32=67 * TB, tf32=494.7 * TB, bf16=989.4 * TB,
-                       fp16=989.4 * TB, fp8=1978.9 * TB), 141 * GB, 4.8 * TB, NVLINK4,
+                       fp16=989.4 * TB, fp8=1978.9 * TB), 143771 * MiB, 4.8 * TB, NVLINK4,
                        patterns=(r"H200",)),
     "a100": DeviceSpec("NVIDIA A100 80GB SXM", dict(fp32=19.5 * TB, tf32=156 * TB, bf16=312 * TB,
-                       fp16=312 * TB), 80 * GB, 2.039 * TB, NVLINK3, IB_HDR,
+                       fp16=312 * TB), 81920 * MiB, 2.039 * TB, NVLINK3, IB_HDR,
                        patterns=(r"A100.*80GB",)),
     "a100-40gb": DeviceSpec("NVIDIA A100 40GB", dict(fp32=19.5 * TB, tf32=156 * TB, bf16=312 * TB,
-                            fp16=312 * TB), 40 * GB, 1.555 * TB, NVLINK3, IB_HDR,
+                            fp16=312 * TB), 40960 * MiB, 1.555 * TB, NVLINK3, IB_HDR,
                             patterns=(r"A100",)),
     # AWS's A10G: GA102 with fewer tensor-core FLOPs than the A10 datasheet (125 TF)
     "a10g": DeviceSpec("NVIDIA A10G", dict(fp32=31.2 * TB, tf32=35 * TB, bf16=70 * TB,
-                       fp16=70 * TB), 24 * GB, 0.6 * TB, PCIE4, ETH_25G, patterns=(r"A10G",)),
+                       fp16=70 * TB), 23028 * MiB, 0.6 * TB, PCIE4, ETH_25G, patterns=(r"A10G",)),
     "l40s": DeviceSpec("NVIDIA L40S", dict(fp32=91.6 * TB, tf32=183 * TB, bf16=362 * TB,
-                       fp16=362 * TB, fp8=733 * TB), 48 * GB, 0.864 * TB, PCIE4, ETH_25G,
+                       fp16=362 * TB, fp8=733 * TB), 46068 * MiB, 0.864 * TB, PCIE4, ETH_25G,
                        patterns=(r"L40S",)),
     "l4": DeviceSpec("NVIDIA L4", dict(fp32=30.3 * TB, tf32=60 * TB, bf16=121 * TB,
-                     fp16=121 * TB, fp8=242 * TB), 24 * GB, 0.3 * TB, PCIE4, ETH_25G,
+                     fp16=121 * TB, fp8=242 * TB), 23034 * MiB, 0.3 * TB, PCIE4, ETH_25G,
                      patterns=(r"\bL4\b",)),
     # Volta and Turing have no bf16 units: torch emulates it at about the fp32 rate
     "v100": DeviceSpec("NVIDIA V100 SXM2", dict(fp32=15.7 * TB, tf32=15.7 * TB, bf16=15.7 * TB,
-                       fp16=125 * TB), 32 * GB, 0.9 * TB, NVLINK2, IB_HDR,
+                       fp16=125 * TB), 32768 * MiB, 0.9 * TB, NVLINK2, IB_HDR,
                        notes="no bf16 hardware: use fp16", patterns=(r"V100",)),
     "rtx4090": DeviceSpec("NVIDIA GeForce RTX 4090", dict(fp32=82.6 * TB, tf32=82.6 * TB,
-                          bf16=165.2 * TB, fp16=165.2 * TB, fp8=330.3 * TB), 24 * GB,
+                          bf16=165.2 * TB, fp16=165.2 * TB, fp8=330.3 * TB), 24564 * MiB,
                           1.008 * TB, PCIE4, ETH_25G, notes="fp32 accumulate rate",
                           patterns=(r"4090",)),
     "rtx3090": DeviceSpec("NVIDIA GeForce RTX 3090", dict(fp32=35.6 * TB, tf32=35.6 * TB,
-                          bf16=71 * TB, fp16=71 * TB), 24 * GB, 0.936 * TB, PCIE4, ETH_25G,
+                          bf16=71 * TB, fp16=71 * TB), 24576 * MiB, 0.936 * TB, PCIE4, ETH_25G,
                           notes="fp32 accumulate rate", patterns=(r"3090",)),
     "t4": DeviceSpec("NVIDIA T4", dict(fp32=8.1 * TB, tf32=8.1 * TB, bf16=8.1 * TB, fp16=65 * TB),
-                     16 * GB, 0.32 * TB, PCIE3, ETH_25G, notes="no bf16 hardware: use fp16",
+                     15360 * MiB, 0.32 * TB, PCIE3, ETH_25G, notes="no bf16 hardware: use fp16",
                      patterns=(r"\bT4\b",)),
 }
 
@@ -328,7 +329,11 @@ def cpu_peaks(refresh: bool = False) -> dict:
         _memo[key] = cached[key]
         return cached[key]
     peaks = measure_cpu_peaks()
-    if peaks["other_load"] <= BUSY_LIMIT:
+    if peaks["other_load"] > BUSY_LIMIT:  # a low peak would inflate every MFU computed from it
+        warnings.warn(f"CPU peak FLOP/s measured while other processes used {peaks['other_load']:.0%} of "
+                      f"the cores: it is too low (MFU too high) and is not cached; it is measured again "
+                      f"next time (or run `python -m scalelm.analysis.hardware` on a quiet machine)")
+    else:
         from ..checkpoint import atomic_write_text
 
         cached[key] = peaks
@@ -358,3 +363,8 @@ def device_spec(kind: str) -> DeviceSpec:
     from ..errors import UserError
 
     raise UserError(f"unknown device kind '{kind}'; known: cpu, {', '.join(GPUS)}")
+
+
+if __name__ == "__main__":  # measure and cache this machine's peaks: python -m scalelm.analysis.hardware
+    p = cpu_peaks(refresh=True)
+    print(json.dumps({k: v for k, v in p.items()}, indent=2))

@@ -1,0 +1,301 @@
+"""Training memory per device, from the model config and a parallel layout.
+
+Parameter counts are exact (the model is built on the meta device and counted). Activations
+follow what autograd saves in ``scalelm.model``, tensor by tensor (see ``layer_saved_bytes``);
+``tests/test_planner.py`` checks them against a saved-tensor count of the real model, and
+``benchmarks/bench_memory.py`` checks whole-step peaks against measured RSS.
+
+Mixed precision means what the trainer does: fp32 master weights, gradients and AdamW
+state, bf16 autocast for matmuls (or, under FSDP2, bf16 all-gathered parameters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from ..config import ModelConfig
+
+COLWISE = ("q_proj", "k_proj", "v_proj", "up", "gate")  # tensor parallel: output features split
+ROWWISE = ("o_proj", "down")  # input features split; the bias stays whole
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout (the ``parallel.*`` fields) plus activation checkpointing."""
+
+    pp: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    tp: int = 1
+    ac: bool = False
+
+    @property
+    def dp(self) -> int:
+        return self.dp_replicate * self.dp_shard
+
+    @property
+    def world(self) -> int:
+        return self.pp * self.dp * self.tp
+
+    @property
+    def fsdp(self) -> bool:  # as scalelm.distributed.parallelize.uses_fsdp
+        return self.dp_shard > 1 or (self.dp_replicate > 1 and self.tp > 1)
+
+    @property
+    def ddp(self) -> bool:
+        return self.dp_replicate > 1 and not self.fsdp
+
+    @property
+    def name(self) -> str:
+        parts = []
+        if self.pp > 1:
+            parts.append("PP")
+        if self.dp_replicate > 1 and self.dp_shard > 1:
+            parts.append("HSDP")
+        elif self.dp_shard > 1:
+            parts.append("FSDP")
+        elif self.dp_replicate > 1:
+            parts.append("DDP")
+        if self.tp > 1:
+            parts.append("TP")
+        return "+".join(parts) or "single"
+
+
+@dataclass(frozen=True)
+class ParamSplit:
+    """Exact parameter counts by place; ``block_tp`` is the part of a block that TP splits."""
+
+    tok_emb: int
+    pos_emb: int
+    block: int  # one block
+    block_tp: int  # its linear weights and column-parallel biases
+    block_linear_w: int  # its linear weights (what autocast casts to bf16)
+    norm_f: int
+    head: int  # 0 when tied to the token embedding
+    n_layer: int
+    n_blocks: int  # distinct blocks (< n_layer with cross-layer sharing)
+    tied: bool
+
+    @property
+    def total(self) -> int:
+        return self.tok_emb + self.pos_emb + self.n_blocks * self.block + self.norm_f + self.head
+
+
+def param_split(cfg: ModelConfig) -> ParamSplit:
+    from ..model import GPT
+
+    with torch.device("meta"):
+        m = GPT(cfg)
+    blk = m.blocks["0"]
+    tp_part = lin_w = 0
+    for name, p in blk.named_parameters():
+        owner = name.split(".")[-2]
+        if name.endswith("weight") and owner in COLWISE + ROWWISE:
+            tp_part += p.numel()
+            lin_w += p.numel()
+        elif name.endswith("bias") and owner in COLWISE:
+            tp_part += p.numel()
+    numel = lambda mod: sum(p.numel() for p in mod.parameters()) if mod is not None else 0  # noqa: E731
+    return ParamSplit(tok_emb=numel(m.tok_emb), pos_emb=numel(m.pos_emb), block=numel(blk),
+                      block_tp=tp_part, block_linear_w=lin_w, norm_f=numel(m.norm_f),
+                      head=0 if cfg.tie_embeddings else numel(m.lm_head), n_layer=cfg.n_layer,
+                      n_blocks=len(m.blocks), tied=cfg.tie_embeddings)
+
+
+# ----------------------------------------------------------------------------- activations
+
+def _norm_saved(cfg: ModelConfig, width: float) -> float:
+    """Bytes per token a norm saves: its fp32 input and statistics (RMSNorm, composed of
+    elementwise ops, also keeps the normalised tensor for the weight's gradient)."""
+    if cfg.norm == "layernorm":
+        return 4 * width + 8  # input, mean, rstd
+    return 8 * width + 4  # input, normalised, rstd
+
+
+def layer_saved_bytes(cfg: ModelConfig, precision: str, tp: int = 1, seq_parallel: bool = False) -> float:
+    """Bytes per token that one transformer layer keeps for backward (weights' bf16 copies excluded).
+
+    fp32: the norm output is one tensor shared by the linears that read it. bf16 autocast: each
+    linear saves its own bf16 cast of the norm output, matmul outputs are bf16, norms stay fp32.
+    """
+    low = precision in ("bf16", "fp16")
+    a = 2 if low else 4
+    d, q = cfg.n_embd, cfg.n_head * cfg.head_dim
+    kv, f, H = cfg.kv_heads * cfg.head_dim, cfg.ffn_dim, cfg.n_head
+    swiglu = cfg.mlp == "swiglu"
+    dn = d / tp if seq_parallel else d  # norms run on sequence shards under sequence parallelism
+    norms = 2 * _norm_saved(cfg, dn)
+    lin_in = (2 * d * (3 + (2 if swiglu else 1))) if low else 2 * 4 * d
+    attn = (a * (2 * q + 2 * kv) + 4 * H) / tp  # q, k, v, output (o_proj reads the same), logsumexp
+    mlp = a * f * (4 if swiglu else 2) / tp  # gelu: in, out; swiglu: gate, silu(gate), up, product
+    return norms + lin_in + attn + mlp
+
+
+def head_saved_bytes(cfg: ModelConfig, precision: str) -> float:
+    """Per token: final norm, LM-head input and the fp32 log-softmax that the loss saves."""
+    low = precision in ("bf16", "fp16")
+    return _norm_saved(cfg, cfg.n_embd) + (2 if low else 4) * cfg.n_embd + 4 * cfg.vocab_size
+
+
+def head_transient_bytes(cfg: ModelConfig, precision: str) -> float:
+    """Per token, on top of the saved tensors: the loss's backward (the gradients of the
+    log-softmax and of the fp32 logits), usually the largest moment of the step. The logits
+    themselves are gone by then: the trainer keeps only the loss."""
+    return 8 * cfg.vocab_size
+
+
+def layer_workspace_bytes(cfg: ModelConfig, precision: str, tp: int = 1) -> float:
+    """Per token: gradients alive inside one layer's backward (MLP-sized, fp32)."""
+    return 4 * (2 * cfg.ffn_dim / tp + 2 * cfg.n_embd)
+
+
+# ----------------------------------------------------------------------------- per device
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes per device on the busiest pipeline stage; ``peak`` is the step's high-water mark."""
+
+    params: float  # fp32 master weights held by this device
+    grads: float  # gradient storage (unsharded while micro-batches accumulate)
+    optimizer: float  # AdamW moments
+    activations: float  # saved for backward at the end of the forward (all in-flight micro-batches)
+    transient: float  # what else is alive at the peak: loss backward, gathered FSDP params, buckets
+    peak: float  # the step's high-water mark; the parts above do not all peak at the same moment
+    phase: str  # "loss backward", "layer backward", "first layer backward", "backward end", "optimizer step"
+    stage: int = 0
+    detail: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def in_flight(layout: Layout, microbatches: int, schedule: str, stage: int) -> int:
+    """Micro-batches whose activations a pipeline stage holds at once."""
+    if layout.pp == 1:
+        return 1
+    if schedule == "gpipe":
+        return microbatches
+    return min(microbatches, layout.pp - stage)  # 1F1B warm-up depth (interleaved: about the same)
+
+
+def estimate_memory(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int,
+                    precision: str = "bf16", grad_accum: int = 1, schedule: str = "1f1b",
+                    seq_parallel: bool = False, split: ParamSplit | None = None,
+                    fused_adamw: bool | None = None) -> MemoryEstimate:
+    """Peak training memory per device for ``layout``: the maximum over pipeline stages."""
+    split = split or param_split(cfg)
+    best = None
+    for stage in range(layout.pp):
+        est = _stage_memory(cfg, layout, micro_batch, seq_len, precision, grad_accum, schedule,
+                            seq_parallel, split, stage, fused_adamw)
+        if best is None or est.peak > best.peak:
+            best = est
+    return best
+
+
+def _stage_memory(cfg, layout, B, T, precision, accum, schedule, seq_parallel, split, stage, fused_adamw):
+    low = precision in ("bf16", "fp16")
+    t, s, p = layout.tp, layout.dp_shard, layout.pp
+    first, last = stage == 0, stage == p - 1
+    layers = cfg.n_layer // p
+    blocks = split.n_blocks if p == 1 else layers
+    block_local = split.block - split.block_tp + split.block_tp / t
+    emb = (split.tok_emb + split.pos_emb) if first else 0
+    # a tied head is the embedding; on a later pipeline stage it is a second copy
+    head = (split.head or (split.tok_emb if p > 1 else 0)) + split.norm_f if last else 0
+    P = blocks * block_local + emb + head  # parameters this device computes with (unsharded)
+    shard = s if layout.fsdp else 1
+    params = 4 * P / shard
+    optimizer = 8 * P / shard
+    # gradients: FSDP2 with gradient sync off (accumulation) keeps them unsharded until the last
+    # micro-batch; DDP keeps a bucket copy for its all-reduce
+    grads_final = 4 * P / shard
+    grads_accum = 4 * P if accum > 1 else 0
+    ddp_buckets = 4 * P if layout.ddp else 0
+    if fused_adamw is None:
+        fused_adamw = not layout.fsdp and t == 1  # DTensor parameters fall back to foreach
+    opt_temp = 0 if fused_adamw else 4 * P / shard  # foreach AdamW: one parameter-sized temporary
+
+    tokens = B * T
+    k = in_flight(layout, max(accum, 1), schedule, stage)
+    act_bytes = 2 if (layout.fsdp and low) else 4  # FSDP2 bf16 params make the residual stream bf16
+    layer_full = layer_saved_bytes(cfg, precision, t, seq_parallel) * tokens
+    # autocast saves a bf16 copy of each weight for backward; FSDP2 computes with bf16 gathers instead
+    w_copy = 2 * split.block_linear_w / t if (low and not layout.fsdp) else 0
+    if layout.ac:
+        per_layer = act_bytes * cfg.n_embd * tokens / (t if seq_parallel else 1)
+        recompute = layer_full + w_copy
+    else:
+        per_layer = layer_full + w_copy
+        recompute = 0
+    blocks_saved = k * layers * per_layer
+    emb_saved = 8 * tokens * k if first else 0
+    head_saved = head_transient = head_w_copy = 0
+    if last:
+        head_saved = head_saved_bytes(cfg, precision) * tokens
+        head_transient = head_transient_bytes(cfg, precision) * tokens
+        if low and not layout.fsdp:
+            head_w_copy = 2 * cfg.vocab_size * cfg.n_embd
+    # at the end of the backward: FSDP2 has reduce-scattered every block but the root (unless
+    # accumulating); everyone else holds the whole local gradient
+    grads_end = 4 * P
+    fsdp_buf = 0
+    if layout.fsdp and accum == 1:
+        grads_end = grads_final + 4 * ((split.tok_emb + split.pos_emb if first else 0) + (head if last else 0))
+    # the first layer's backward: all but its own and the embedding's gradients exist
+    grads_layer0 = max(grads_accum, grads_end - 4 * (emb + (block_local if not layout.fsdp or accum > 1 else 0)))
+    if layout.fsdp:
+        pb = 2 if low else 4
+        root = (split.tok_emb + split.pos_emb if first else 0) + (head if last else 0)
+        fsdp_buf = pb * (root + 2 * block_local)  # unsharded root + current and prefetched block
+    activations = blocks_saved + emb_saved + head_saved + head_w_copy
+    workspace = layer_workspace_bytes(cfg, precision, t) * tokens
+
+    base = dict(params=params, optimizer=optimizer)
+    phases = {
+        # the loss's backward on the last stage: every activation is still held
+        "loss backward": dict(base, grads=grads_accum, activations=activations,
+                              transient=head_transient + fsdp_buf + ddp_buckets),
+        # a layer's backward: the head is done (its weight gradient exists), one layer recomputed
+        "layer backward": dict(base, grads=max(grads_accum, 4 * head), activations=blocks_saved + emb_saved,
+                               transient=recompute + workspace + fsdp_buf + ddp_buckets),
+        # the first layer's backward: nearly every gradient exists, one layer's activations remain
+        "first layer backward": dict(base, grads=grads_layer0, activations=(k - 1) * layers * per_layer
+                                     + per_layer + emb_saved,
+                                     transient=recompute + workspace + fsdp_buf + ddp_buckets),
+        # the embedding's backward: every gradient exists (unsharded), plus a dense V x d one
+        "backward end": dict(base, grads=grads_end, activations=0.0,
+                             transient=(8 * split.tok_emb if first else 0) + workspace + fsdp_buf
+                             + ddp_buckets),
+        "optimizer step": dict(base, grads=grads_final, activations=0.0,
+                               transient=opt_temp + ddp_buckets),
+    }
+    totals = {name: sum(c.values()) for name, c in phases.items()}
+    phase = max(totals, key=totals.get)
+    c = phases[phase]
+    return MemoryEstimate(params=params, grads=max(grads_accum, grads_final), optimizer=optimizer,
+                          activations=activations, transient=totals[phase] - params - optimizer
+                          - c["grads"] - c["activations"], peak=totals[phase],
+                          phase=phase, stage=stage,
+                          detail=dict(params_unsharded=P, in_flight=k, layer_saved=per_layer,
+                                      ddp_buckets=ddp_buckets, fsdp_buffers=fsdp_buf,
+                                      head_transient=head_transient, phases=totals))
+
+
+def forward_saved_bytes(cfg: ModelConfig, batch: int, seq_len: int, precision: str) -> float:
+    """Everything one single-device forward with targets saves for backward (no checkpointing):
+    what ``tests/test_planner.py`` compares with autograd's own saved tensors."""
+    low = precision in ("bf16", "fp16")
+    split = param_split(cfg)
+    tokens = batch * seq_len
+    total = cfg.n_layer * (layer_saved_bytes(cfg, precision) * tokens + (2 * split.block_linear_w if low else 0))
+    total += head_saved_bytes(cfg, precision) * tokens + (2 * cfg.vocab_size * cfg.n_embd if low else 0)
+    total += 8 * tokens + 4  # token ids (embedding backward), the loss
+    if cfg.pos_embedding == "learned":
+        total += 8 * seq_len  # position ids
+    else:
+        total += 2 * 4 * seq_len * cfg.head_dim  # RoPE cos and sin, shared by all layers
+    return total

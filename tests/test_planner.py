@@ -1,0 +1,222 @@
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from conftest import run_cli
+from scalelm.analysis import planner
+from scalelm.analysis.memory import (Layout, estimate_memory, forward_saved_bytes, layer_saved_bytes,
+                                     param_split)
+from scalelm.config import Config, ModelConfig, apply_preset
+from scalelm.model import GPT, flops_per_token
+
+GPT2ISH = ModelConfig(vocab_size=300, block_size=64, n_layer=3, n_head=4, n_embd=64)
+LLAMAISH = ModelConfig(vocab_size=300, block_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                       intermediate_size=160, pos_embedding="rope", norm="rmsnorm", mlp="swiglu",
+                       bias=False, tie_embeddings=False)
+SHAPES = {"gpt2": GPT2ISH, "llama": LLAMAISH, "mqa": dataclasses.replace(LLAMAISH, n_kv_head=1),
+          "gpt-rms-nobias": dataclasses.replace(GPT2ISH, bias=False, norm="rmsnorm", tie_embeddings=False)}
+
+
+@pytest.fixture(autouse=True)
+def temp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALELM_CACHE_DIR", str(tmp_path))
+
+
+# ----------------------------------------------------------------------------- exact counts
+
+@pytest.mark.parametrize("preset", ["gpt2-124m", "llama-60m", "llama-1b", "llama3-8b"])
+def test_param_split_is_exact(preset):
+    cfg = apply_preset(Config(), preset).model
+    with torch.device("meta"):
+        n = GPT(cfg).num_params()
+    assert param_split(cfg).total == n
+
+
+def test_param_split_shared_blocks_and_tp_part():
+    cfg = dataclasses.replace(GPT2ISH, n_layer=4, n_shared_blocks=2)
+    s = param_split(cfg)
+    assert s.n_blocks == 2 and s.total == GPT(cfg).num_params()
+    blk = GPT(GPT2ISH).blocks["0"]
+    # TP splits every linear weight and the column-parallel biases; norms and o/down biases stay whole
+    whole = sum(p.numel() for n, p in blk.named_parameters() if "norm" in n or n.endswith(("o_proj.bias", "down.bias")))
+    assert param_split(GPT2ISH).block_tp == sum(p.numel() for p in blk.parameters()) - whole
+
+
+@pytest.mark.parametrize("name", SHAPES)
+@pytest.mark.parametrize("seq", [17, 64])
+def test_flops_split_sums_to_model_formula(name, seq):
+    cfg = SHAPES[name]
+    total = cfg.n_layer * planner.layer_flops_per_token(cfg, seq) + planner.head_flops_per_token(cfg)
+    assert total == flops_per_token(cfg, seq)
+
+
+def _autograd_saved_bytes(cfg, B, T, precision, targets=True):
+    """Bytes autograd really saves in a forward (unique storages, parameters excluded)."""
+    torch.manual_seed(0)
+    m = GPT(cfg)
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    seen = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    x = torch.randint(0, cfg.vocab_size, (B, T))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            m(x, x)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("name", SHAPES)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_activation_model_matches_autograd_exactly(name, precision):
+    cfg = SHAPES[name]
+    assert forward_saved_bytes(cfg, 3, 40, precision) == _autograd_saved_bytes(cfg, 3, 40, precision)
+
+
+def test_tp_and_sequence_parallel_shrink_activations():
+    cfg = apply_preset(Config(), "llama-1b").model
+    full = layer_saved_bytes(cfg, "bf16")
+    tp4 = layer_saved_bytes(cfg, "bf16", tp=4)
+    sp4 = layer_saved_bytes(cfg, "bf16", tp=4, seq_parallel=True)
+    assert sp4 < tp4 < full
+
+
+# ----------------------------------------------------------------------------- memory per layout
+
+def test_sharding_divides_state_and_replication_does_not():
+    cfg = apply_preset(Config(), "gpt2-124m").model
+    n = param_split(cfg).total
+    single = estimate_memory(cfg, Layout(), 1, 128, "bf16")
+    assert single.params == 4 * n and single.optimizer == 8 * n
+    fsdp = estimate_memory(cfg, Layout(dp_shard=8), 1, 128, "bf16")
+    assert fsdp.params == pytest.approx(4 * n / 8) and fsdp.optimizer == pytest.approx(8 * n / 8)
+    ddp = estimate_memory(cfg, Layout(dp_replicate=8), 1, 128, "bf16")
+    assert ddp.params == 4 * n and ddp.peak > single.peak  # DDP's gradient buckets
+    tp = estimate_memory(cfg, Layout(tp=4), 1, 128, "bf16")
+    assert 4 * n / 4 < tp.params < 4 * n  # embeddings and norms are replicated
+
+
+def test_pipeline_and_checkpointing():
+    cfg = apply_preset(Config(), "llama-1b").model
+    base = estimate_memory(cfg, Layout(), 2, 2048, "bf16")
+    ac = estimate_memory(cfg, Layout(ac=True), 2, 2048, "bf16")
+    assert ac.activations < base.activations / 3
+    pp = estimate_memory(cfg, Layout(pp=4), 2, 2048, "bf16", grad_accum=8)
+    # 1F1B: stage 0 holds 4 micro-batches of its 4 layers = as many layer-activations as all 16 layers
+    assert pp.detail["in_flight"] in (1, 4)
+    gpipe = estimate_memory(cfg, Layout(pp=4), 2, 2048, "bf16", grad_accum=8, schedule="gpipe")
+    assert gpipe.peak > pp.peak
+
+
+def test_peak_is_the_loss_backward_for_small_models():
+    cfg = ModelConfig(vocab_size=8192, block_size=256, n_layer=4, n_head=4, n_embd=256)
+    e = estimate_memory(cfg, Layout(), 8, 256, "fp32")
+    assert e.phase == "loss backward"
+    assert e.peak == pytest.approx(sum(v for k, v in e.to_dict().items()
+                                       if k in ("params", "optimizer", "activations", "transient")))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [
+    dict(model=dict(vocab_size=4096, block_size=256, n_layer=4, n_head=4, n_embd=256), batch=8, seq_len=256,
+         precision="fp32", ac=False),
+    dict(model=dict(vocab_size=4096, block_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
+                    pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
+         batch=8, seq_len=512, precision="bf16", ac=True),
+])
+def test_predicted_peak_within_15_percent_of_measured_rss(case):
+    from scalelm.analysis.memprobe import measure
+
+    measured = measure(dict(case, steps=2))["peak"]  # step 2 has the optimizer state
+    predicted = estimate_memory(ModelConfig(**case["model"]), Layout(ac=case["ac"]), case["batch"],
+                                case["seq_len"], case["precision"]).peak
+    assert abs(predicted / measured - 1) < 0.15, (predicted, measured)
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+@pytest.fixture
+def plan(capsys):
+    """``scalelm plan ARGS --json`` in this process (a subprocess per call would cost seconds)."""
+    from scalelm.cli import main
+
+    def run(*args):
+        capsys.readouterr()
+        assert main(["plan", *args, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+    return run
+
+
+@pytest.mark.parametrize("preset", ["gpt2-124m", "llama-1b", "llama3-8b"])
+def test_plan_answers_on_1_8_and_64_devices(preset, plan):
+    for n in (1, 8, 64):
+        out = plan("--preset", preset, "--devices", str(n), "--micro-batch", "1", "--global-batch", "64")
+        assert out["devices"] == n and out["layouts"]
+        for p in out["layouts"]:
+            l = p["layout"]
+            assert l["pp"] * l["dp_replicate"] * l["dp_shard"] * l["tp"] == n
+            assert p["memory"]["peak"] > 0 and p["times"]["step"] > 0
+        assert {p["layout"]["ac"] for p in out["layouts"]} == {False, True}
+        assert out["recommended"] is None or out["recommended"]["fits"]
+        fpt = out["layouts"][0]["flops_per_step"] / (64 * out["seq_len"])
+        assert fpt == pytest.approx(flops_per_token(apply_preset(Config(), preset).model))
+        if preset == "llama3-8b" and n == 1:
+            assert out["recommended"] is None and "no layout fits" in out["why"]
+        if preset == "gpt2-124m" and n == 1:
+            assert out["recommended"]["layout"]["name"] == "single"
+    # invalid layouts are listed with the reason: llama3-8b has 8 kv heads, 32 layers
+    reasons = [s["reason"] for s in out["skipped"]]
+    if preset == "llama3-8b":
+        assert any("n_kv_head=8" in r for r in reasons) and any("n_layer=32" in r for r in reasons)
+
+
+def test_plan_llama3_8b_on_8_h100s_recommends_sharding(plan):
+    out = plan("--preset", "llama3-8b", "--devices", "8", "--micro-batch", "1", "--global-batch", "8")
+    rec = out["recommended"]
+    assert rec["fits"] and rec["layout"]["dp_replicate"] < 8  # plain DDP cannot hold 8B params + AdamW
+    ddp = [p for p in out["layouts"] if p["layout"]["name"] == "DDP" and not p["layout"]["ac"]][0]
+    assert not ddp["fits"] and ddp["memory"]["peak"] > 16 * 8.03e9
+    assert "pp=1" in out["why"] or "pp=" in out["why"]
+
+
+def test_plan_table_and_tp_pp_validity(plan):
+    p = run_cli("plan", "--preset", "gpt2-124m", "--devices", "8", "--device-kind", "a100",
+                "--device-memory", "40GiB", "--micro-batch", "2")
+    assert "recommended:" in p.stdout and "assumptions:" in p.stdout and "train with: --parallel" in p.stdout
+    out = plan("--preset", "gpt2-124m", "--devices", "8", "--micro-batch", "2", "--all")
+    skipped = {(s["pp"], s["tp"]): s["reason"] for s in out["skipped"]}
+    assert "tp=8 does not divide n_head=12" in skipped[(1, 8)]
+    assert all(l["layout"]["tp"] in (1, 2, 4) for l in out["layouts"])
+
+
+def test_plan_on_this_cpu_uses_measured_peak(plan):
+    out = plan("--preset", "baby", "--model.vocab_size=512", "--devices", "1", "--device-kind", "cpu")
+    assert "measured" in out["device"]["name"] and out["device"]["peak_flops"] > 1e9
+    assert out["recommended"]["layout"]["name"] == "single"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--seq-len", "4096"], "block_size"),
+    (["--device-memory", "lots"], "80GiB"),
+    (["--device-kind", "tpu"], "h100"),
+    (["--model.n_layr=3"], "did you mean 'model.n_layer'"),
+    (["--devices", "0"], "at least 1"),
+])
+def test_plan_errors_are_clear(args, message, capsys):
+    from scalelm.cli import main
+
+    assert main(["plan", "--preset", "gpt2-124m", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_parse_bytes():
+    assert planner.parse_bytes("80GiB") == 80 * 2**30
+    assert planner.parse_bytes("24GB") == 24e9
+    assert planner.parse_bytes("512 MiB") == 512 * 2**20
+    assert planner.parse_bytes("1.5T") == 1.5 * 2**40
