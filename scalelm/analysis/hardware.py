@@ -334,7 +334,7 @@ def cpu_peaks(refresh: bool = False) -> dict:
                       f"the cores: it is too low (MFU too high) and is not cached; it is measured again "
                       f"next time (or run `python -m scalelm.analysis.hardware` on a quiet machine)")
     else:
-        from ..checkpoint import atomic_write_text
+        from ..fileio import atomic_write_text
 
         cached[key] = peaks
         try:
