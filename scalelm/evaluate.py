@@ -37,7 +37,8 @@ def loss_sums(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tens
                 with autocast():
                     _, loss = model(x, y)
                 n = (y != IGNORE_INDEX).sum()
-                total += loss.double() * n  # the model returns the mean over counted targets
+                # the model returns the mean over counted targets (NaN for none: a padding batch)
+                total += torch.where(n > 0, loss.double() * n, torch.zeros_like(total))
                 count += n
     finally:
         model.train(was_training)
@@ -64,9 +65,19 @@ def evaluate(model: nn.Module, data, split: str = "val", batch_size: int = 8, se
 
     seq_len = seq_len or model.cfg.block_size
     device = device or next(model.parameters()).device
-    batches = eval_batches(data.tokens(split), batch_size, seq_len, max_batches, dp_rank=dp_rank, dp_world=dp_world)
+    batches = list(eval_batches(data.tokens(split), batch_size, seq_len, max_batches, dp_rank=dp_rank,
+                                dp_world=dp_world))
+    replicas = 1
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # sharded models (FSDP/TP/PP) run collectives in every forward: every rank must run the
+        # same number of batches, so ranks with fewer add padding batches that count nothing
+        n = torch.tensor(len(batches), device=device)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        pad = torch.zeros(1, seq_len, dtype=torch.long)
+        batches += [(pad, torch.full_like(pad, IGNORE_INDEX))] * (int(n) - len(batches))
+        replicas = dist.get_world_size() // dp_world  # tensor/pipeline peers count the same batches
     loss_sum, tokens = loss_sums(model, batches, device, autocast)
-    return summarize(loss_sum, tokens, data.bytes_per_token(split))
+    return summarize(loss_sum / replicas, tokens // replicas, data.bytes_per_token(split))
 
 
 # ----------------------------------------------------------------------------- CLI

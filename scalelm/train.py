@@ -184,6 +184,8 @@ class Trainer:
         Each micro-loss is divided by the number of micro-batches, so k micro-batches of size
         b give the gradient of one batch of size k*b. Pipeline parallelism replaces this method.
         """
+        if hasattr(self.model, "forward_backward"):  # pipeline parallel: one schedule runs them all
+            return self._pipeline_forward_backward(micro_batches)
         n = len(micro_batches)
         total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
@@ -194,6 +196,16 @@ class Trainer:
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             total += loss.detach().float()
         return total / n
+
+    def _pipeline_forward_backward(self, micro_batches: list) -> torch.Tensor:
+        """The schedule (GPipe / 1F1B / interleaved) runs forward and backward of every micro-batch;
+        stages before the last have no loss and return 0 (the logged loss is reduced from the last)."""
+        if self.loss_fn is not default_loss or self.scaler is not None:
+            raise ConfigError("pipeline parallelism (--parallel.pp > 1) trains the language-model loss in "
+                              "bf16 or fp32; use --parallel.pp=1 for other objectives or fp16")
+        with self.autocast():
+            loss = self.model.forward_backward(micro_batches)
+        return loss.float() if loss is not None else torch.zeros((), device=self.device)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         micro_batches = [self.batches.next_batch() for _ in range(self.accum)]
@@ -235,7 +247,8 @@ class Trainer:
                 msg += " (best)"
         else:
             self.evals_since_best += 1
-        self.progress.write(msg)
+        if self.is_main:
+            self.progress.write(msg)
         patience = self.cfg.train.early_stop_patience
         return patience > 0 and self.evals_since_best >= patience
 
@@ -250,14 +263,26 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Single process: ``RUN_DIR/ckpt-<step>``. Sharded (DCP) saves replace this under torchrun."""
         path = self.run_dir / ts.ckpt_name(self.step)
-        if self.is_main:
+        if self.ctx.distributed:  # every rank writes its shards (torch.distributed.checkpoint)
+            from .distributed import save_sharded_checkpoint
+
+            path = save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
+                                           self.data.tokenizer_json, self.state(), self.ctx,
+                                           self.cfg.checkpoint.keep_last)
+        elif self.is_main:
             path = ts.save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
                                       self.data.tokenizer_json, self.state(), self.cfg.checkpoint.keep_last)
         self.last_saved = self.step
         return path
 
     def save_best(self) -> None:
-        if self.is_main:
+        if self.ctx.distributed:  # shards are gathered into one model directory by rank 0
+            from .checkpoint import BEST
+            from .distributed import save_full_model_dir
+
+            save_full_model_dir(self.model, self.run_dir / BEST, self.data.tokenizer_json,
+                                {"step": self.step, "val_loss": self.best_val}, self.ctx)
+        elif self.is_main:
             from .checkpoint import BEST, save_model_dir
 
             save_model_dir(self.raw_model, self.run_dir / BEST, self.data.tokenizer_json,
@@ -266,7 +291,16 @@ class Trainer:
     def load_checkpoint(self, ckpt: Path) -> None:
         ts.check_model_config(ckpt, self.cfg.model)
         ts.check_tokenizer(ckpt, self.data.dir)
-        st = ts.load_checkpoint(ckpt, self.raw_model, self.optimizer)
+        from .distributed import is_sharded_checkpoint, load_full_training_checkpoint, load_sharded_checkpoint
+
+        if is_sharded_checkpoint(ckpt):  # written under torchrun: loads into any layout
+            st = load_sharded_checkpoint(ckpt, self.model, self.optimizer, self.ctx)
+        elif self.ctx.distributed:  # a single-process checkpoint, sharded onto this layout
+            st = load_full_training_checkpoint(ckpt, self.model, self.optimizer)
+        else:
+            st = ts.load_checkpoint(ckpt, self.raw_model, self.optimizer)
+        if self.ctx.distributed and self.is_main:
+            print(f"resumed from {ckpt} at step {st['step']} on {self.ctx.layout.describe()}", file=sys.stderr)
         o = self.cfg.optim  # hyper-parameters follow the config (a resumed run may change them)
         for g in self.optimizer.param_groups:
             g.update(betas=(o.beta1, o.beta2), eps=o.eps)
@@ -322,6 +356,7 @@ class Trainer:
         n_params = self.raw_model.num_params()
         fpt = flops_per_token(cfg.model, self.seq_len)
         peak = peak_flops(self.device, DTYPES[self.precision])
+        peak = peak * self.ctx.world_size if peak else peak  # tokens/s is the whole job's
         self.progress = Progress(t.max_steps, self.step, cfg.log.progress and self.is_main)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from ..checkpoint import (CONFIG, LATEST, TOKENIZER, CheckpointError, atomic_write_text, ckpt_name, publish_dir,
                           read_model_config, save_model_dir)
 from .mesh import ParallelContext
+from .parallelize import model_parts
 
 DCP_DIR = "dcp"
 RNG_DIR = "rng"
@@ -49,8 +50,7 @@ def is_sharded_checkpoint(path: str | Path) -> bool:
 # ----------------------------------------------------------------------------- state dicts
 
 def _tied(model: nn.Module) -> bool:
-    cfg = getattr(model, "cfg", None)
-    return bool(cfg is not None and cfg.tie_embeddings)
+    return bool(model_parts(model)[0].cfg.tie_embeddings)
 
 
 def _canonical(key: str, model: nn.Module, tied_copy_parts: set[int]) -> Optional[str]:
@@ -155,8 +155,9 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: nn.Module, optimize
     _save_rng(staging / RNG_DIR, ctx.rank)
     _barrier(ctx)
     if ctx.is_main:
-        cfg = model.cfg
         import dataclasses
+
+        cfg = model_parts(model)[0].cfg
 
         meta = {"format": "scalelm", "model": dataclasses.asdict(cfg), "step": step, "sharded": True,
                 "world_size": ctx.world_size, "layout": ctx.layout.describe()}
@@ -211,7 +212,12 @@ def load_full_training_checkpoint(ckpt: Path, model: nn.Module, optimizer) -> di
     from ..checkpoint import load_weights
     from ..train_state import OPTIMIZER
 
+    from ..train_state import is_training_checkpoint
+
     ckpt = Path(ckpt)
+    if not is_training_checkpoint(ckpt):
+        raise CheckpointError(f"{ckpt} is not a training checkpoint (optimizer/RNG/state files missing): to start "
+                              f"a new run from its weights, use --init-from instead of resuming")
     try:
         state = json.loads((ckpt / STATE).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -290,7 +296,8 @@ def save_full_model_dir(model: nn.Module, out_dir: Path, tokenizer_json: Optiona
     if ctx.is_main:
         import dataclasses
 
-        (staging / CONFIG).write_text(json.dumps({"format": "scalelm", "model": dataclasses.asdict(model.cfg)}))
+        cfg = model_parts(model)[0].cfg
+        (staging / CONFIG).write_text(json.dumps({"format": "scalelm", "model": dataclasses.asdict(cfg)}))
         try:
             save_model_dir(consolidated_model(staging), out_dir, tokenizer_json, extra=extra)
         finally:

@@ -9,6 +9,7 @@ One process without torchrun has no process group at all. Under torchrun the lay
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Optional
@@ -181,6 +182,17 @@ def world_from_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
+def _attempt_store(world: int, timeout: timedelta):
+    """Under torchrun, the agent's store outlives a restart (``--max-restarts``) and still holds
+    the dead workers' addresses: a restarted worker may read one and fail to connect. A prefix
+    per restart attempt keeps each attempt's keys apart. None: use the default ``env://``."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"scalelm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init_parallel(cfg: Config) -> ParallelContext:
     """Validate the layout, then (under torchrun with >1 process) join the process group."""
     world, rank, local_rank = world_from_env()
@@ -193,7 +205,11 @@ def init_parallel(cfg: Config) -> ParallelContext:
     if not dist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
         kw = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend, timeout=timedelta(seconds=cfg.parallel.timeout_s), **kw)
+        timeout = timedelta(seconds=cfg.parallel.timeout_s)
+        store = _attempt_store(world, timeout)
+        if store is not None:
+            kw.update(store=store, rank=rank, world_size=world)
+        dist.init_process_group(backend, timeout=timeout, **kw)
     mesh = init_device_mesh(device.type, layout.shape, mesh_dim_names=MESH_DIMS)
     coord = dict(zip(MESH_DIMS, mesh.get_coordinate()))
     return ParallelContext(
@@ -207,7 +223,8 @@ def destroy_parallel(ctx: Optional[ParallelContext] = None) -> None:
     """Leave the process group. The barrier first lets in-flight point-to-point work (pipeline
     sends) finish everywhere: tearing gloo down under it aborts the process."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if sys.exc_info()[0] is None:  # not while an error unwinds: the other ranks may never arrive
+            dist.barrier()
         dist.destroy_process_group()
 
 
