@@ -1,0 +1,157 @@
+"""``scalelm sweep``: plan a scaling-law grid within a budget, train it, fit it; ``scalelm report``.
+
+    scalelm sweep --data DATA_DIR --minutes 45 --out SWEEP_DIR [--sizes auto|LIST] [--tokens auto|LIST]
+    scalelm report SWEEP_DIR
+
+``SWEEP_DIR/plan.json`` is written once, before any training; every run goes through the normal
+trainer (``scalelm train``, a subprocess) into ``SWEEP_DIR/runs/<name>/`` and, when it finishes,
+gets one line in ``SWEEP_DIR/records.jsonl``. Rerunning the same command continues a killed
+sweep: finished runs are skipped and a half-trained run resumes from its last checkpoint (the
+trainer's auto-resume). The report (fits, predictions, plots, ``report.md``) is rebuilt from the
+records alone by ``scalelm report``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import UserError
+from .sweep_plan import human
+from .sweep_runner import (PLAN, RECORDS, SweepLock, controlled_key_error, dp_check, make_plan, read_jsonl,
+                           run_all)
+
+
+# ----------------------------------------------------------------------------- sweep
+
+def add_sweep_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", help="a DATA_DIR written by `scalelm prepare` (not needed to continue a sweep)")
+    p.add_argument("--out", required=True, help="the sweep directory (plan.json, records.jsonl, runs/, report.md)")
+    b = p.add_mutually_exclusive_group()
+    b.add_argument("--budget", help="total training compute in FLOPs, e.g. 5e14")
+    b.add_argument("--minutes", type=float, help="total wall time; converted to FLOPs with measured step times")
+    p.add_argument("--sizes", default="auto", help="auto, or a list of widths (128), layers x width (4x128) or "
+                   "non-embedding parameter counts (300k), comma separated")
+    p.add_argument("--tokens", default="auto", help="auto, or training lengths in tokens (50k,200k,1M); with "
+                   "--sizes LIST this makes a plain sizes x tokens grid")
+    g = p.add_argument_group("grid (auto)")
+    g.add_argument("--levels", type=int, default=3, help="IsoFLOP compute levels (default 3)")
+    g.add_argument("--per-level", type=int, default=4, help="model sizes per IsoFLOP level (default 4)")
+    g.add_argument("--level-ratio", type=float, default=3.0, help="compute ratio between levels (default 3)")
+    g.add_argument("--iso-fraction", type=float, default=0.75,
+                   help="share of the budget for IsoFLOP profiles; the rest trains a few sizes to several lengths")
+    g.add_argument("--fixed-sizes", type=int, default=3, help="sizes in the fixed-size grid (default 3)")
+    g.add_argument("--fixed-lengths", type=int, default=3, help="lengths per size in that grid (default 3)")
+    g.add_argument("--min-steps", type=int, default=20, help="shortest run in optimizer steps (default 20)")
+    f = p.add_argument_group("model family")
+    f.add_argument("--aspect", type=float, default=32.0, help="width / layers (default 32: 128 wide = 4 layers)")
+    f.add_argument("--head-dim", type=int, default=32, help="attention head dimension (default 32)")
+    p.add_argument("--no-dp-check", dest="dp_check", action="store_false",
+                   help="skip the data-parallel efficiency runs (1 process vs torchrun with 2)")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (default 200)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan as JSON and exit (nothing is written)")
+    p.add_argument("--verbose", action="store_true", help="show each run's training log (else in SWEEP_DIR/logs/)")
+    p.epilog = ("Training settings are overrides passed to every run, e.g. --model.block_size=128 "
+                "--train.micro_batch_size=32 --optim.lr=1e-3 (default: Kaplan's learning rate per size).")
+    p.set_defaults(accepts_overrides=True)
+
+
+def _request(args: argparse.Namespace) -> dict:
+    return {"data": str(Path(args.data).resolve()) if args.data else None,
+            "budget": args.budget, "minutes": args.minutes, "sizes": args.sizes, "tokens": args.tokens,
+            "levels": args.levels, "per_level": args.per_level, "level_ratio": args.level_ratio,
+            "iso_fraction": args.iso_fraction, "fixed_sizes": args.fixed_sizes,
+            "fixed_lengths": args.fixed_lengths, "min_steps": args.min_steps, "aspect": args.aspect,
+            "head_dim": args.head_dim, "dp_check": args.dp_check, "overrides": list(args.overrides)}
+
+
+def _print_plan(plan: dict) -> None:
+    runs, rec = plan["runs"], plan["recipe"]
+    train_tokens = plan["data"]["train_tokens"]
+    print(f"plan: {len(runs)} runs, {plan['budget']['planned_flops']:.3g} FLOPs, "
+          f"{rec['tokens_per_step']:,} tokens/step (batch {rec['micro_batch']} x {rec['accum']} x seq {rec['seq_len']})"
+          + (f", ~{plan['budget']['est_seconds'] / 60:.1f} min predicted" if plan["budget"].get("est_seconds") else ""),
+          file=sys.stderr)
+    print(f"  {'run':<22}{'groups':<12}{'N':>8}{'D':>8}{'C':>10}{'D/N':>7}{'epochs':>7}{'lr':>9}{'est':>7}",
+          file=sys.stderr)
+    for r in runs:
+        est = f"{r['est_seconds'] / 60:.1f}m" if r.get("est_seconds") else ""
+        print(f"  {r['name']:<22}{','.join(r['groups']):<12}{human(r['params']):>8}{human(r['tokens']):>8}"
+              f"{r['flops']:>10.2e}{r['tokens'] / r['params']:>7.1f}{r['tokens'] / train_tokens:>7.1f}"
+              f"{r['lr']:>9.2e}{est:>7}", file=sys.stderr)
+    many = [r["name"] for r in runs if r["tokens"] > 4 * train_tokens]
+    if many:
+        print(f"warning: {len(many)} runs see the training data more than 4 times (repeated data lowers the "
+              f"value of each token; Muennighoff et al. 2023): {', '.join(many[:6])}"
+              f"{' ...' if len(many) > 6 else ''}. A larger corpus would make the fit cleaner.", file=sys.stderr)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    controlled_key_error(args.overrides)
+    req = _request(args)
+    if args.dry_run:
+        plan = make_plan(req)
+        _print_plan(plan)
+        print(json.dumps(plan, indent=2))
+        return 0
+    plan_path = out / PLAN
+    fresh = None
+    if not plan_path.is_file():  # plan before creating anything: a bad request leaves no trace
+        if args.data is None:
+            raise UserError(f"{out} holds no sweep yet: pass --data DATA_DIR and --budget or --minutes")
+        fresh = make_plan(req)
+    with SweepLock(out) as lock:
+        if plan_path.is_file():
+            plan = json.loads(plan_path.read_text())
+            if args.data is not None and _differs(plan["request"], req):
+                raise UserError(f"{out} holds a sweep planned with other settings "
+                                f"({_differs(plan['request'], req)}): rerun it with its own arguments (or just "
+                                f"`scalelm sweep --out {out}`), or choose another --out")
+            print(f"continuing the sweep in {out} ({len(read_jsonl(out / RECORDS))}/{len(plan['runs'])} runs done)",
+                  file=sys.stderr)
+        else:
+            from ..fileio import atomic_write_text
+
+            plan = fresh or make_plan(req)
+            atomic_write_text(plan_path, json.dumps(plan, indent=2) + "\n")
+        _print_plan(plan)
+        failed = run_all(plan, out, lock, verbose=args.verbose)
+        if args.dp_check:
+            dp_check(plan, out, lock, verbose=args.verbose)
+    from .sweep_report import build_report
+
+    report = build_report(out, bootstrap=args.bootstrap)
+    print(report["text"])
+    if failed:
+        print(f"{len(failed)} runs failed ({', '.join(failed)}): see {out / 'failures.jsonl'} and {out / 'logs'}; "
+              f"rerun the same command to retry them", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _differs(old: dict, new: dict) -> str:
+    keys = [k for k in new if k != "dp_check" and old.get(k) != new.get(k)]
+    return "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys)
+
+
+# ----------------------------------------------------------------------------- report
+
+def add_report_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep_dir", help="a directory written by `scalelm sweep`")
+    p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (default 200)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--json", action="store_true", help="print the fitted laws and predictions as JSON")
+
+
+def run_report(args: argparse.Namespace) -> int:
+    from .sweep_report import build_report
+
+    d = Path(args.sweep_dir)
+    if not (d / PLAN).is_file():
+        raise UserError(f"{d} is not a sweep directory ({PLAN} is missing): run `scalelm sweep --out {d}` first")
+    report = build_report(d, bootstrap=args.bootstrap, seed=args.seed)
+    print(json.dumps(report["summary"], indent=2) if args.json else report["text"])
+    return 0

@@ -1,0 +1,121 @@
+"""Turning ``--minutes`` into a plan: measured step times per model size, then a scaled grid.
+
+Small models on a CPU are far from the matmul peak (per-op overheads, attention, the loss),
+so a single FLOP rate would misjudge them. Instead each family member that a plan uses is
+timed for a few real training steps (forward, backward, AdamW, in the precision the trainer
+will use), and a run's time is predicted as process start-up + steps x step time + its two
+evaluations. The grid's compute is then scaled until the predicted total fits the minutes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, Optional
+
+from ..config import Config
+from .sweep_plan import Family, GridSettings, Member, PlanError, RunSpec, auto_grid
+
+
+class StepTimer:
+    """Measures (and caches) one optimizer step's wall time for members of a family."""
+
+    def __init__(self, family: Family, cfg: Config, micro_batch: int, accum: int, repeats: int = 3,
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
+        self.family, self.cfg, self.B, self.accum, self.repeats = family, cfg, micro_batch, accum, repeats
+        self.log = log
+        self.cache: dict[tuple[int, int], float] = {}
+        self._startup: Optional[float] = None
+
+    def step_seconds(self, m: Member) -> float:
+        key = (m.width, m.n_layer)
+        if key not in self.cache:
+            self.cache[key] = self._measure(m)
+            tps = self.B * self.accum * self.family.base.block_size / self.cache[key]
+            self.log(f"calibrate: {m.shape} ({m.params:,} non-embedding params): "
+                     f"{self.cache[key] * 1e3:.0f} ms/step, {tps:,.0f} tokens/s")
+        return self.cache[key]
+
+    def _measure(self, m: Member) -> float:
+        import torch
+
+        from ..model import GPT
+        from ..optim import build_optimizer
+        from ..train import autocast_context, pick_device, resolve_precision
+
+        device = pick_device(self.cfg.train.device)
+        autocast = autocast_context(resolve_precision(self.cfg.train.precision, device), device)
+        cfg = self.family.config(m.width, m.n_layer)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = GPT(cfg).to(device)
+            opt = build_optimizer(model, self.cfg.optim)
+            x = torch.randint(0, cfg.vocab_size, (self.B, cfg.block_size), device=device)
+
+            def step():
+                for _ in range(self.accum):
+                    with autocast():
+                        loss = model(x, x)[1]
+                    (loss / self.accum).backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+
+            step()  # warm-up: allocator, kernels, optimizer state
+            times = []
+            for _ in range(self.repeats):
+                t0 = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def startup_seconds(self) -> float:
+        """A trainer process's fixed cost: interpreter, torch and scalelm imports."""
+        if self._startup is None:
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "import scalelm.train, scalelm.data.loader"], check=True,
+                           capture_output=True)
+            self._startup = time.perf_counter() - t0
+            self.log(f"calibrate: a trainer process starts in {self._startup:.1f} s")
+        return self._startup
+
+    def run_seconds(self, run: RunSpec) -> float:
+        t = self.step_seconds(run.member)
+        evals = 2 * self.cfg.train.eval_iters * t / (3 * self.accum)  # at step 0 and at the end; forward only
+        return self.startup_seconds() + run.steps * t + evals
+
+
+def plan_for_seconds(family: Family, seconds: float, tokens_per_step: int, g: GridSettings, timer: StepTimer,
+                     sizes: Optional[list[Member]] = None, tokens: Optional[list[float]] = None
+                     ) -> tuple[list[RunSpec], float]:
+    """The auto grid whose predicted wall time is close to (and not above) ``seconds``."""
+    probe = min(sizes or family.members(8 * family.head_dim), key=lambda m: abs(m.width - 4 * family.head_dim))
+    rate = probe.flops_per_token * tokens_per_step / timer.step_seconds(probe)  # FLOP/s, a first guess
+    budget = 0.7 * seconds * rate
+    best: Optional[tuple[list[RunSpec], float]] = None
+    for _ in range(8):
+        try:
+            runs = auto_grid(family, budget, tokens_per_step, g, sizes, tokens)
+        except PlanError:
+            budget *= 2
+            continue
+        est = [timer.run_seconds(r) for r in runs]
+        total = sum(est)
+        for r, e in zip(runs, est):
+            r.est_seconds = round(e, 1)
+        if total <= seconds and (best is None or total > best[1]):
+            best = (runs, total)
+        if abs(total - seconds) <= 0.03 * seconds and total <= seconds:
+            break
+        fixed = len(runs) * timer.startup_seconds()
+        budget *= max(0.1, min(10.0, (seconds - fixed) / max(total - fixed, 1e-9)))
+        if seconds <= fixed:
+            break
+    if best is None:
+        raise PlanError(f"{seconds / 60:.1f} minutes of training cannot fit a sweep here: each run costs at least "
+                        f"{timer.startup_seconds():.0f} s to start and needs {g.min_steps} steps; "
+                        f"give more --minutes, fewer --levels/--per-level, or smaller --model.block_size")
+    return best
