@@ -72,7 +72,7 @@ def test_eval_refuses_mismatches(setup, tmp_path, one_thread):
     chars = sorted({c for c in data.tokenizer().get_vocab() if not c.startswith("<|")})
     other = make_char_data(tmp_path / "other", "".join(chars).replace("e", "~") * 50)
     rc, _, se = cli("eval", root / "m", "--data", other)
-    assert rc == 2 and "another tokenizer" in se
+    assert rc == 2 and "different tokenizer" in se
     # a data vocabulary larger than the model's
     big = make_char_data(tmp_path / "big", "".join(chr(0x4E00 + i) for i in range(300)) * 20)
     rc, _, se = cli("eval", root / "m", "--data", big)
