@@ -89,7 +89,7 @@ def build_config(data, minutes: float, steps: int, device: str, seed: int, progr
 def measure_step_seconds(cfg, precision: str, device: torch.device, reps: int = 3) -> float:
     """Time a few training steps of a throwaway model of the demo's shape (the first is warm-up)."""
     from .model import GPT
-    from .train import autocast_context
+    from .precision import autocast_context
 
     with torch.random.fork_rng(devices=[]):
         model = GPT(cfg.model).to(device)
@@ -147,7 +147,8 @@ def run_demo(args: argparse.Namespace) -> int:
     from .analysis.plots import plot_runs
     from .checkpoint import BEST, atomic_write_text, load_model_dir
     from .data.loader import TokenData
-    from .train import Trainer, pick_device, resolve_precision
+    from .precision import pick_device, resolve_precision
+    from .train import Trainer
 
     if args.minutes <= 0:
         raise UserError("--minutes must be positive (e.g. --minutes 3)")

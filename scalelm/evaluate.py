@@ -100,7 +100,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from .data.loader import DataError, TokenData
     from .data.tokenizer import check_same_tokenizer
     from .errors import UserError
-    from .train import autocast_context, pick_device, resolve_precision
+    from .precision import autocast_context, pick_device, resolve_precision
 
     ckpt = resolve_checkpoint(args.ckpt)
     data = TokenData(args.data)

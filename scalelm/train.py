@@ -20,7 +20,6 @@ import math
 import signal
 import sys
 import time
-from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -35,6 +34,7 @@ from .errors import UserError
 from .metrics import MetricsLogger, Progress, env_summary, peak_flops, peak_memory_mb
 from .model import GPT, flops_per_token
 from .optim import build_optimizer, lr_at, set_lr
+from .precision import DTYPES, autocast_context, pick_device, resolve_precision  # noqa: F401 (re-exported)
 from . import train_state as ts
 
 
@@ -46,45 +46,7 @@ class Diverged(UserError):
     """The loss became NaN or infinite."""
 
 
-# ----------------------------------------------------------------------------- devices, precision
-
-def pick_device(spec: str = "auto") -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {spec} requested but CUDA is not available; use --train.device=cpu")
-    return dev
-
-
-def _cpu_has_bf16() -> bool:
-    from .analysis.hardware import cpu_has_bf16
-
-    return cpu_has_bf16()
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """``auto`` is bf16 autocast where the hardware multiplies bf16 natively, else fp32."""
-    if requested == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if device.type == "cpu" and _cpu_has_bf16() else "fp32"
-    if requested == "fp16" and device.type != "cuda":
-        raise ConfigError("fp16 on a CPU is very slow (no fp16 matmul units): use --train.precision=bf16 "
-                          "(bf16 autocast) or fp32")
-    return requested
-
-
-def autocast_context(precision: str, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    """A factory of autocast contexts: weights stay fp32, matmuls run in the chosen dtype."""
-    if precision in ("bf16", "fp16"):
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return partial(torch.autocast, device_type=device.type, dtype=dtype)
-    return contextlib.nullcontext
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+# ----------------------------------------------------------------------------- batch geometry
 
 def batch_geometry(cfg: Config, dp_world: int) -> tuple[int, int]:
     """(micro_batch_size per rank, grad_accum_steps) so that a step is the configured global batch."""
