@@ -52,6 +52,7 @@ class ChatFormat:
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = raise_exception
+            env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
             self._compiled = env.from_string(self.template)
             eos = min(gen.eos_ids) if gen.eos_ids else None
             self.bos = _special_token(gen, tokenizer_dir, "bos_token", gen.bos_id)

@@ -23,6 +23,7 @@ The ``scalelm generate`` command is at the end of this file; ``scalelm chat`` is
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -31,7 +32,7 @@ import torch
 
 from .checkpoint import TOKENIZER, load_model_dir, resolve_checkpoint
 from .errors import UserError
-from .inference import pack_linears, shallow_copy, should_pack
+from .inference import compile_decode_step, pack_linears, shallow_copy, should_pack
 from .model import GPT, KVCache
 from .sampling import SamplingParams, next_token
 from .textstream import TextStream
@@ -123,7 +124,8 @@ class Generator:
                  chat_template: Optional[str] = None, compile: bool = False, pack: Union[bool, str] = "auto"):
         p = next(model.parameters())
         # work on a copy that shares the weights: the caller's model keeps its mode and modules
-        packed = pack is True or (pack == "auto" and should_pack(p.device))
+        # compile packs weights itself (freezing); otherwise a CPU copy gets BLAS-friendly layouts
+        packed = not compile and (pack is True or (pack == "auto" and should_pack(p.device)))
         self.model = (pack_linears(model) if packed else shallow_copy(model)).eval()
         self.cfg = model.cfg
         self.tokenizer = tokenizer
@@ -131,10 +133,7 @@ class Generator:
         self.bos_id = bos_id if bos_id is not None else (min(self.eos_ids) if self.eos_ids else None)
         self.chat_template = chat_template
         self.device, self.dtype = p.device, p.dtype
-        self._forward = self.model
-        if compile:
-            # dynamic=True: one graph for every cache position and prompt length
-            self._forward = torch.compile(self.model, dynamic=True)
+        self._step = compile_decode_step(self.model) if compile else self.model
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -191,15 +190,22 @@ class Generator:
     def generate(self, prompts: Union[Prompt, list[Prompt]], max_new_tokens: int = 128, **kw) -> list[Completion]:
         """Run to the end; one Completion per prompt (per sample with ``num_samples``)."""
         out: dict[int, Completion] = {}
-        for ev in self.stream(prompts, max_new_tokens, _completions=out, **kw):
+        for _ in self.stream(prompts, max_new_tokens, completions=out, **kw):
             pass
         return [out[i] for i in sorted(out)]
 
     def stream(self, prompts: Union[Prompt, list[Prompt]], max_new_tokens: int = 128,
                sampling: Optional[SamplingParams] = None, stop: Sequence[str] = (),
                seed: Optional[int] = None, num_samples: int = 1, truncate: bool = False,
-               ignore_eos: bool = False, _completions: Optional[dict] = None) -> Iterator[Event]:
-        """Yield an Event per generated token per row, then a closing Event per row."""
+               ignore_eos: bool = False, completions: Optional[dict] = None) -> Iterator[Event]:
+        """An iterator of Events: one per generated token per row, then a closing one per row.
+
+        ``prompts``: a text, a list of token ids, or a list of either (a batch). Rows are the
+        prompts in order, each repeated ``num_samples`` times. Bad arguments fail here, before
+        iterating. ``completions`` (a dict) receives each row's Completion when it finishes.
+        """
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
         sampling = (sampling or SamplingParams()).validate()
         if max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
@@ -213,12 +219,12 @@ class Generator:
             raise GenerationError("no prompt given")
         rows = [ids for ids in (self.prompt_ids(p, truncate) for p in plist) for _ in range(num_samples)]
         gen = None
-        if not sampling.greedy:
+        if not sampling.greedy:  # a private generator: the global RNG is neither used nor disturbed
             gen = torch.Generator(device=self.device)
-            gen.manual_seed(seed if seed is not None else torch.seed())
-        done = _completions if _completions is not None else {}
-        yield from self._decode(rows, max_new_tokens, sampling, list(stop), gen,
-                                frozenset() if ignore_eos else self.eos_ids, done)
+            gen.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
+        done = completions if completions is not None else {}
+        return self._decode(rows, max_new_tokens, sampling, list(stop), gen,
+                            frozenset() if ignore_eos else self.eos_ids, done)
 
     @torch.inference_mode()
     def _decode(self, rows: list[list[int]], max_new: int, sampling: SamplingParams,
@@ -264,7 +270,7 @@ class Generator:
             if cache.pos >= cache.max_len:  # context full: slide the window
                 logits = self._prefill(cache, [s[-self.window_keep:] for s in seqs])
             else:
-                logits = self._forward(tok[:, None], kv_cache=cache, last_only=True)[0][:, -1]
+                logits = self._step(tok[:, None], kv_cache=cache, last_only=True)[0][:, -1]
         for b in live:
             yield self._finish(comps[b], texts[b], "length", done)
 
@@ -276,7 +282,7 @@ class Generator:
             idx[b, T - len(s):] = torch.tensor(s)
         start = torch.tensor([T - len(s) for s in seqs])
         cache.reset(start if int(start.max()) > 0 else None)
-        return self._forward(idx.to(self.device), kv_cache=cache, last_only=True)[0][:, -1]
+        return self.model(idx.to(self.device), kv_cache=cache, last_only=True)[0][:, -1]
 
     @staticmethod
     def _finish(c: Completion, text: TextStream, reason: str, done: dict) -> Event:
@@ -306,8 +312,10 @@ def add_model_args(p) -> None:
                    "instead of the checkpoint's")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="weights and cache precision; auto = bfloat16 on a GPU that has it, else float32")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model (slow first call)")
+                   help="weights and cache precision; auto = bfloat16 on a GPU that has it, else float32 "
+                        "(bfloat16 is faster on CPUs with avx512_bf16 or AMX)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step (weights frozen "
+                   "as constants; the first tokens wait for compilation, a minute or more on CPU)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's); on a busy machine 1 can be "
                    "much faster than oversubscribed cores")
 
@@ -345,7 +353,6 @@ def generator_from_args(args) -> Generator:
 def pick_seed(args, sampling: SamplingParams) -> Optional[int]:
     if sampling.greedy or args.seed is not None:
         return args.seed
-    import random
     import sys
 
     seed = random.SystemRandom().randrange(2**31)
@@ -456,7 +463,7 @@ def run_generate(args) -> int:
     t0, t_first, n_tok = time.perf_counter(), None, 0
     for ev in gen.stream(prompts, args.max_new_tokens, sampling=sampling, stop=[unescape(s) for s in args.stop],
                          seed=seed, num_samples=args.num_samples, truncate=args.truncate,
-                         ignore_eos=args.ignore_eos, _completions=out):
+                         ignore_eos=args.ignore_eos, completions=out):
         if ev.token is not None:
             n_tok += 1
             t_first = t_first or time.perf_counter()

@@ -337,9 +337,13 @@ def import_hf_dir(hf_dir: Union[str, Path], out_dir: Union[str, Path],
         raise ConversionError(f"Hugging Face model directory not found: {src}")
     model = from_hf(src, dtype)
     hf_cfg = json.loads((src / "config.json").read_text())
-    extra = {"hf": {k: hf_cfg.get(k) for k in ("model_type", "architectures", "bos_token_id",
-                                                 "eos_token_id", "pad_token_id")},
-             "source": str(src.resolve())}
+    meta = {k: hf_cfg.get(k) for k in ("model_type", "architectures", "bos_token_id", "eos_token_id",
+                                        "pad_token_id")}
+    gen_cfg = src / "generation_config.json"
+    if gen_cfg.is_file():  # chat models list their end-of-turn tokens here (eos may be a list)
+        g = json.loads(gen_cfg.read_text())
+        meta.update({k: g[k] for k in ("bos_token_id", "eos_token_id") if g.get(k) is not None})
+    extra = {"hf": meta, "source": str(src.resolve())}
     out = save_model_dir(model, out_dir, extra=extra)
     _copy_tokenizer_files(src, out)
     return out

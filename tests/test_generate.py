@@ -200,3 +200,36 @@ def test_generate_text_leaves_the_model_alone_and_runs_in_bf16(tiny_tokenizer_js
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     out = Generator(tiny().to(torch.bfloat16)).generate([1, 2, 3], max_new_tokens=5, sampling=GREEDY)[0]
     assert len(out.tokens) == 5
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens():
+    m = tiny("gqa-rope")
+    want = Generator(m).generate([[5, 6, 7]], max_new_tokens=6, sampling=GREEDY)[0].tokens
+    assert Generator(m, compile=True).generate([[5, 6, 7]], max_new_tokens=6, sampling=GREEDY)[0].tokens == want
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_decoding_copy_matches_the_model_and_leaves_it_alone(dtype):
+    from scalelm.inference import PackedLinear, pack_linears
+
+    m = tiny("gqa-rope").to(dtype)
+    names = [n for n, _ in m.named_modules()]
+    packed = pack_linears(m)
+    assert [n for n, _ in m.named_modules()] == names and not any(
+        isinstance(x, PackedLinear) for x in m.modules())  # the original keeps its nn.Linear
+    kinds = {n: type(x).__name__ for n, x in packed.named_modules()}
+    assert kinds["lm_head"] == "PackedLinear" and kinds["blocks.0.mlp.up"] == "PackedLinear"
+    if dtype == torch.float32:  # narrow weights are faster as nn.Linear stores them
+        assert kinds["blocks.0.mlp.down"] == "Linear" and kinds["blocks.0.attn.k_proj"] == "Linear"
+    idx = torch.randint(0, V, (3, 9))
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        torch.testing.assert_close(packed(idx)[0].float(), m(idx)[0].float(), **tol)
+    # the batched fp32 LM head path (oneDNN copy made on first use) equals nn.Linear too
+    lin = torch.nn.Linear(32, 512, bias=True).to(dtype)
+    p = PackedLinear(lin)
+    x = torch.randn(4, 3, 32, dtype=dtype)
+    with torch.no_grad():
+        torch.testing.assert_close(p(x).float(), lin(x).float(), **tol)
+        torch.testing.assert_close(p(x[:1, :1]).float(), lin(x[:1, :1]).float(), **tol)

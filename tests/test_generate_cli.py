@@ -146,3 +146,13 @@ def test_plain_format_and_dropping_old_turns(ckpts):
     kept, ids = fit_context(fmt, long, room=12)
     assert len(ids) <= 48 - 12
     assert kept[0]["role"] == "system" and kept[-1]["content"] == "last" and len(kept) < len(long)
+
+
+def test_tokenizer_override_gives_a_checkpoint_without_one_text(ckpts, capsys, monkeypatch):
+    want = Generator.from_checkpoint(ckpts / "model").generate("To be", max_new_tokens=8, sampling=GREEDY)[0].text
+    for tok in (ckpts / "model" / "tokenizer.json", ckpts / "model"):  # a file, or a directory with one
+        rc, out, _ = main(capsys, monkeypatch, "generate", ckpts / "notok", "--tokenizer", tok, "--prompt", "To be",
+                          "--temperature", "0", "--max-new-tokens", "8")
+        assert rc == 0 and out == want + "\n"
+    rc, _, err = main(capsys, monkeypatch, "generate", ckpts / "notok", "--tokenizer", ckpts / "nope.json")
+    assert rc == 2 and "tokenizer not found" in err

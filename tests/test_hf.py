@@ -146,13 +146,18 @@ def test_import_keeps_chat_template_and_eos(tmp_path, tiny_tokenizer_json):
     template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"
     (tmp_path / "hf" / "tokenizer.json").write_text(tiny_tokenizer_json)
     (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    # a chat model's end-of-turn tokens are listed in generation_config.json
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 9]}))
     out = import_hf_dir(tmp_path / "hf", tmp_path / "ckpt")
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template
-    assert json.loads((out / "config.json").read_text())["hf"]["eos_token_id"] == 7
-    # and back out again: the template survives the export
+    assert json.loads((out / "config.json").read_text())["hf"]["eos_token_id"] == [7, 9]
+    from scalelm.generate import Generator
+    gen = Generator.from_checkpoint(out)
+    assert gen.eos_ids == {7, 9} and gen.chat_template == template
+    # and back out again: the template and the end tokens survive the export
     export_hf_dir(out, tmp_path / "hf2")
     assert json.loads((tmp_path / "hf2" / "tokenizer_config.json").read_text())["chat_template"] == template
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf2").config.eos_token_id == 7
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "hf2").config.eos_token_id == [7, 9]
 
 
 def test_import_sharded_safetensors_and_weights_only_bin(tmp_path):
