@@ -20,8 +20,8 @@ from pathlib import Path
 
 from ..errors import UserError
 from .sweep_plan import human
-from .sweep_runner import (PLAN, RECORDS, SweepLock, controlled_key_error, dp_check, make_plan, read_jsonl,
-                           run_all)
+from .sweep_runner import PLAN, RECORDS, SweepLock, controlled_key_error, make_plan, read_jsonl, run_all
+from .sweep_system import dp_check
 
 
 # ----------------------------------------------------------------------------- sweep
@@ -49,7 +49,7 @@ def add_sweep_parser(p: argparse.ArgumentParser) -> None:
     f.add_argument("--aspect", type=float, default=32.0, help="width / layers (default 32: 128 wide = 4 layers)")
     f.add_argument("--head-dim", type=int, default=32, help="attention head dimension (default 32)")
     p.add_argument("--no-dp-check", dest="dp_check", action="store_false",
-                   help="skip the data-parallel efficiency runs (1 process vs torchrun with 2)")
+                   help="skip the data-parallel efficiency runs (one process against torchrun with several)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (default 200)")
     p.add_argument("--dry-run", action="store_true", help="print the plan as JSON and exit (nothing is written)")
     p.add_argument("--verbose", action="store_true", help="show each run's training log (else in SWEEP_DIR/logs/)")

@@ -260,6 +260,12 @@ def auto_grid(family: Family, budget: float, tokens_per_step: int, g: GridSettin
         raise PlanError(f"a budget of {budget:.3g} FLOPs is too small for IsoFLOP profiles: the smallest "
                         f"model ({small.shape}) needs {g.min_steps} steps per run; give at least "
                         f"~{need / max(g.iso_fraction, 1e-9):.2g} FLOPs (or more --minutes)")
+    need = min(3, per)  # a parabola needs three sizes
+    thin = [i for i in range(g.levels) if len({r.width for r in iso if r.groups == [f"iso{i}"]}) < need]
+    if thin:
+        raise PlanError(f"a budget of {budget:.3g} FLOPs leaves IsoFLOP level(s) {', '.join(map(str, thin))} with "
+                        f"fewer than {need} model sizes of at least {g.min_steps} steps: raise the budget, or "
+                        f"lower --levels, --per-level, --min-steps or --model.block_size")
     fixed: list[RunSpec] = []
     if fixed_budget > 0:
         centers = _level_centers(iso, g.center_tokens_per_param)

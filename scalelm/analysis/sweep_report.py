@@ -29,6 +29,7 @@ from ..fileio import atomic_write_text
 from .scaling_fit import Fit, FitError, chinchilla_optimum, fit_isoflop, fit_law
 from .sweep_plan import Family
 from .sweep_runner import PLAN, RECORDS, SYSTEM, read_jsonl
+from .sweep_system import dp_efficiency
 
 PUBLISHED = {
     "kaplan": {"alpha_N": 0.076, "alpha_D": 0.095, "alpha_C": 0.050,
@@ -153,12 +154,7 @@ def system_scaling(records: list[dict], system: list[dict]) -> dict:
                       "peak_mem_mb": max((r["peak_mem_mb"] for r in rs if r.get("peak_mem_mb")), default=None),
                       "flops_per_s": (med("tokens_per_s") or 0) * rs[0]["flops_per_token"] or None})
     dp = {row["config"]: row for row in system if row.get("check") == "data_parallel"}
-    eff = {}
-    tps = {k: v.get("tokens_per_s") for k, v in dp.items() if not v.get("error")}
-    if tps.get("2x1") and tps.get("1x1"):
-        eff["per_process"] = tps["2x1"] / (2 * tps["1x1"])
-    if tps.get("2x1") and tps.get("1x2"):
-        eff["same_cores"] = tps["2x1"] / tps["1x2"]
+    eff = dp_efficiency(list(dp.values()))
     return {"sizes": sizes, "data_parallel": list(dp.values()), "dp_efficiency": eff}
 
 

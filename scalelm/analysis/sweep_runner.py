@@ -110,7 +110,9 @@ def make_plan(req: dict) -> dict:
         from .sweep_calibrate import StepTimer, plan_for_seconds
 
         timer = StepTimer(family, cfg, B, accum)
-        reserve = _dp_check_seconds(family, timer) if req["dp_check"] else 0.0
+        from .sweep_system import dp_check_seconds
+
+        reserve = dp_check_seconds(family, timer) if req["dp_check"] else 0.0
         seconds = 60 * req["minutes"] - reserve
         if seconds <= 0:
             raise PlanError(f"the data-parallel check alone needs ~{reserve / 60:.1f} minutes on this machine now: "
@@ -252,7 +254,7 @@ def run_overrides(plan: dict, run: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------- runs and records
 
-def _metrics_stats(run_dir: Path) -> dict:
+def metrics_stats(run_dir: Path) -> dict:
     from ..metrics import read_metrics
 
     try:
@@ -277,7 +279,7 @@ def make_record(plan: dict, run: dict, summary: dict, run_dir: Path, wall: float
                precision=summary.get("precision"), epochs=run["tokens"] / plan["data"]["train_tokens"],
                loadavg_1m=summary.get("loadavg_1m"), threads=summary.get("threads"),
                finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    rec.update(_metrics_stats(run_dir))
+    rec.update(metrics_stats(run_dir))
     return rec
 
 
@@ -314,62 +316,3 @@ def run_all(plan: dict, out: Path, lock: SweepLock, verbose: bool = False) -> li
         tps = f", {rec['tokens_per_s']:,.0f} tok/s" if rec.get("tokens_per_s") else ""
         print(f"  val loss {val:.4f} in {wall / 60:.1f} min{tps}", file=sys.stderr, flush=True)
     return failed
-
-
-# ----------------------------------------------------------------------------- data-parallel check
-
-DP_STEPS = 30
-DP_CONFIGS = (("1x1", 1, 1), ("1x2", 1, 2), ("2x1", 2, 1))  # processes x threads each
-
-
-def _dp_member(plan: dict) -> dict:
-    runs = sorted(plan["runs"], key=lambda r: r["params"])
-    return runs[len(runs) // 2]
-
-
-def _dp_check_seconds(family: Family, timer) -> float:
-    mid = family.member(4 * family.head_dim)
-    return 3 * (timer.startup_seconds() + 5) + 3.5 * DP_STEPS * timer.step_seconds(mid)
-
-
-def dp_check(plan: dict, out: Path, lock: SweepLock, verbose: bool = False) -> None:
-    """Throughput of one size trained as 1 process x 1 thread, 1 x 2 threads and torchrun 2 x 1, same global batch."""
-    member = _dp_member(plan)
-    have = {r.get("config") for r in read_jsonl(out / SYSTEM)}
-    rec = plan["recipe"]
-    glob = rec["micro_batch"] * rec["accum"]
-    micro = max(1, glob // 2)
-    if glob % 2:
-        glob, micro = 2 * micro, micro
-    run = dict(member, steps=DP_STEPS, lr=member["lr"], warmup=5)
-    for name, procs, threads in DP_CONFIGS:
-        if name in have:
-            continue
-        run_dir = out / "system" / f"dp-{name}"
-        # later overrides win: same micro-batch shape in every configuration, no evaluation
-        args = run_overrides(plan, run) + [f"--train.micro_batch_size={micro}", f"--train.global_batch_size={glob}",
-                                           "--train.eval_every=0", f"--train.save_every={DP_STEPS}"]
-        train = ["-m", "scalelm", "train", "--data", plan["data"]["path"], "--out", str(run_dir), *args]
-        if procs == 1:
-            cmd = [sys.executable, *train]
-        else:  # plain data parallelism (DDP: replicated weights), not FSDP's sharding
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", *train,
-                   f"--parallel.dp_replicate={procs}", "--parallel.dp_shard=1", "--parallel.tp=1", "--parallel.pp=1"]
-        print(f"system: data-parallel check {name} ({procs} process{'es' if procs > 1 else ''} x {threads} "
-              f"thread{'s' if threads > 1 else ''}, {member['n_layer']}x{member['width']}, global batch {glob})",
-              file=sys.stderr, flush=True)
-        rc, stdout, wall = run_process(cmd, lock, out / "logs" / f"dp-{name}.log", verbose,
-                                       env={"OMP_NUM_THREADS": str(threads)})
-        if rc >= 128 or rc < 0:
-            raise UserError("the data-parallel check was interrupted: rerun the same command to finish it")
-        stats = _metrics_stats(run_dir) if rc == 0 else {}
-        row = {"check": "data_parallel", "config": name, "processes": procs, "threads": threads,
-               "shape": f"{member['n_layer']}x{member['width']}", "params": member["params"],
-               "global_batch": glob, "micro_batch": micro, "seq_len": rec["seq_len"], "steps": DP_STEPS,
-               "wall_seconds": round(wall, 2), "loadavg_1m": os.getloadavg()[0], **stats}
-        if rc != 0 or not stats.get("tokens_per_s"):
-            row["error"] = (out / "logs" / f"dp-{name}.log").read_text(errors="replace")[-800:]
-            print(f"  failed (exit {rc}): see {out / 'logs' / f'dp-{name}.log'}", file=sys.stderr)
-        else:
-            print(f"  {stats['tokens_per_s']:,.0f} tokens/s", file=sys.stderr)
-        append_jsonl(out / SYSTEM, row)

@@ -168,14 +168,15 @@ def _system(sysd: dict) -> list[str]:
             tps = f"{row['tokens_per_s']:,.0f}" if row.get("tokens_per_s") else ""
             note = "failed: " + row["error"].strip().splitlines()[-1][:120] if row.get("error") else row["shape"]
             L.append(f"| {row['config']} | {tps} | {row.get('loadavg_1m', 0):.2f} | {note} |")
-        eff = sysd["dp_efficiency"]
-        if eff:
-            parts = []
-            if "per_process" in eff:
-                parts.append(f"per-process efficiency tokens/s(2x1) / (2 x tokens/s(1x1)) = {eff['per_process']:.2f}")
-            if "same_cores" in eff:
-                parts.append(f"on the same cores tokens/s(2x1) / tokens/s(1x2) = {eff['same_cores']:.2f}")
-            L.append("\n" + "; ".join(parts) + ".")
+        L.append("")
+        for e in sysd["dp_efficiency"]:
+            unit = "GPUs" if e["threads"] is None else f"processes x {e['threads']} thread"
+            parts = [f"{e['processes']} {unit}: {e['tokens_per_s']:,.0f} tokens/s"]
+            if "per_process" in e:
+                parts.append(f"efficiency {e['per_process']:.2f} of {e['processes']} x one process")
+            if "same_cores" in e:
+                parts.append(f"{e['same_cores']:.2f}x one process using the same {e['processes'] * e['threads']} cores")
+            L.append("- " + ", ".join(parts))
         L.append("")
     else:
         L.append("Data-parallel check: not run (`--no-dp-check`, or the sweep has not reached it).\n")
