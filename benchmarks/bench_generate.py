@@ -165,6 +165,22 @@ def table(rows: list[dict], bw: dict) -> str:
                      f"{h['decode_tok_s']:.1f} | {r['speedup_vs_hf']:.2f}x | {s['ttft_ms']:.0f} | {h['ttft_ms']:.0f} | "
                      f"{r['bound_tok_s']:.0f} | {100 * s['decode_tok_s'] / r['bound_tok_s']:.0f}% | "
                      f"{'yes' if r['same_greedy_tokens'] else 'no'} |")
+    fp32 = {(r["model"], r["batch"]): r for r in rows if r["dtype"] == "float32"}
+    extra = [(r, fp32[(r["model"], r["batch"])]) for r in rows
+             if r["dtype"] != "float32" and (r["model"], r["batch"]) in fp32]
+    if extra:
+        lines += ["", "scalelm in bf16 against HF in fp32 (its default on CPU): ratio of the medians above",
+                  "| model | batch | scalelm bf16 tok/s | HF fp32 tok/s | speed-up |", "|---|---:|---:|---:|---:|"]
+        for r, f in extra:
+            a, b = r["scalelm"]["decode_tok_s"], f["hf"]["decode_tok_s"]
+            lines.append(f"| {r['model']} | {r['batch']} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
+    plain = [r for r in rows if "scalelm_nn_linear" in r]
+    if plain:
+        lines += ["", "packed weights against plain nn.Linear (same run, median tok/s)",
+                  "| model | dtype | batch | packed | nn.Linear | speed-up |", "|---|---|---:|---:|---:|---:|"]
+        for r in plain:
+            a, b = r["scalelm"]["decode_tok_s"], r["scalelm_nn_linear"]["decode_tok_s"]
+            lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
     return "\n".join(lines)
 
 
@@ -183,7 +199,12 @@ def main() -> int:
                    help="for these models (comma-separated) also time scalelm with plain nn.Linear weights")
     p.add_argument("--quick", action="store_true", help="6L-384, batch 1, 16 tokens, 1 round (a smoke test)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "generate.json"))
+    p.add_argument("--table", metavar="JSON", help="only print the tables of an earlier results file")
     args = p.parse_args()
+    if args.table:
+        r = json.loads(Path(args.table).read_text())
+        print(table(r["rows"], r["bandwidth"]))
+        return 0
     if args.quick:
         args.models, args.batches, args.new_tokens, args.rounds = "6L-384", "1", 16, 1
     torch.set_num_threads(args.threads)

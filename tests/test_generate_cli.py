@@ -156,3 +156,20 @@ def test_tokenizer_override_gives_a_checkpoint_without_one_text(ckpts, capsys, m
         assert rc == 0 and out == want + "\n"
     rc, _, err = main(capsys, monkeypatch, "generate", ckpts / "notok", "--tokenizer", ckpts / "nope.json")
     assert rc == 2 and "tokenizer not found" in err
+
+
+def test_generate_and_chat_on_a_checkpoint_the_trainer_made(tmp_path, shared_data, capsys, monkeypatch):
+    from train_helpers import TINY, shakespeare_data
+
+    monkeypatch.setenv("SCALELM_PEAK_TFLOPS", "1")  # the trainer's MFU: skip measuring the CPU peak
+    data = shakespeare_data(shared_data, tmp_path / "data", chars=20_000)
+    rc, _, _ = main(capsys, monkeypatch, "train", "--data", data, "--out", tmp_path / "run",
+                    "--train.max_steps=4", "--train.save_every=2", "--train.eval_every=2", *TINY)
+    assert rc == 0 and (tmp_path / "run" / "latest").read_text().strip() == "ckpt-00000004"
+    rc, out, _ = main(capsys, monkeypatch, "generate", tmp_path / "run", "--prompt", "ROMEO:", "--seed", "3",
+                      "--max-new-tokens", "12", "--ignore-eos", "--json")
+    row = json.loads(out)
+    assert rc == 0 and len(row["tokens"]) == 12 and row["text"]
+    rc, out, err = main(capsys, monkeypatch, "chat", tmp_path / "run" / "best", "--seed", "1",
+                        "--max-new-tokens", "8", stdin="Hello\n")
+    assert rc == 0 and "plain User:/Assistant: format" in err and out.endswith("\n")
