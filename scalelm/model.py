@@ -26,6 +26,16 @@ def _up(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _autocast_once(h: torch.Tensor) -> torch.Tensor:
+    """Under autocast, cast a norm's fp32 output to the autocast dtype once, here, instead of
+    once in every linear that reads it (q, k, v; gate, up): the same values, fewer casts and
+    fewer copies kept for backward."""
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev) and h.dtype == torch.float32:
+        return h.to(torch.get_autocast_dtype(dev))
+    return h
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -170,8 +180,8 @@ class Block(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None, layer: int = 0):
-        x = x + self.drop(self.attn(self.attn_norm(x), rope, kv_cache, layer))
-        return x + self.drop(self.mlp(self.mlp_norm(x)))
+        x = x + self.drop(self.attn(_autocast_once(self.attn_norm(x)), rope, kv_cache, layer))
+        return x + self.drop(self.mlp(_autocast_once(self.mlp_norm(x))))
 
 
 class GPT(nn.Module):

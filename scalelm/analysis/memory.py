@@ -117,8 +117,8 @@ def _norm_saved(cfg: ModelConfig, width: float) -> float:
 def layer_saved_bytes(cfg: ModelConfig, precision: str, tp: int = 1, seq_parallel: bool = False) -> float:
     """Bytes per token that one transformer layer keeps for backward (weights' bf16 copies excluded).
 
-    fp32: the norm output is one tensor shared by the linears that read it. bf16 autocast: each
-    linear saves its own bf16 cast of the norm output, matmul outputs are bf16, norms stay fp32.
+    Under bf16 autocast the norms stay fp32 (input, statistics), their outputs are cast to
+    bf16 once (``scalelm.model._autocast_once``) and matmul outputs are bf16.
     """
     low = precision in ("bf16", "fp16")
     a = 2 if low else 4
@@ -127,7 +127,7 @@ def layer_saved_bytes(cfg: ModelConfig, precision: str, tp: int = 1, seq_paralle
     swiglu = cfg.mlp == "swiglu"
     dn = d / tp if seq_parallel else d  # norms run on sequence shards under sequence parallelism
     norms = 2 * _norm_saved(cfg, dn)
-    lin_in = (2 * d * (3 + (2 if swiglu else 1))) if low else 2 * 4 * d
+    lin_in = 2 * (2 if low else 4) * d  # each norm's output, read by the linears after it
     attn = (a * (2 * q + 2 * kv) + 4 * H) / tp  # q, k, v, output (o_proj reads the same), logsumexp
     mlp = a * f * (4 if swiglu else 2) / tp  # gelu: in, out; swiglu: gate, silu(gate), up, product
     return norms + lin_in + attn + mlp

@@ -1,0 +1,58 @@
+"""Low-precision weights with fp32 master copies: the model computes in bf16, AdamW updates fp32.
+
+Autocast keeps fp32 weights and re-casts every weight and every matmul input to bf16 on each
+forward, and keeps the residual stream, norms and their gradients in fp32. Storing the weights
+in bf16 instead makes the whole forward and backward bf16 (norm statistics and the loss's
+log-softmax are still computed in fp32 inside the model), so there are no per-step casts and
+half the memory traffic; the optimizer owns fp32 copies, so small updates are not rounded
+away. On this project's CPU it is the fastest way to train (see README "Performance").
+
+    mw = MasterWeights(model)                 # casts the model's floating-point params to bf16
+    opt = torch.optim.AdamW(mw.params, ...)   # the optimizer sees the fp32 masters
+    loss.backward(); mw.grads_to_master(); opt.step(); opt.zero_grad(); mw.master_to_model()
+
+Gradients are produced in bf16 for one micro-batch at a time; with gradient accumulation,
+call ``grads_to_master()`` after every backward so the sum is taken in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class MasterWeights:
+    def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
+        seen: set[int] = set()
+        self.model_params: list[nn.Parameter] = []
+        for p in model.parameters():  # tied weights appear once
+            if id(p) not in seen and p.is_floating_point():
+                seen.add(id(p))
+                self.model_params.append(p)
+        self.params = [nn.Parameter(p.detach().clone().float(), requires_grad=p.requires_grad)
+                       for p in self.model_params]
+        self.dtype = dtype
+        with torch.no_grad():
+            for p in self.model_params:
+                p.data = p.data.to(dtype)
+
+    @torch.no_grad()
+    def grads_to_master(self) -> None:
+        """Add the model's low-precision gradients into the masters' fp32 ``.grad``; clear them."""
+        for m, p in zip(self.params, self.model_params):
+            if p.grad is None:
+                continue
+            if m.grad is None:
+                m.grad = p.grad.float()
+            else:
+                m.grad.add_(p.grad)
+            p.grad = None
+
+    @torch.no_grad()
+    def master_to_model(self) -> None:
+        """Copy the updated fp32 masters into the model's low-precision weights."""
+        torch._foreach_copy_(self.model_params, self.params)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The fp32 masters, in model parameter order (what a checkpoint should store)."""
+        return {str(i): p.detach() for i, p in enumerate(self.params)}
