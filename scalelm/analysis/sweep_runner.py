@@ -107,19 +107,7 @@ def make_plan(req: dict) -> dict:
             raise PlanError(f"the {len(sizes)} x {len(tokens)} grid needs {total_flops(runs):.3g} FLOPs, more than "
                             f"--budget {budget:.3g}: drop sizes or lengths, or raise the budget")
     elif req["minutes"] is not None:
-        from .sweep_calibrate import StepTimer, plan_for_seconds
-
-        timer = StepTimer(family, cfg, B, accum)
-        from .sweep_system import dp_check_seconds
-
-        reserve = dp_check_seconds(family, timer) if req["dp_check"] else 0.0
-        seconds = 60 * req["minutes"] - reserve
-        if seconds <= 0:
-            raise PlanError(f"the data-parallel check alone needs ~{reserve / 60:.1f} minutes on this machine now: "
-                            f"give more --minutes, or add --no-dp-check")
-        runs, est_seconds = plan_for_seconds(family, seconds, tokens_per_step, g, timer, sizes, tokens)
-        calibration = {"step_seconds": {f"{l}x{w}": s for (w, l), s in timer.cache.items()},
-                       "startup_seconds": timer.startup_seconds(), "loadavg_1m": os.getloadavg()[0]}
+        runs, est_seconds, calibration = _plan_minutes(req, family, cfg, B, accum, g, sizes, tokens)
     elif budget is not None:
         runs = auto_grid(family, budget, tokens_per_step, g, sizes, tokens)
     else:
@@ -141,6 +129,24 @@ def make_plan(req: dict) -> dict:
                    "est_seconds": est_seconds, "calibration": calibration},
         "runs": [r.__dict__ for r in runs],
     }
+
+
+def _plan_minutes(req: dict, family: Family, cfg, B: int, accum: int, g: GridSettings, sizes, tokens):
+    """Runs whose predicted wall time (measured step times) fits ``--minutes``, less the DP check."""
+    from .sweep_calibrate import StepTimer, plan_for_seconds
+    from .sweep_system import dp_check_seconds
+
+    timer = StepTimer(family, cfg, B, accum)
+    reserve = dp_check_seconds(family, timer) if req["dp_check"] else 0.0
+    seconds = 60 * req["minutes"] - reserve
+    if seconds <= 0:
+        raise PlanError(f"the data-parallel check alone needs ~{reserve / 60:.1f} minutes on this machine now: "
+                        f"give more --minutes, or add --no-dp-check")
+    runs, est = plan_for_seconds(family, seconds, B * accum * family.base.block_size, g, timer, sizes, tokens)
+    calibration = {"step_seconds": {f"{layers}x{w}": t for (w, layers), t in timer.cache.items()},
+                   "startup_seconds": timer.startup_seconds(), "dp_check_seconds": reserve,
+                   "loadavg_1m": os.getloadavg()[0]}
+    return runs, est, calibration
 
 
 def _check_grid_settings(g: GridSettings) -> None:
@@ -291,7 +297,8 @@ def run_all(plan: dict, out: Path, lock: SweepLock, verbose: bool = False) -> li
     for i, run in enumerate(todo):
         run_dir = out / "runs" / run["name"]
         resumed = run_dir.is_dir() and any(run_dir.glob("ckpt-*"))
-        est = f", ~{run['est_seconds'] / 60:.1f} min" if run.get("est_seconds") else ""
+        left = sum(r.get("est_seconds") or 0 for r in todo[i:])
+        est = f", ~{run['est_seconds'] / 60:.1f} min (sweep: ~{left / 60:.0f} min left)" if run.get("est_seconds") else ""
         print(f"[{len(done) + i + 1}/{len(plan['runs'])}] {run['name']}: N={human(run['params'])}, "
               f"D={human(run['tokens'])}, C={run['flops']:.2e}{est}{' (resuming)' if resumed else ''}",
               file=sys.stderr, flush=True)
