@@ -187,6 +187,10 @@ def test_report_from_records_alone(shakespeare, tmp_path):
         assert (out / png).stat().st_size > 10_000
     md = (out / "report.md").read_text()
     assert "L(N, D) =" in md and "Chinchilla alpha = 0.34" in md and "| 10x" in md
+    cmd = fam[0]["command"].split()  # the model to train, as a command line that parses
+    assert cmd[:2] == ["scalelm", "train"] and f"--model.n_embd={fam[0]['model'].split('x')[1]}" in cmd
+    cfg = resolve(overrides=[a for a in cmd if a.startswith("--") and "." in a])
+    assert cfg.model.n_layer == int(fam[0]["model"].split("x")[0]) and cfg.model.block_size == 64
     assert json.loads((out / "fit.json").read_text())["runs_done"] == len(rows)
 
 

@@ -115,6 +115,23 @@ def predictions(fit_nd: Optional[Fit], iso, costs: FamilyCosts, c_sweep: float) 
     return out
 
 
+def train_command(plan: dict, pred: dict) -> str:
+    """The `scalelm train` line for a predicted compute-optimal family member (the sweep's recipe)."""
+    from .sweep_plan import kaplan_lr
+
+    layers, width = map(int, pred["model"].split("x"))
+    rec = plan["recipe"]
+    steps = max(1, round(pred["d"] / rec["tokens_per_step"]))
+    lr = [] if rec["lr"] == "fixed" else [f"--optim.lr={kaplan_lr(pred['n']):.6f}",
+                                          f"--optim.min_lr={kaplan_lr(pred['n']) / 10:.7f}"]
+    args = ["scalelm", "train", "--data", plan["data"]["path"], "--out", f"runs/opt-{pred['multiplier']}x",
+            f"--model.n_layer={layers}", f"--model.n_embd={width}", f"--model.n_head={width // plan['family']['head_dim']}",
+            f"--model.block_size={rec['seq_len']}", f"--train.micro_batch_size={rec['micro_batch']}",
+            f"--train.max_steps={steps}", f"--optim.warmup_steps={max(1, min(100, steps // 10))}", *lr,
+            *[o for o in rec["overrides"] if not o.startswith(("--model.block_size", "--train.micro_batch_size"))]]
+    return " ".join(args)
+
+
 # ----------------------------------------------------------------------------- analysis
 
 def analyze(plan: dict, records: list[dict], system: list[dict], bootstrap: int = 200, seed: int = 0) -> dict:
@@ -135,6 +152,9 @@ def analyze(plan: dict, records: list[dict], system: list[dict], bootstrap: int 
     iso = fit_isoflop(c, n, d, loss, level_ids, bootstrap=bootstrap, seed=seed) if len(ok) else None
     c_sweep = float(c.sum()) if len(ok) else 0.0
     preds = predictions(fits.get("L(N,D)"), iso, FamilyCosts(Family.from_dict(plan["family"])), c_sweep) if len(ok) else []
+    for p in preds:
+        if p.get("model"):
+            p["command"] = train_command(plan, p)
     return {"runs_planned": len(plan["runs"]), "runs_done": len(ok), "compute": c_sweep,
             "fits": {k: (v.to_dict() if v is not None else {"error": notes[k]}) for k, v in fits.items()},
             "isoflop": iso.to_dict() if iso is not None else None, "predictions": preds,

@@ -103,7 +103,7 @@ def dp_check(plan: dict, out: Path, lock: SweepLock, verbose: bool = False) -> N
 def dp_efficiency(rows: list[dict]) -> list[dict]:
     """Per multi-process configuration: tokens/s over P x one process's, and over one process on the same cores."""
     tps = {(r["processes"], r.get("threads")): r["tokens_per_s"] for r in rows
-           if r.get("check") == "data_parallel" and r.get("tokens_per_s") and not r.get("error")}
+           if r.get("check") == "data_parallel" and r.get("processes") and r.get("tokens_per_s") and not r.get("error")}
     out = []
     for (p, t), v in sorted(tps.items(), key=lambda kv: kv[0][0]):
         if p == 1:

@@ -103,6 +103,10 @@ def _predictions(preds: list[dict], c_sweep: float) -> list[str]:
                  f"{_hci(p.get('n_ci', (None, None)))} | {human(p['d'])}{_hci(p.get('d_ci', (None, None)))} | "
                  f"{p['tokens_per_param']:.1f}{_ci(p.get('tokens_per_param_ci', (None, None)))} | {loss} |")
     L.append("")
+    for p in preds:
+        if p.get("command"):
+            L.append(f"To train the {p['multiplier']}x model ({p['d'] / 1e6:.3g}M tokens, the sweep's recipe):"
+                     f"\n\n    {p['command']}\n")
     return L
 
 
