@@ -50,8 +50,8 @@ class Setup:
 
     @property
     def peak(self) -> float:
-        return self.device.flops["bf16" if self.precision == "bf16" else
-                                 "fp16" if self.precision == "fp16" else "tf32"]
+        # fp32 is IEEE fp32: torch leaves TF32 matmuls off unless asked, and so does the trainer
+        return self.device.flops[self.precision]
 
 
 @dataclass
@@ -347,8 +347,8 @@ def add_plan_parser(p: argparse.ArgumentParser) -> None:
     src.add_argument("--config", help="a TOML training config")
     p.add_argument("--devices", type=int, default=1, help="number of devices (default 1)")
     p.add_argument("--device-kind", default=None,
-                   help="h100 (default), h100-pcie, h200, a100, a100-40gb, a10g, l4, l40s, v100, rtx4090, "
-                        "rtx3090, t4, or cpu (this machine, measured)")
+                   help="this machine's GPU if known, else h100; or h100-pcie, h100-nvl, h200, a100, "
+                        "a100-40gb, a10g, l4, l40s, v100, rtx4090, rtx3090, t4, or cpu (this machine, measured)")
     p.add_argument("--device-memory", default=None, help="memory per device, e.g. 80GiB (default: the kind's)")
     p.add_argument("--devices-per-node", type=int, default=None, help="default 8 (GPUs) or 1 (cpu)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: model.block_size)")
@@ -365,9 +365,19 @@ def add_plan_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(accepts_overrides=True)
 
 
+def _local_gpu_kind() -> Optional[str]:
+    """The kind of this machine's GPU, when it has a known one (the default for --device-kind)."""
+    import torch
+
+    from .hardware import gpu_kind
+
+    return gpu_kind(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
+
+
 def setup_from_args(args) -> Setup:
     cfg: Config = resolve(preset=args.preset, config_file=args.config, overrides=args.overrides)
-    kind = (args.device_kind or "h100").lower()
+    kind = (args.device_kind or _local_gpu_kind() or "h100").lower()
+    args.device_kind = kind
     spec = device_spec(kind)
     if args.devices < 1:
         raise UserError(f"--devices must be at least 1, got {args.devices}")
@@ -409,7 +419,7 @@ def run_plan(args) -> int:
     best, why = recommend(plans, setup)
     if args.json:
         out = dict(model=asdict(setup.cfg), params=setup.split.total, devices=setup.devices,
-                   device=dict(kind=args.device_kind or "h100", name=setup.device.name, memory=setup.memory,
+                   device=dict(kind=args.device_kind, name=setup.device.name, memory=setup.memory,
                                peak_flops=setup.peak, per_node=setup.per_node),
                    seq_len=setup.seq_len, micro_batch=setup.micro_batch, global_batch=setup.global_batch,
                    precision=setup.precision, efficiency=setup.efficiency, assumptions=assumptions(setup),
