@@ -109,3 +109,14 @@ def test_compile_in_one_process_matches_eager(tmp_path, monkeypatch):
     assert list(comp.state_dict()) == list(ref.state_dict())
     batches = [torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
     assert _train(comp, batches, steps=2) == pytest.approx(_train(ref, batches, steps=2), abs=1e-4)
+
+
+def test_cli_refuses_a_layout_that_does_not_fit_before_any_work(tmp_path):
+    from conftest import run_cli
+    from test_data_loader import make_data_dir
+
+    data = make_data_dir(tmp_path / "data")
+    p = run_cli("train", "--data", data, "--out", tmp_path / "run", "--model.n_layer=2", "--model.n_head=2",
+                "--model.n_embd=16", "--model.block_size=8", "--parallel.tp=2", check=False)
+    assert p.returncode == 2 and "torchrun --nproc_per_node=2" in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

@@ -50,15 +50,15 @@ def apply_tp(model: GPT, tp_mesh, sequence_parallel: bool = False) -> None:
         }
         if block.mlp.gate is not None:
             plan["mlp.gate"] = ColwiseParallel()
+        # attention and MLP take their input as ONE replicated DTensor (gathered from the
+        # sequence shards under SP) shared by q/k/v (up/gate): the backward then sums their
+        # input gradients locally and reduces once, instead of once per projection
+        src = Shard(1) if sp else Replicate()
+        plan["attn"] = PrepareModuleInput(input_layouts=(src, None, None, None),
+                                          desired_input_layouts=(Replicate(), None, None, None))
+        plan["mlp"] = PrepareModuleInput(input_layouts=(src,), desired_input_layouts=(Replicate(),))
         if sp:
-            # the norms' outputs are DTensors; gather them back to full sequences as plain
-            # tensors (use_local_output) before the column-parallel projections
-            gather = PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
-                                        desired_input_layouts=(Replicate(), None, None, None),
-                                        use_local_output=True)
-            plan.update({"attn_norm": SequenceParallel(), "mlp_norm": SequenceParallel(), "attn": gather,
-                         "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                                   use_local_output=True)})
+            plan.update({"attn_norm": SequenceParallel(), "mlp_norm": SequenceParallel()})
         parallelize_module(block, tp_mesh, plan)
     if sp:
         keys = [k for k in model.layer_keys if k in model.blocks]
