@@ -96,21 +96,6 @@ def test_activation_checkpointing_keeps_names_and_numbers():
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0, msg=n)
 
 
-@pytest.mark.slow
-def test_compile_in_one_process_matches_eager(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    cfg = tiny_cfg()
-    cfg.train.compile = True
-    torch.manual_seed(0)
-    ref = GPT(cfg.model)
-    comp = GPT(cfg.model)
-    comp.load_state_dict(ref.state_dict())
-    comp = parallelize(comp, cfg, init_parallel(cfg))
-    assert list(comp.state_dict()) == list(ref.state_dict())
-    batches = [torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    assert _train(comp, batches, steps=2) == pytest.approx(_train(ref, batches, steps=2), abs=1e-4)
-
-
 def test_cli_refuses_a_layout_that_does_not_fit_before_any_work(tmp_path):
     from conftest import run_cli
     from test_data_loader import make_data_dir

@@ -34,6 +34,7 @@ def save(nproc, ckpt, style, layout=""):
     return torchrun(nproc, "reshard.py", "save", ckpt, style, layout)[0]["losses"]
 
 
+@pytest.mark.slow
 def test_fsdp_checkpoint_resumes_on_pipeline_and_one_process_and_exports(tmp_path):
     ckpt = tmp_path / "run" / "ckpt-00000002"
     unbroken = save(2, ckpt, "gpt2")  # FSDP over 2 ranks; reports steps 3-4 after saving at 2

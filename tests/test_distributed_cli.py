@@ -60,37 +60,30 @@ def same(a: dict, b: dict, tol=1e-5):
         assert abs(a[k] - b[k]) < tol, (k, a[k], b[k])
 
 
-def test_fsdp_from_the_cli_matches_one_process(data, single, tmp_path):
-    run = tmp_path / "fsdp"
-    same(train(data, run, 2), single)
+@pytest.mark.slow
+def test_fsdp_run_resumes_on_a_pipeline_then_eval_and_export(data, single, tmp_path):
+    run = tmp_path / "run"
+    first = train(data, run, 2)  # FSDP2, steps 1-4, sharded checkpoints at 2 and 4
+    same(first, single)
     assert (run / "ckpt-00000004" / "dcp" / ".metadata").is_file() and (run / "best" / "model.safetensors").is_file()
-    # eval and generate read the sharded checkpoint (consolidated on the fly)
+    # the run remembers its layout (config.json): a new one is given explicitly
+    resumed = train(data, run, 2, "--parallel.pp=2", "--train.max_steps=6")  # steps 5-6 on 2 stages
+    assert sorted(resumed) == [1, 2, 3, 4, 5, 6] and all(resumed[k] == first[k] for k in first)
+    same(resumed, single)
+    # eval reads the sharded checkpoint (consolidated on the fly); export writes a model dir
     ev = json.loads(run_cli("eval", run, "--data", data, "--max-batches", "2").stdout)
     assert ev["loss"] > 0
+    run_cli("export", run, "--out", tmp_path / "model")
+    assert json.loads((tmp_path / "model" / "config.json").read_text())["step"] == 6
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc, layout", [
     (2, ["--parallel.pp=2", "--parallel.pp_schedule=interleaved_1f1b"]),
-    (2, ["--parallel.tp=2", "--parallel.sequence_parallel=true"]),
-    (4, ["--parallel.tp=2"]),  # FSDP x TP
-    (4, ["--parallel.pp=2", "--parallel.dp_replicate=2", "--parallel.dp_shard=1"]),  # PP x DDP
-])
+    (4, ["--parallel.tp=2", "--parallel.sequence_parallel=true"]),  # FSDP2 x TP + SP
+])  # every layout's numerics: test_distributed_equivalence.py; here the CLI wiring
 def test_layouts_from_the_cli_match_one_process(data, single, tmp_path, nproc, layout):
     same(train(data, tmp_path / "run", nproc, *layout), single)
-
-
-@pytest.mark.slow
-def test_resume_on_another_layout_from_the_cli(data, single, tmp_path):
-    run = tmp_path / "run"
-    first = train(data, run, 2, "--parallel.tp=2")  # steps 1-4, sharded checkpoint at 4
-    # the run remembers its layout (config.json): a new one is given explicitly
-    resumed = train(data, run, 2, "--parallel.tp=1", "--parallel.pp=2", "--train.max_steps=6")
-    assert sorted(resumed) == [1, 2, 3, 4, 5, 6] and all(resumed[k] == first[k] for k in first)
-    same(resumed, single)
-    exported = tmp_path / "model"
-    run_cli("export", run, "--out", exported)
-    assert json.loads((exported / "config.json").read_text())["step"] == 6
 
 
 def _workers(agent_pid: int) -> list:
@@ -101,7 +94,7 @@ def _workers(agent_pid: int) -> list:
 
 @pytest.mark.slow
 def test_killed_worker_restarts_and_resumes_without_losing_a_step(data, tmp_path):
-    steps = ["--train.max_steps=40", "--train.save_every=5", "--train.eval_every=0", "--model.n_embd=64"]
+    steps = ["--train.max_steps=24", "--train.save_every=4", "--train.eval_every=0", "--model.n_embd=64"]
     unbroken = train(data, tmp_path / "unbroken", 2, *steps)
     run = tmp_path / "run"
     args = ["-m", "scalelm", "train", "--data", data, "--out", run, *COMMON, *steps]
@@ -111,7 +104,7 @@ def test_killed_worker_restarts_and_resumes_without_losing_a_step(data, tmp_path
     deadline = time.time() + 240
     while time.time() < deadline and agent.poll() is None:
         latest = run / "latest"
-        if latest.is_file() and latest.read_text().strip() >= "ckpt-00000010":
+        if latest.is_file() and latest.read_text().strip() >= "ckpt-00000008":
             workers = _workers(agent.pid)
             if len(workers) == 2:
                 killed = max(workers, key=lambda p: p.pid)
@@ -123,5 +116,5 @@ def test_killed_worker_restarts_and_resumes_without_losing_a_step(data, tmp_path
     assert agent.returncode == 0, err[-6000:]
     assert "resumed from" in err and "ckpt-000000" in err  # the restarted workers resumed
     got = losses(run)
-    assert sorted(got) == list(range(1, 41))  # every step exactly once
+    assert sorted(got) == list(range(1, 25))  # every step exactly once
     same(got, unbroken, tol=1e-6)

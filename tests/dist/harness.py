@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import torch
@@ -14,7 +13,8 @@ import torch.distributed as dist
 
 from scalelm.config import Config, ModelConfig
 from scalelm.data import BatchLoader
-from scalelm.distributed import all_reduce_mean_loss, destroy_parallel, clip_grad_norm, grad_sync, init_parallel, model_parts, parallelize
+from scalelm.distributed import (all_reduce_mean_loss, clip_grad_norm, destroy_parallel, grad_sync, init_parallel,
+                                 model_parts, parallelize)
 from scalelm.model import GPT
 from scalelm.optim import build_optimizer
 
