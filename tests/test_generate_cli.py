@@ -173,3 +173,12 @@ def test_generate_and_chat_on_a_checkpoint_the_trainer_made(tmp_path, shared_dat
     rc, out, err = main(capsys, monkeypatch, "chat", tmp_path / "run" / "best", "--seed", "1",
                         "--max-new-tokens", "8", stdin="Hello\n")
     assert rc == 0 and "plain User:/Assistant: format" in err and out.endswith("\n")
+
+
+def test_streamed_batch_prints_rows_in_order_like_the_plain_output(ckpts, capsys, monkeypatch):
+    args = ["generate", ckpts / "model", "--prompt", "To be", "--prompt", "", "--num-samples", "2", "--seed", "4",
+            "--max-new-tokens", "10", "--echo", "--stop", "e"]
+    rc1, plain, _ = main(capsys, monkeypatch, *args)
+    rc2, streamed, _ = main(capsys, monkeypatch, *args, "--stream")
+    assert rc1 == rc2 == 0 and streamed == plain
+    assert plain.count("-" * 40) == 3 and plain.startswith("To be")
