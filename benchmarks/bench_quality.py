@@ -53,14 +53,16 @@ def train(preset: str, data: Path, out: Path, overrides: list[str], env: dict) -
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), os.times()
     with LoadMeter() as lm:
         p = scalelm("train", "--preset", preset, "--data", str(data), "--out", str(out), "--log.progress=false",
                     *overrides, env=env)
-    wall = time.perf_counter() - t0
+    wall, c1 = time.perf_counter() - t0, os.times()
     if p.returncode:
         sys.exit(f"train failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1]), wall, lm.other
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    summary["cpu_s"] = round(c1.children_user + c1.children_system - c0.children_user - c0.children_system, 1)
+    return summary, wall, lm.other
 
 
 def val_curve(run: Path) -> list[tuple[int, float]]:
@@ -94,16 +96,24 @@ def main() -> None:
     med_tps = tps[len(tps) // 2] if tps else None
     result = {"preset": args.preset, "target": target, "cpu": cpu_name(), "threads": summary["threads"],
               "precision": summary["precision"], "params": summary["params"], "steps": summary["step"],
-              "wall_s": round(wall, 1), "train_s": summary["elapsed_s"], "median_tokens_per_s": med_tps,
+              "wall_s": round(wall, 1), "train_s": summary["elapsed_s"], "cpu_s": summary["cpu_s"], "median_tokens_per_s": med_tps,
               "other_load": round(other, 3), "loadavg_1m_at_end": summary.get("loadavg_1m"),
               "overrides": overrides, "command": f"python benchmarks/bench_quality.py {' '.join(sys.argv[1:])}"}
     if estimate:
         step_s = (summary["tokens"] / med_tps) / summary["step"] if med_tps else float("nan")
         full_steps, evals = 5000, 5000 // 250 + 1
         eval_s = evals * 200 * step_s / 3  # eval_iters=200 forward passes ~ 1/3 of a training step each
-        result.update(median_step_s=round(step_s, 3), estimated_full_hours=round((full_steps * step_s + eval_s) / 3600, 2))
-        rows = [("steps timed", summary["step"]), ("median step", f"{step_s:.3f} s"),
-                ("estimated 5000 steps + 21 evals", f"{result['estimated_full_hours']:.2f} h")]
+        # CPU seconds per step (start-up included, so slightly high) are what the run costs on
+        # an otherwise idle machine at the same thread count: waiting for a core is not counted
+        cpu_step = summary["cpu_s"] / max(1, summary["step"])
+        cpu_eval = evals * 200 * cpu_step / 3
+        result.update(median_step_s=round(step_s, 3), cpu_s_per_step=round(cpu_step, 3),
+                      estimated_full_hours=round((full_steps * step_s + eval_s) / 3600, 2),
+                      estimated_full_hours_idle=round((full_steps * cpu_step + cpu_eval) / 3600 / summary["threads"], 2))
+        rows = [("steps timed", summary["step"]), ("median step (wall)", f"{step_s:.3f} s"),
+                ("CPU time per step", f"{cpu_step:.3f} s"),
+                ("estimated 5000 steps + 21 evals", f"{result['estimated_full_hours']:.2f} h at this load, "
+                 f"~{result['estimated_full_hours_idle']:.2f} h on an idle machine")]
     else:
         val = summary.get("val_loss")
         result.update(final_val_loss=val, best_val_loss=summary.get("best_val_loss"), val_curve=val_curve(out),
@@ -112,7 +122,7 @@ def main() -> None:
         rows = [("final val loss", f"{val:.4f} (target <= {target['val_loss']})"),
                 ("wall time", f"{wall:.1f} s (nanoGPT ~{target['wall_s']:.0f} s)"),
                 ("steps", summary["step"])]
-    rows += [("median tokens/s", f"{med_tps:,.0f}" if med_tps else "-"), ("precision", summary["precision"]),
+    rows += [("CPU time of the run", f"{summary['cpu_s']:.1f} s"), ("median tokens/s", f"{med_tps:,.0f}" if med_tps else "-"), ("precision", summary["precision"]),
              ("threads", summary["threads"]), ("others' share of the CPU", f"{100 * other:.0f}%")]
     print(f"\n{args.preset} on {cpu_name()}")
     for k, v in rows:

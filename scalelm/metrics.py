@@ -140,7 +140,7 @@ def _fmt(rec: dict) -> str:
     parts = [f"loss {rec['loss']:.4f}", f"lr {rec['lr']:.2e}"]
     if rec.get("tokens_per_s"):
         parts.append(f"{rec['tokens_per_s']:,.0f} tok/s")
-    if rec.get("mfu") is not None:
+    if rec.get("mfu") is not None and rec["mfu"] <= 1:  # above 1: a CPU peak measured under load
         parts.append(f"mfu {100 * rec['mfu']:.1f}%")
     return " | ".join(parts)
 
