@@ -85,6 +85,7 @@ def test_explicit_vocab_larger_than_the_data_is_kept(tmp_path, data, one_thread)
     assert json.loads((out / "config.json").read_text())["model"]["vocab_size"] == 128
 
 
+@pytest.mark.slow
 def test_out_of_memory_says_what_to_do(tmp_path, data):
     """A real allocation failure: the address space is capped so that the step cannot fit."""
     def cap():
