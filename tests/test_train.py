@@ -180,3 +180,20 @@ def test_compile_matches_eager(tmp_path, data, one_thread):
     a = _trainer(d, tmp_path / "a", max_steps=2, eval_every=0).fit()
     b = _trainer(d, tmp_path / "b", max_steps=2, eval_every=0, compile=True).fit()
     assert b["train_loss"] == pytest.approx(a["train_loss"], abs=1e-4)
+
+
+def test_toml_config_file(tmp_path, data, one_thread):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('preset = "baby"\n[model]\nn_layer = 1\nblock_size = 32\nvocab_size = 96\n'
+                   '[train]\nmax_steps = 3\nmicro_batch_size = 4\neval_every = 0\ntrain_tokens = 5\n')
+    rc, _, se = cli("train", "--config", cfg, "--data", data, "--out", tmp_path / "r", "--log.progress=false")
+    assert rc == 2 and "unknown config key 'train.train_tokens'" in se
+    cfg.write_text(cfg.read_text().replace("train_tokens = 5\n", "global_batch_tokens = 256\n"))
+    rc, so, se = cli("train", "--config", cfg, "--data", data, "--out", tmp_path / "r", "--log.progress=false",
+                     "--train.max_steps=2")
+    assert rc == 0, se
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["model"]["n_embd"] == 128 and saved["model"]["n_layer"] == 1  # preset, then the file
+    assert saved["model"]["vocab_size"] == 96  # set in the file: kept, not taken from the data
+    assert saved["train"]["max_steps"] == 2 and json.loads(so)["tokens"] == 2 * 256  # overrides win
+    assert "4 x 2 accum" in se  # 256 tokens = 8 sequences of 32 = micro batch 4 x 2 accumulation steps
