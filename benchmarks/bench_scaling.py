@@ -4,10 +4,10 @@
     python benchmarks/bench_scaling.py --part scaling  # or: --part comm
 
 Scaling: the same global batch (8 x 256 tokens, a 4-layer 256-wide GPT, fp32) trained by
-1 process x 2 threads (2 micro-batches of 4, accumulated) and by 2 processes x 1 thread
-(DDP, and FSDP2), each under ``torchrun``. Efficiency = tokens/s of the 2-process run divided
-by tokens/s of the 1-process run: both use the same two cores, so 1.0 means the communication
-cost nothing. Each round runs the three in turn (ABBA order); we report medians of per-step
+1 process x 2 threads (2 micro-batches of 4, accumulated), by 2 processes x 1 thread (DDP, and
+FSDP2, under ``torchrun``), and by 1 process x 1 thread. "vs 1x2 threads" = tokens/s of a run
+over tokens/s of the 1-process 2-thread run (same two cores: 1.0 means communication cost
+nothing); "per core" = tokens/s per core over the 1-thread run's (1.0 = perfect scaling). Each round runs the three in turn (ABBA order); we report medians of per-step
 times (after warm-up steps) and the share of the cores other processes used meanwhile.
 
 Communication: one training step of each layout under ``torch.profiler`` with
@@ -160,13 +160,13 @@ def scaling(rounds: int, steps: int, warmup: int) -> dict:
     from _util import log, wait_quiet
     from scalelm.analysis.hardware import LoadMeter
 
-    runs = {"1 proc x 2 threads": (1, {}, 2), "2 procs x 1 thread, DDP": (2, LAYOUTS_2["ddp"], 1),
-            "2 procs x 1 thread, FSDP2": (2, LAYOUTS_2["fsdp"], 1)}
+    runs = {"1 proc x 2 threads": (1, {}, 2), "1 proc x 1 thread": (1, {}, 1),
+            "2 procs x 1 thread, DDP": (2, LAYOUTS_2["ddp"], 1), "2 procs x 1 thread, FSDP2": (2, LAYOUTS_2["fsdp"], 1)}
     out = {k: dict(step_medians=[], loads=[]) for k in runs}
     for r in range(rounds):
         for name in (list(runs) if r % 2 == 0 else list(runs)[::-1]):
             nproc, layout, threads = runs[name]
-            wait_quiet(max_wait=90)  # the 2-thread run collapses when another process takes a core
+            wait_quiet(max_wait=30)  # the 2-thread run collapses when another process takes a core
             with LoadMeter() as lm:
                 res = launch(nproc, ["--worker", "time", "--layout", json.dumps(layout), "--threads", str(threads),
                                      "--steps", str(steps), "--warmup", str(warmup)], threads)
@@ -177,10 +177,14 @@ def scaling(rounds: int, steps: int, warmup: int) -> dict:
                 f"(others used {lm.other:.0%} of the cores)")
     tokens = GLOBAL_BATCH * MODEL["block_size"]
     base = out["1 proc x 2 threads"]["step_medians"]
+    one = out["1 proc x 1 thread"]["step_medians"]
     for name, v in out.items():
         v["median_step_s"] = statistics.median(v["step_medians"])
         v["tokens_per_s"] = tokens / v["median_step_s"]
         v["efficiency_vs_1proc"] = statistics.median(b / s for b, s in zip(base, v["step_medians"]))
+        # per core: the same work on 2 cores should take half the 1-core time
+        cores = 1 if name == "1 proc x 1 thread" else 2
+        v["efficiency_per_core"] = statistics.median(o / (cores * s) for o, s in zip(one, v["step_medians"]))
     return out
 
 
@@ -216,10 +220,11 @@ def main() -> None:
         result["scaling"] = s = scaling(a.rounds, a.steps, a.warmup)
         print(f"\nData-parallel scaling, same global batch ({GLOBAL_BATCH} x {MODEL['block_size']} tokens), "
               f"medians of {a.rounds} rounds x {a.steps} steps")
-        print(f"{'run':<28}{'ms/step':>9}{'tokens/s':>10}{'efficiency':>12}{'others load':>13}")
+        print(f"{'run':<28}{'ms/step':>9}{'tokens/s':>10}{'vs 1x2 threads':>16}{'per core':>10}{'others load':>13}")
         for name, v in s.items():
             print(f"{name:<28}{v['median_step_s'] * 1e3:>9.0f}{v['tokens_per_s']:>10.0f}"
-                  f"{v['efficiency_vs_1proc']:>12.2f}{statistics.median(v['loads']):>12.0%}")
+                  f"{v['efficiency_vs_1proc']:>16.2f}{v['efficiency_per_core']:>10.2f}"
+                  f"{statistics.median(v['loads']):>12.0%}")
     if a.part in ("all", "comm"):
         result["comm"] = c = comm()
         p = next(iter(c.values()))["param_bytes"]
