@@ -58,7 +58,7 @@ def main() -> int:
             continue
         spec = dict(model=m, batch=B, seq_len=T, precision=prec, ac=ac)
         got = measure(spec)
-        est = estimate_memory(ModelConfig(**m), Layout(ac=ac), B, T, prec)
+        est = estimate_memory(ModelConfig(**m), Layout(ac=ac), B, T, prec, device_type="cpu")
         row = dict(name=name, spec=spec, params=got["params"], predicted=est.peak, phase=est.phase,
                    rss=got["peak"], ratio_rss=est.peak / got["peak"], tensor_peak=got["tensor_peak"],
                    ratio_tensors=est.peak / got["tensor_peak"] if got["tensor_peak"] else None)

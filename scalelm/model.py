@@ -17,8 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-
-IGNORE_INDEX = -100  # targets with this value (padding) do not count in the loss
+from .loss import IGNORE_INDEX, cross_entropy  # noqa: F401  (IGNORE_INDEX is re-exported)
 
 
 def _up(x: torch.Tensor) -> torch.Tensor:
@@ -277,8 +276,7 @@ class GPT(nn.Module):
         logits = self.lm_head(h)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(_up(logits).view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=IGNORE_INDEX)
+            loss = cross_entropy(logits, targets)  # fp32, chunked: see scalelm/loss.py
         return logits, loss
 
 

@@ -116,7 +116,7 @@ def test_pipeline_and_checkpointing():
 
 def test_peak_is_the_loss_backward_for_small_models():
     cfg = ModelConfig(vocab_size=8192, block_size=256, n_layer=4, n_head=4, n_embd=256)
-    e = estimate_memory(cfg, Layout(), 8, 256, "fp32")
+    e = estimate_memory(cfg, Layout(), 8, 256, "fp32", device_type="cpu")
     assert e.phase == "loss backward"
     assert e.peak == pytest.approx(sum(v for k, v in e.to_dict().items()
                                        if k in ("params", "optimizer", "activations", "transient")))
@@ -135,7 +135,7 @@ def test_predicted_peak_within_15_percent_of_measured_rss(case):
 
     measured = measure(dict(case, steps=2))["peak"]  # step 2 has the optimizer state
     predicted = estimate_memory(ModelConfig(**case["model"]), Layout(ac=case["ac"]), case["batch"],
-                                case["seq_len"], case["precision"]).peak
+                                case["seq_len"], case["precision"], device_type="cpu").peak
     assert abs(predicted / measured - 1) < 0.15, (predicted, measured)
 
 

@@ -134,21 +134,31 @@ def layer_saved_bytes(cfg: ModelConfig, precision: str, tp: int = 1, seq_paralle
 
 
 def head_saved_bytes(cfg: ModelConfig, precision: str) -> float:
-    """Per token: final norm, LM-head input and the fp32 log-softmax that the loss saves."""
-    low = precision in ("bf16", "fp16")
-    return _norm_saved(cfg, cfg.n_embd) + (2 if low else 4) * cfg.n_embd + 4 * cfg.vocab_size
+    """Per token: final norm, LM-head input, and what ``scalelm.loss`` keeps: the logits, one
+    log-sum-exp, the target and its mask."""
+    a = 2 if precision in ("bf16", "fp16") else 4
+    return _norm_saved(cfg, cfg.n_embd) + a * cfg.n_embd + a * cfg.vocab_size + 4 + 8 + 1
 
 
 def head_transient_bytes(cfg: ModelConfig, precision: str) -> float:
-    """Per token, on top of the saved tensors: the loss's backward (the gradients of the
-    log-softmax and of the fp32 logits), usually the largest moment of the step. The logits
-    themselves are gone by then: the trainer keeps only the loss."""
-    return 8 * cfg.vocab_size
+    """Per token, on top of the saved tensors, in the loss's backward (usually the largest
+    moment of the step): the logits' gradient, in the logits' dtype."""
+    return (2 if precision in ("bf16", "fp16") else 4) * cfg.vocab_size
+
+
+def loss_workspace_bytes(cfg: ModelConfig, tokens: int, device_type: str) -> float:
+    """fp32 chunk buffers of the loss's backward (two chunks of rows, see ``scalelm.loss``)."""
+    from ..loss import CHUNK_BYTES, DEFAULT_CHUNK_BYTES
+
+    chunk = CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES)
+    rows = min(tokens, max(1, chunk // (4 * cfg.vocab_size)))
+    return 2 * 4 * rows * cfg.vocab_size
 
 
 def layer_workspace_bytes(cfg: ModelConfig, precision: str, tp: int = 1) -> float:
-    """Per token: gradients alive inside one layer's backward (MLP-sized, fp32)."""
-    return 4 * (2 * cfg.ffn_dim / tp + 2 * cfg.n_embd)
+    """Per token: what a layer's backward adds at its worst moment, in the MLP: two fp32
+    MLP-wide gradients, less the saved input one of them replaces, and two residual-wide ones."""
+    return 4 * (cfg.ffn_dim / tp + 2 * cfg.n_embd)
 
 
 # ----------------------------------------------------------------------------- per device
@@ -184,19 +194,20 @@ def in_flight(layout: Layout, microbatches: int, schedule: str, stage: int) -> i
 def estimate_memory(cfg: ModelConfig, layout: Layout, micro_batch: int, seq_len: int,
                     precision: str = "bf16", grad_accum: int = 1, schedule: str = "1f1b",
                     seq_parallel: bool = False, split: ParamSplit | None = None,
-                    fused_adamw: bool | None = None) -> MemoryEstimate:
+                    fused_adamw: bool | None = None, device_type: str = "cuda") -> MemoryEstimate:
     """Peak training memory per device for ``layout``: the maximum over pipeline stages."""
     split = split or param_split(cfg)
     best = None
     for stage in range(layout.pp):
         est = _stage_memory(cfg, layout, micro_batch, seq_len, precision, grad_accum, schedule,
-                            seq_parallel, split, stage, fused_adamw)
+                            seq_parallel, split, stage, fused_adamw, device_type)
         if best is None or est.peak > best.peak:
             best = est
     return best
 
 
-def _stage_memory(cfg, layout, B, T, precision, accum, schedule, seq_parallel, split, stage, fused_adamw):
+def _stage_memory(cfg, layout, B, T, precision, accum, schedule, seq_parallel, split, stage, fused_adamw,
+                  device_type):
     low = precision in ("bf16", "fp16")
     t, s, p = layout.tp, layout.dp_shard, layout.pp
     first, last = stage == 0, stage == p - 1
@@ -236,7 +247,8 @@ def _stage_memory(cfg, layout, B, T, precision, accum, schedule, seq_parallel, s
     head_saved = head_transient = head_w_copy = 0
     if last:
         head_saved = head_saved_bytes(cfg, precision) * tokens
-        head_transient = head_transient_bytes(cfg, precision) * tokens
+        head_transient = head_transient_bytes(cfg, precision) * tokens + loss_workspace_bytes(
+            cfg, tokens, device_type)
         if low and not layout.fsdp:
             head_w_copy = 2 * cfg.vocab_size * cfg.n_embd
     # at the end of the backward: FSDP2 has reduce-scattered every block but the root (unless
@@ -293,7 +305,7 @@ def forward_saved_bytes(cfg: ModelConfig, batch: int, seq_len: int, precision: s
     tokens = batch * seq_len
     total = cfg.n_layer * (layer_saved_bytes(cfg, precision) * tokens + (2 * split.block_linear_w if low else 0))
     total += head_saved_bytes(cfg, precision) * tokens + (2 * cfg.vocab_size * cfg.n_embd if low else 0)
-    total += 8 * tokens + 4  # token ids (embedding backward), the loss
+    total += 8 * tokens + 8  # token ids (embedding backward), the loss's count of targets
     if cfg.pos_embedding == "learned":
         total += 8 * seq_len  # position ids
     else:

@@ -47,6 +47,7 @@ class Setup:
     schedule: str = "1f1b"
     seq_parallel: bool = False
     split: Optional[ParamSplit] = None
+    device_type: str = "cuda"
 
     @property
     def peak(self) -> float:
@@ -141,7 +142,7 @@ def evaluate(setup: Setup, layout: Layout) -> Plan:
     B, T = setup.micro_batch, setup.seq_len
     accum = setup.global_batch // (B * r * s)
     mem = estimate_memory(cfg, layout, B, T, setup.precision, accum, setup.schedule,
-                          setup.seq_parallel, split)
+                          setup.seq_parallel, split, device_type=setup.device_type)
     from ..model import flops_per_token
 
     tokens_step = setup.global_batch * T
@@ -410,7 +411,8 @@ def setup_from_args(args) -> Setup:
         raise UserError(f"--efficiency must be in (0, 1], got {eff}")
     return Setup(cfg=cfg.model, devices=args.devices, device=spec, memory=memory, per_node=per_node,
                  seq_len=seq, micro_batch=micro, global_batch=glob, precision=precision, efficiency=eff,
-                 schedule=cfg.parallel.pp_schedule, seq_parallel=cfg.parallel.sequence_parallel)
+                 schedule=cfg.parallel.pp_schedule, seq_parallel=cfg.parallel.sequence_parallel,
+                 device_type="cpu" if kind == "cpu" else "cuda")
 
 
 def run_plan(args) -> int:
