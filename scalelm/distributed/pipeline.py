@@ -22,7 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Config
-from ..model import GPT, IGNORE_INDEX, _up
+from ..loss import cross_entropy
+from ..model import GPT
 from .mesh import LayoutError, ParallelContext, virtual_stages
 from .parallelize import parallelize_part
 
@@ -81,8 +82,7 @@ def cut_stage(model: GPT, layers: list[int], first: bool, last: bool) -> GPT:
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The model's own loss (mean token cross-entropy, padding ignored), per micro-batch."""
-    return F.cross_entropy(_up(logits).view(-1, logits.size(-1)), targets.reshape(-1),
-                           ignore_index=IGNORE_INDEX)
+    return cross_entropy(logits, targets)
 
 
 def _tie_group(ctx: ParallelContext):
