@@ -10,8 +10,8 @@ text ignored, scalelm and HF alternating (who goes first alternates too), ``--ro
 Reported: medians of decode tokens/s (tokens after the first, over the time after the first),
 time to first token (prefill + first sample), the median of the per-round speed ratios, and
 the memory-bandwidth bound: weight bytes read per decode step (every matrix once, the LM head
-in full, plus the KV cache at the mean context) over the best measured bandwidth (a large
-tensor copy and a large read). Whether both produced the same greedy tokens is checked too.
+in full, plus the KV cache at the mean context) over the best bandwidth measured just before
+and after that row's runs (a 256 MiB tensor copy and a read; the load of a shared machine drifts). Whether both produced the same greedy tokens is checked too.
 Writes ``benchmarks/results/generate.json``.
 """
 
@@ -25,6 +25,7 @@ import statistics as st
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -112,7 +113,7 @@ def measure(fn, batch: int, n: int) -> dict:
             "total_s": end - t0, "tokens": tokens}
 
 
-def bench_one(name: str, dtype: torch.dtype, batch: int, args, bw: dict) -> dict:
+def bench_one(name: str, dtype: torch.dtype, batch: int, args) -> dict:
     torch.manual_seed(0)
     cfg = MODELS[name]()
     model = GPT(cfg).eval().to(dtype)
@@ -127,6 +128,8 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, args, bw: dict) -> dict
         systems["scalelm_nn_linear"] = lambda: measure(lambda: run_scalelm(gen_plain, prompts, n), batch, n)
     systems["scalelm"]()  # warm-up: first-call allocations and kernel selection
     systems["hf"]()
+    load = os.getloadavg()[0]
+    bw = bandwidth()  # measured beside each row: the load of a shared machine drifts
     runs = {k: [] for k in systems}
     order = list(systems)
     for r in range(args.rounds):
@@ -136,13 +139,17 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, args, bw: dict) -> dict
                   f"ttft {runs[k][-1]['ttft_ms']:.0f} ms", file=sys.stderr, flush=True)
     elt = torch.finfo(dtype).bits // 8
     need = bytes_per_step(model, batch, args.prompt_len + n / 2, elt)
+    bw_after = bandwidth()
+    bw = {k: max(bw[k], bw_after[k]) for k in bw}
     best_bw = max(bw["copy_GBps"], bw["read_GBps"]) * 1e9
     row = {"model": name, "dtype": str(dtype)[6:], "batch": batch, "prompt_len": args.prompt_len,
+           "bandwidth": bw, "load_avg_1m": [load, os.getloadavg()[0]],
            "new_tokens": n, "params": model.num_params(), "bytes_per_step": need,
            "bound_tok_s": batch * best_bw / need,
            "same_greedy_tokens": runs["scalelm"][0]["tokens"] == runs["hf"][0]["tokens"]}
     for k, rs in runs.items():
         row[k] = {"decode_tok_s": st.median(x["decode_tok_s"] for x in rs),
+                  "best_decode_tok_s": max(x["decode_tok_s"] for x in rs),
                   "ttft_ms": st.median(x["ttft_ms"] for x in rs),
                   "runs_decode_tok_s": [round(x["decode_tok_s"], 2) for x in rs],
                   "runs_ttft_ms": [round(x["ttft_ms"], 1) for x in rs]}
@@ -154,16 +161,16 @@ def bench_one(name: str, dtype: torch.dtype, batch: int, args, bw: dict) -> dict
     return row
 
 
-def table(rows: list[dict], bw: dict) -> str:
-    lines = [f"memory bandwidth (best of 7): copy {bw['copy_GBps']:.1f} GB/s, read {bw['read_GBps']:.1f} GB/s",
-             "| model | dtype | batch | scalelm tok/s | HF tok/s | speed-up (median of rounds) | "
-             "scalelm TTFT ms | HF TTFT ms | bandwidth bound tok/s | scalelm % of bound | same tokens |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+def table(rows: list[dict], bw: Optional[dict] = None) -> str:
+    lines = ["| model | dtype | batch | scalelm tok/s | HF tok/s | speed-up (median of rounds) | "
+             "scalelm TTFT ms | HF TTFT ms | GB/s | bandwidth bound tok/s | scalelm % of bound | same tokens |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         s, h = r["scalelm"], r["hf"]
+        gbps = max((r.get("bandwidth") or bw).values())
         lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {s['decode_tok_s']:.1f} | "
                      f"{h['decode_tok_s']:.1f} | {r['speedup_vs_hf']:.2f}x | {s['ttft_ms']:.0f} | {h['ttft_ms']:.0f} | "
-                     f"{r['bound_tok_s']:.0f} | {100 * s['decode_tok_s'] / r['bound_tok_s']:.0f}% | "
+                     f"{gbps:.1f} | {r['bound_tok_s']:.0f} | {100 * s['decode_tok_s'] / r['bound_tok_s']:.0f}% | "
                      f"{'yes' if r['same_greedy_tokens'] else 'no'} |")
     fp32 = {(r["model"], r["batch"]): r for r in rows if r["dtype"] == "float32"}
     extra = [(r, fp32[(r["model"], r["batch"])]) for r in rows
@@ -176,11 +183,14 @@ def table(rows: list[dict], bw: dict) -> str:
             lines.append(f"| {r['model']} | {r['batch']} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
     plain = [r for r in rows if "scalelm_nn_linear" in r]
     if plain:
-        lines += ["", "packed weights against plain nn.Linear (same run, median tok/s)",
-                  "| model | dtype | batch | packed | nn.Linear | speed-up |", "|---|---|---:|---:|---:|---:|"]
+        lines += ["", "scalelm's packed weights against plain nn.Linear (same rounds)",
+                  "| model | dtype | batch | packed tok/s | nn.Linear tok/s | speed-up (median of rounds) |",
+                  "|---|---|---:|---:|---:|---:|"]
         for r in plain:
-            a, b = r["scalelm"]["decode_tok_s"], r["scalelm_nn_linear"]["decode_tok_s"]
-            lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
+            a, b = r["scalelm"], r["scalelm_nn_linear"]
+            ratio = st.median(x / y for x, y in zip(a["runs_decode_tok_s"], b["runs_decode_tok_s"]))
+            lines.append(f"| {r['model']} | {r['dtype']} | {r['batch']} | {a['decode_tok_s']:.1f} | "
+                         f"{b['decode_tok_s']:.1f} | {ratio:.2f}x |")
     return "\n".join(lines)
 
 
@@ -191,7 +201,7 @@ def main() -> int:
     p.add_argument("--dtypes", default="float32", help="comma-separated: float32, bfloat16")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=3, help="alternating runs per system (median reported)")
+    p.add_argument("--rounds", type=int, default=5, help="alternating runs per system (median reported)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads for both systems (default 1: on a shared machine more threads "
                         "only contend; the same for both systems either way)")
@@ -203,24 +213,22 @@ def main() -> int:
     args = p.parse_args()
     if args.table:
         r = json.loads(Path(args.table).read_text())
-        print(table(r["rows"], r["bandwidth"]))
+        print(table(r["rows"], r.get("bandwidth")))
         return 0
     if args.quick:
         args.models, args.batches, args.new_tokens, args.rounds = "6L-384", "1", 16, 1
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
-    bw = bandwidth()
-    print(f"bandwidth: {bw}", file=sys.stderr)
     rows = []
     for name in args.models.split(","):
         for dt in args.dtypes.split(","):
             for b in map(int, args.batches.split(",")):
-                rows.append(bench_one(name, getattr(torch, dt), b, args, bw))
-    text = table(rows, bw)
+                rows.append(bench_one(name, getattr(torch, dt), b, args))
+    text = table(rows)
     print(text)
     import transformers
 
-    result = {"rows": rows, "bandwidth": bw, "threads": args.threads, "rounds": args.rounds,
+    result = {"rows": rows, "threads": args.threads, "rounds": args.rounds,
               "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                           "load_avg_before": load_before, "load_avg_after": os.getloadavg()},
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
