@@ -315,7 +315,7 @@ def add_model_args(p) -> None:
                    help="weights and cache precision; auto = bfloat16 on a GPU that has it, else float32 "
                         "(bfloat16 is faster on CPUs with avx512_bf16 or AMX)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (weights frozen "
-                   "as constants; the first tokens wait for compilation, a minute or more on CPU)")
+                   "as constants; the first tokens wait for compilation, up to minutes on CPU)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's); on a busy machine 1 can be "
                    "much faster than oversubscribed cores")
 
