@@ -99,6 +99,10 @@ def test_isoflop_minima_follow_the_law():
     assert res.to_dict()["n_opt"]["a_ci"] == [lo, hi]
 
 
-def test_isoflop_needs_three_sizes_and_a_convex_profile():
+def test_isoflop_needs_three_sizes_and_a_minimum_inside_them():
     res = fit_isoflop([1e15, 1e15], [1e6, 2e6], [1e8, 5e7], [3.0, 2.9], ["iso0", "iso0"], bootstrap=10)
     assert res.levels == [] and res.n_law is None and math.isnan(res.predict(1e16)[0])
+    # convex but still falling at the largest size: the vertex would be an extrapolation
+    n = np.array([1e6, 2e6, 4e6, 8e6])
+    res = fit_isoflop([1e15] * 4, n, 1e15 / (6 * n), [3.0, 2.7, 2.5, 2.4], ["iso0"] * 4, bootstrap=10)
+    assert res.levels == []

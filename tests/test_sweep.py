@@ -15,7 +15,8 @@ from conftest import run_cli
 from scalelm.analysis.sweep_calibrate import StepTimer, plan_for_seconds
 from scalelm.analysis.sweep_plan import (Family, GridSettings, PlanError, auto_grid, count_params, kaplan_lr,
                                          parse_count)
-from scalelm.analysis.sweep_report import pareto
+from scalelm.analysis.scaling_fit import fit_law
+from scalelm.analysis.sweep_report import diagnose, pareto
 from scalelm.analysis.sweep_runner import PLAN, RECORDS, SYSTEM, make_plan, read_jsonl, run_overrides
 from scalelm.analysis.sweep_system import dp_configs, dp_efficiency
 from scalelm.config import Config, ModelConfig, resolve
@@ -148,7 +149,9 @@ def test_sweep_cli_errors_and_dry_run(shakespeare, tmp_path):
     assert p.returncode == 2 and "more than --budget" in p.stderr
     p = run_cli("sweep", "--data", shakespeare, "--out", out, *TINY, check=False)
     assert p.returncode == 2 and "give a budget" in p.stderr
-    p = run_cli("sweep", "--data", shakespeare, "--out", out, "--budget", "3e12", *TINY, check=False)
+    p = run_cli("sweep", "--data", shakespeare, "--out", out, "--budget", "1e13", "--threads", "0", check=False)
+    assert p.returncode == 2 and "--threads must be at least 1" in p.stderr
+    p = run_cli("sweep", "--data", shakespeare, "--out", out, "--budget", "3e11", "--dry-run", *TINY, check=False)
     assert p.returncode == 2 and "fewer than 3 model sizes" in p.stderr  # no IsoFLOP level without a minimum
     p = run_cli("sweep", "--out", tmp_path / "none", check=False)
     assert p.returncode == 2 and "holds no sweep" in p.stderr
@@ -205,6 +208,17 @@ def test_data_parallel_configurations_and_efficiency():
     assert e["per_process"] == pytest.approx(0.9) and e["same_cores"] == pytest.approx(1.2)
 
 
+def test_report_warns_where_the_data_do_not_pin_the_law():
+    rows = [dict(name=f"r{i}", params=n, width=w, n_layer=2, flops=1e12, groups=["iso0"], val_loss=loss)
+            for i, (n, w, loss) in enumerate(((1e5, 64, 2.0), (3e5, 96, 2.2), (8e5, 128, 2.3)))]
+    n = np.array([1e5, 3e5, 1e6, 3e6, 1e7])
+    fit = fit_law(n, 50 / n ** 0.25, bootstrap=0)  # a pure power law: no floor in sight
+    warnings = diagnose({"L(N)": fit}, rows, [{"multiplier": 10, "model": "2x32", "at_family_edge": True}])
+    text = "\n".join(warnings)
+    assert "smallest size was best" in text and "at or below 2x64" in text
+    assert "E went to ~0" in text and "edge of the family (2x32)" in text
+
+
 def test_pareto_frontier():
     x = np.array([1, 2, 3, 4, 5.0])
     loss = np.array([3.0, 3.5, 2.5, 2.6, 2.0])
@@ -218,7 +232,7 @@ def _invocations(log: Path) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1500)  # ~2 min on a quiet 2-core machine; 12 min was measured on a busy one
+@pytest.mark.timeout(1500)  # 52 s on a quiet 2-core machine; 12 min was measured on a busy one
 def test_tiny_sweep_runs_resumes_after_kill_and_reports(shakespeare, tmp_path):
     """3 sizes x 2 lengths on Tiny Shakespeare characters; SIGKILL mid-run; rerun; nothing repeated."""
     out = tmp_path / "sweep"

@@ -281,7 +281,8 @@ class IsoFlopResult:
 
 
 def _level_minima(groups: list[tuple[float, np.ndarray, np.ndarray, np.ndarray]]):
-    """For each (compute, N, D, loss) group with a convex parabola: (C, N_opt, D_opt, L_opt, coef)."""
+    """For each (compute, N, D, loss) group whose parabola has its minimum inside the sizes tried:
+    (C, N_opt, D_opt, L_opt, coef)."""
     out = []
     for c, n, d, loss in groups:
         if len(np.unique(n)) < 3:
@@ -291,6 +292,8 @@ def _level_minima(groups: list[tuple[float, np.ndarray, np.ndarray, np.ndarray]]
         if coef[0] <= 0:
             continue  # concave or flat: no interior minimum at this level
         x_opt = -coef[1] / (2 * coef[0])
+        if not x.min() <= x_opt <= x.max():
+            continue  # the vertex lies outside the sizes tried: an extrapolation, not a measured minimum
         # D at the optimum from the level's own tokens-per-FLOP relation (log-linear in N)
         dcoef = np.polyfit(x, np.log(d), 1)
         out.append((c, float(np.exp(x_opt)), float(np.exp(np.polyval(dcoef, x_opt))),

@@ -48,6 +48,8 @@ def add_sweep_parser(p: argparse.ArgumentParser) -> None:
     f = p.add_argument_group("model family")
     f.add_argument("--aspect", type=float, default=32.0, help="width / layers (default 32: 128 wide = 4 layers)")
     f.add_argument("--head-dim", type=int, default=32, help="attention head dimension (default 32)")
+    p.add_argument("--threads", type=int, help="CPU threads per trainer (default: torch's, all cores); on a busy "
+                   "machine 1 avoids OpenMP threads fighting for cores")
     p.add_argument("--no-dp-check", dest="dp_check", action="store_false",
                    help="skip the data-parallel efficiency runs (one process against torchrun with several)")
     p.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals (default 200)")
@@ -64,7 +66,8 @@ def _request(args: argparse.Namespace) -> dict:
             "levels": args.levels, "per_level": args.per_level, "level_ratio": args.level_ratio,
             "iso_fraction": args.iso_fraction, "fixed_sizes": args.fixed_sizes,
             "fixed_lengths": args.fixed_lengths, "min_steps": args.min_steps, "aspect": args.aspect,
-            "head_dim": args.head_dim, "dp_check": args.dp_check, "overrides": list(args.overrides)}
+            "head_dim": args.head_dim, "dp_check": args.dp_check, "threads": args.threads,
+            "overrides": list(args.overrides)}
 
 
 def _print_plan(plan: dict) -> None:
@@ -91,7 +94,10 @@ def _print_plan(plan: dict) -> None:
 def run_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out)
     controlled_key_error(args.overrides)
+    if args.threads is not None and args.threads < 1:
+        raise UserError("--threads must be at least 1")
     req = _request(args)
+    _warn_if_busy(args.threads)
     if args.dry_run:
         plan = make_plan(req)
         _print_plan(plan)
@@ -118,7 +124,7 @@ def run_sweep(args: argparse.Namespace) -> int:
             plan = fresh or make_plan(req)
             atomic_write_text(plan_path, json.dumps(plan, indent=2) + "\n")
         _print_plan(plan)
-        failed = run_all(plan, out, lock, verbose=args.verbose)
+        failed = run_all(plan, out, lock, verbose=args.verbose, threads=args.threads or plan["request"].get("threads"))
         if args.dp_check:
             dp_check(plan, out, lock, verbose=args.verbose)
     from .sweep_report import build_report
@@ -132,8 +138,20 @@ def run_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_if_busy(threads) -> None:
+    import os
+
+    from .sweep_system import usable_cores
+
+    load, cores = os.getloadavg()[0], usable_cores()
+    if threads is None and cores > 1 and load > cores:
+        print(f"warning: this machine is busy (load {load:.1f} on {cores} cores); trainers with {cores} threads "
+              f"each slow down badly when cores are shared (OpenMP threads wait for each other): consider "
+              f"--threads 1", file=sys.stderr)
+
+
 def _differs(old: dict, new: dict) -> str:
-    keys = [k for k in new if k != "dp_check" and old.get(k) != new.get(k)]
+    keys = [k for k in new if k not in ("dp_check", "threads") and old.get(k) != new.get(k)]
     return "; ".join(f"{k}: {old.get(k)!r} then, {new.get(k)!r} now" for k in keys)
 
 

@@ -1,11 +1,11 @@
 """Planning a scaling sweep: a one-parameter model family and a grid of runs that fits a budget.
 
 The family fixes the shape so that size is the only thing that varies: width ``d`` is a
-multiple of ``head_dim`` (32 by default) and depth is ``round(d / aspect)`` (aspect 32 by
-default, so 64 wide has 2 layers, 128 has 4, 256 has 8). Kaplan et al. (2020, fig. 5) found
-loss within a few percent for aspect ratios 20-200 at fixed N; 32 is nanoGPT's CPU "baby"
-shape (128 wide, 4 layers) and keeps even the smallest member at 2 layers (one-layer models
-cannot form induction heads and scale differently). N is the non-embedding parameter count
+multiple of ``head_dim`` (32 by default) and depth is ``round(d / aspect)`` but at least 2
+(aspect 32 by default, so 32 and 64 wide have 2 layers, 128 has 4, 256 has 8). Kaplan et al.
+(2020, section 3.1) found loss depends only weakly on the aspect ratio at fixed N; 32 is
+nanoGPT's CPU "baby" shape (128 wide, 4 layers). Two layers at least, because one-layer models
+cannot form induction heads and scale differently. N is the non-embedding parameter count
 (Kaplan's convention); FLOPs are exact (``scalelm.model.flops_per_token``: 6N + attention +
 LM head) so C = flops_per_token * D.
 
@@ -115,7 +115,7 @@ class Family:
     def config(self, width: int, n_layer: Optional[int] = None) -> ModelConfig:
         if width % self.head_dim:
             raise PlanError(f"width {width} is not a multiple of the head dimension {self.head_dim}")
-        n_layer = n_layer or max(1, round(width / self.aspect))
+        n_layer = n_layer or max(2, round(width / self.aspect))
         cfg = dataclasses.replace(self.base, n_embd=width, n_layer=n_layer, n_head=width // self.head_dim,
                                   n_kv_head=None, intermediate_size=None, n_shared_blocks=None)
         try:
@@ -131,7 +131,7 @@ class Family:
 
     def members(self, max_width: Optional[int] = None) -> list[Member]:
         top = max_width or self.max_width
-        return [self.member(w) for w in range(2 * self.head_dim, top + 1, self.head_dim)]
+        return [self.member(w) for w in range(self.head_dim, top + 1, self.head_dim)]
 
     def nearest(self, n_params: float) -> Member:
         return min(self.members(), key=lambda m: abs(math.log(m.params / n_params)))

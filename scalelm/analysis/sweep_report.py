@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 
 from ..fileio import atomic_write_text
-from .scaling_fit import Fit, FitError, chinchilla_optimum, fit_isoflop, fit_law
+from .scaling_fit import MAX_EXPONENT, Fit, FitError, chinchilla_optimum, fit_isoflop, fit_law
 from .sweep_plan import Family
 from .sweep_runner import PLAN, RECORDS, SYSTEM, read_jsonl
 from .sweep_system import dp_efficiency
@@ -115,6 +115,43 @@ def predictions(fit_nd: Optional[Fit], iso, costs: FamilyCosts, c_sweep: float) 
     return out
 
 
+def diagnose(fits: dict, records: list[dict], preds: list[dict]) -> list[str]:
+    """Plain warnings where the data do not pin a law down (so a number is not over-read)."""
+    out = []
+    min_loss = min(r["val_loss"] for r in records) if records else 0.0
+    for key, f in fits.items():
+        if f is None:
+            continue
+        p, ci = f.params, f.ci
+        for name in ("alpha", "beta"):
+            if name in p and (p[name] < 0.01 or ci[name][1] >= 0.99 * MAX_EXPONENT):
+                out.append(f"{key}: {name} is not pinned down (estimate {p[name]:.3g}, interval "
+                           f"[{ci[name][0]:.3g}, {ci[name][1]:.3g}] reaches a bound)")
+        if p["E"] < 0.05 * min_loss:
+            out.append(f"{key}: the irreducible loss E went to ~0: these runs do not show the loss levelling off, "
+                       f"so E and the exponents trade off freely")
+    levels: dict[str, list[dict]] = {}
+    for r in records:
+        for g in r["groups"]:
+            if g.startswith("iso"):
+                levels.setdefault(g, []).append(r)
+    for g, rs in sorted(levels.items()):
+        if len({r["params"] for r in rs}) < 3:
+            continue
+        rs = sorted(rs, key=lambda r: r["params"])
+        best = min(range(len(rs)), key=lambda i: rs[i]["val_loss"])
+        if best in (0, len(rs) - 1):
+            side = "smallest" if best == 0 else "largest"
+            where = "at or below" if best == 0 else "at or above"
+            out.append(f"IsoFLOP level {g} (C = {rs[0]['flops']:.2g}): the {side} size was best, so the compute-optimal "
+                       f"size is {where} {rs[best]['n_layer']}x{rs[best]['width']}; the level has no interior minimum")
+    for pr in preds:
+        if pr.get("at_family_edge"):
+            out.append(f"the {pr['multiplier']}x optimum is at the edge of the family ({pr['model']}): the law "
+                       f"prefers a size the family does not have")
+    return out
+
+
 def train_command(plan: dict, pred: dict) -> str:
     """The `scalelm train` line for a predicted compute-optimal family member (the sweep's recipe)."""
     from .sweep_plan import kaplan_lr
@@ -158,6 +195,7 @@ def analyze(plan: dict, records: list[dict], system: list[dict], bootstrap: int 
     return {"runs_planned": len(plan["runs"]), "runs_done": len(ok), "compute": c_sweep,
             "fits": {k: (v.to_dict() if v is not None else {"error": notes[k]}) for k, v in fits.items()},
             "isoflop": iso.to_dict() if iso is not None else None, "predictions": preds,
+            "warnings": diagnose(fits, ok, preds),
             "system": system_scaling(ok, system), "published": PUBLISHED, "_fits": fits, "_iso": iso}
 
 

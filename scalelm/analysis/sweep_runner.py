@@ -136,15 +136,24 @@ def _plan_minutes(req: dict, family: Family, cfg, B: int, accum: int, g: GridSet
     from .sweep_calibrate import StepTimer, plan_for_seconds
     from .sweep_system import dp_check_seconds
 
+    import torch
+
     timer = StepTimer(family, cfg, B, accum)
-    reserve = dp_check_seconds(family, timer) if req["dp_check"] else 0.0
-    seconds = 60 * req["minutes"] - reserve
-    if seconds <= 0:
-        raise PlanError(f"the data-parallel check alone needs ~{reserve / 60:.1f} minutes on this machine now: "
-                        f"give more --minutes, or add --no-dp-check")
-    runs, est = plan_for_seconds(family, seconds, B * accum * family.base.block_size, g, timer, sizes, tokens)
+    prev = torch.get_num_threads()
+    if req.get("threads"):  # time the steps with the threads the runs will have
+        torch.set_num_threads(req["threads"])
+    try:
+        reserve = dp_check_seconds(family, timer) if req["dp_check"] else 0.0
+        seconds = 60 * req["minutes"] - reserve
+        if seconds <= 0:
+            raise PlanError(f"the data-parallel check alone needs ~{reserve / 60:.1f} minutes on this machine now: "
+                            f"give more --minutes, or add --no-dp-check")
+        runs, est = plan_for_seconds(family, seconds, B * accum * family.base.block_size, g, timer, sizes, tokens)
+    finally:
+        torch.set_num_threads(prev)
     calibration = {"step_seconds": {f"{layers}x{w}": t for (w, layers), t in timer.cache.items()},
                    "startup_seconds": timer.startup_seconds(), "dp_check_seconds": reserve,
+                   "threads": req.get("threads") or prev,
                    "loadavg_1m": os.getloadavg()[0]}
     return runs, est, calibration
 
@@ -289,7 +298,7 @@ def make_record(plan: dict, run: dict, summary: dict, run_dir: Path, wall: float
     return rec
 
 
-def run_all(plan: dict, out: Path, lock: SweepLock, verbose: bool = False) -> list[str]:
+def run_all(plan: dict, out: Path, lock: SweepLock, verbose: bool = False, threads: Optional[int] = None) -> list[str]:
     """Train every run without a record, in plan order; returns the names that failed."""
     done = {r["name"] for r in read_jsonl(out / RECORDS)}
     todo = [r for r in plan["runs"] if r["name"] not in done]
@@ -304,7 +313,8 @@ def run_all(plan: dict, out: Path, lock: SweepLock, verbose: bool = False) -> li
               file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "scalelm", "train", "--data", plan["data"]["path"], "--out", str(run_dir),
                *run_overrides(plan, run)]
-        rc, stdout, wall = run_process(cmd, lock, out / "logs" / f"{run['name']}.log", verbose)
+        rc, stdout, wall = run_process(cmd, lock, out / "logs" / f"{run['name']}.log", verbose,
+                                       env={"OMP_NUM_THREADS": str(threads)} if threads else None)
         if rc >= 128 or rc < 0:
             sig = rc - 128 if rc >= 128 else -rc
             raise UserError(f"run {run['name']} was stopped by signal {sig} (its checkpoint is saved): "

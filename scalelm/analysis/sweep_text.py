@@ -76,6 +76,9 @@ def render(plan: dict, records: list[dict], summary: dict, res: dict) -> str:
     elif iso is not None:
         L.append(f"- IsoFLOP minima: {len(iso['levels'])} level(s) with an interior minimum; two are needed "
                  f"for power laws in C")
+    if summary.get("warnings"):
+        L.append("\nWarnings (read the numbers above with these in mind):\n")
+        L += [f"- {w}" for w in summary["warnings"]]
     L.append("")
     L += _predictions(summary["predictions"], summary["compute"])
     L += _comparison(plan, ok, fits, iso)
