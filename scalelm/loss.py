@@ -5,8 +5,8 @@ copy of the logits, an fp32 log-softmax kept for backward, and in the backward a
 gradient, the log-softmax gradient and a cast back: a dozen bytes written per logit, in
 buffers so large that on a CPU every step pays their page faults again. Here the same fp32
 math runs over chunks of rows small enough to stay in cache: the forward keeps only the
-logits (which exist anyway) and one log-sum-exp per row, the backward writes the gradient
-once, in the logits' dtype. Same values as ``F.cross_entropy`` (tested); the memory model in
+logits (which exist anyway), the backward recomputes each chunk's softmax (one fused kernel)
+and writes the gradient once, in the logits' dtype. Same values as ``F.cross_entropy`` (tested); the memory model in
 ``scalelm.analysis.memory`` counts exactly this.
 """
 
@@ -36,27 +36,26 @@ class _CrossEntropy(torch.autograd.Function):
         acc = _acc(logits.dtype)
         valid = targets != IGNORE_INDEX
         safe = torch.where(valid, targets, 0)
-        lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
+        logp = torch.empty(logits.shape[0], dtype=acc, device=logits.device)  # log p(target)
         rows = _rows_per_chunk(logits)
         for s in range(0, logits.shape[0], rows):
-            torch.logsumexp(logits[s:s + rows].to(acc), dim=-1, out=lse[s:s + rows])
-        picked = logits.gather(1, safe[:, None]).squeeze(1).to(acc)
+            chunk = torch.log_softmax(logits[s:s + rows], dim=-1, dtype=acc)  # one fused kernel
+            torch.gather(chunk, 1, safe[s:s + rows, None], out=logp[s:s + rows, None])
         n = valid.sum()
-        ctx.save_for_backward(logits, safe, valid, lse, n)
-        return torch.where(valid, lse - picked, 0).sum() / n  # NaN when every target is ignored
+        ctx.save_for_backward(logits, safe, valid, n)
+        return -torch.where(valid, logp, 0).sum() / n  # NaN when every target is ignored
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        logits, safe, valid, lse, n = ctx.saved_tensors
-        acc = lse.dtype
+        logits, safe, valid, n = ctx.saved_tensors
+        acc = _acc(logits.dtype)
         # d loss / d logit = (softmax - onehot(target)) * grad / n on counted rows, 0 elsewhere
         row_scale = valid.to(acc) * (grad_loss.to(acc) / n.clamp(min=1))
         grad = torch.empty_like(logits)
         rows = _rows_per_chunk(logits)
         for s in range(0, logits.shape[0], rows):
             sl = slice(s, s + rows)
-            p = logits[sl].to(acc) - lse[sl, None]
-            p.exp_().mul_(row_scale[sl, None])
+            p = torch.softmax(logits[sl], dim=-1, dtype=acc).mul_(row_scale[sl, None])
             p.scatter_add_(1, safe[sl, None], -row_scale[sl, None])
             grad[sl] = p
         return grad, None

@@ -107,11 +107,9 @@ def param_split(cfg: ModelConfig) -> ParamSplit:
 # ----------------------------------------------------------------------------- activations
 
 def _norm_saved(cfg: ModelConfig, width: float) -> float:
-    """Bytes per token a norm saves: its fp32 input and statistics (RMSNorm, composed of
-    elementwise ops, also keeps the normalised tensor for the weight's gradient)."""
-    if cfg.norm == "layernorm":
-        return 4 * width + 8  # input, mean, rstd
-    return 8 * width + 4  # input, normalised, rstd
+    """Bytes per token a norm saves: its fp32 input and statistics (LayerNorm: mean and 1/std;
+    RMSNorm: 1/rms and one more fp32 tensor of the input's size)."""
+    return 4 * width + 8 if cfg.norm == "layernorm" else 8 * width + 4
 
 
 def layer_saved_bytes(cfg: ModelConfig, precision: str, tp: int = 1, seq_parallel: bool = False) -> float:
@@ -134,10 +132,10 @@ def layer_saved_bytes(cfg: ModelConfig, precision: str, tp: int = 1, seq_paralle
 
 
 def head_saved_bytes(cfg: ModelConfig, precision: str) -> float:
-    """Per token: final norm, LM-head input, and what ``scalelm.loss`` keeps: the logits, one
-    log-sum-exp, the target and its mask."""
+    """Per token: final norm, LM-head input, and what ``scalelm.loss`` keeps: the logits, the
+    target and its mask."""
     a = 2 if precision in ("bf16", "fp16") else 4
-    return _norm_saved(cfg, cfg.n_embd) + a * cfg.n_embd + a * cfg.vocab_size + 4 + 8 + 1
+    return _norm_saved(cfg, cfg.n_embd) + a * cfg.n_embd + a * cfg.vocab_size + 8 + 1
 
 
 def head_transient_bytes(cfg: ModelConfig, precision: str) -> float:
