@@ -120,6 +120,19 @@ def test_minutes_are_turned_into_a_plan_that_fits_them():
         plan_for_seconds(fam, 5.0, 512, GridSettings(), timer)
 
 
+def test_minutes_calibrate_on_this_machine(shakespeare, tmp_path):
+    """--minutes times real steps and one real 3-step trainer run, then fits the plan into the time."""
+    p = run_cli("sweep", "--data", shakespeare, "--out", tmp_path / "sw", "--minutes", "4", "--threads", "1",
+                "--no-dp-check", "--dry-run", *TINY)
+    plan = json.loads(p.stdout)
+    cal = plan["budget"]["calibration"]
+    assert cal["threads"] == 1 and cal["startup_seconds"] > 0.5 and all(v > 0 for v in cal["step_seconds"].values())
+    assert 0 < plan["budget"]["est_seconds"] <= 240
+    assert sum(r["est_seconds"] for r in plan["runs"]) == pytest.approx(plan["budget"]["est_seconds"], rel=1e-2)
+    assert {w for w in cal["step_seconds"]} >= {f"{r['n_layer']}x{r['width']}" for r in plan["runs"]}
+    assert "calibrate: a run costs" in p.stderr and not (tmp_path / "sw").exists()
+
+
 def test_each_run_gets_its_shape_length_and_schedule(shakespeare):
     plan = make_plan(request(shakespeare, sizes="64,96", tokens="10k,20k",
                              overrides=TINY + ["--optim.lr=2e-3", "--train.seed=7"]))

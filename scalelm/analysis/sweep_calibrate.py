@@ -4,7 +4,8 @@ Small models on a CPU are far from the matmul peak (per-op overheads, attention,
 so a single FLOP rate would misjudge them. Instead each family member that a plan uses is
 timed for a few real training steps (forward, backward, AdamW, in the precision the trainer
 will use), and a run's time is predicted as process start-up + steps x step time + its two
-evaluations. The grid's compute is then scaled until the predicted total fits the minutes.
+evaluations; the fixed part is measured with one real, 3-step trainer run. The grid's compute
+is then scaled until the predicted total fits the minutes.
 """
 
 from __future__ import annotations
@@ -19,12 +20,17 @@ from ..config import Config
 from .sweep_plan import Family, GridSettings, Member, PlanError, RunSpec, auto_grid
 
 
+PROBE_STEPS = 3
+
+
 class StepTimer:
     """Measures (and caches) one optimizer step's wall time for members of a family."""
 
     def __init__(self, family: Family, cfg: Config, micro_batch: int, accum: int, repeats: int = 3,
-                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr)):
+                 log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+                 probe_cmd: Optional[Callable] = None):
         self.family, self.cfg, self.B, self.accum, self.repeats = family, cfg, micro_batch, accum, repeats
+        self.probe_cmd = probe_cmd  # (member, steps, run_dir) -> a `scalelm train` command line
         self.log = log
         self.cache: dict[tuple[int, int], float] = {}
         self._startup: Optional[float] = None
@@ -73,14 +79,38 @@ class StepTimer:
         return statistics.median(times)
 
     def startup_seconds(self) -> float:
-        """A trainer process's fixed cost: interpreter, torch and scalelm imports."""
+        """A run's fixed cost: a real trainer process trained for ``PROBE_STEPS`` steps of the smallest
+        member (start-up, data, first evaluation, peak measurement, checkpoint), less those steps."""
         if self._startup is None:
-            t0 = time.perf_counter()
-            subprocess.run([sys.executable, "-c", "import scalelm.train, scalelm.data.loader"], check=True,
-                           capture_output=True)
-            self._startup = time.perf_counter() - t0
-            self.log(f"calibrate: a trainer process starts in {self._startup:.1f} s")
+            self._startup = self._probe() if self.probe_cmd is not None else None
+            if self._startup is None:  # no probe (or it failed): at least the interpreter and imports
+                t0 = time.perf_counter()
+                subprocess.run([sys.executable, "-c", "import scalelm.train, scalelm.data.loader"], check=True,
+                               capture_output=True)
+                self._startup = time.perf_counter() - t0
+            self.log(f"calibrate: a run costs {self._startup:.1f} s besides its steps (start-up, evaluation, saving)")
         return self._startup
+
+    def _probe(self) -> Optional[float]:
+        import tempfile
+        from pathlib import Path
+
+        m = self.family.member(self.family.head_dim)
+        with tempfile.TemporaryDirectory(prefix="scalelm-probe-") as tmp:
+            cmd = self.probe_cmd(m, PROBE_STEPS, Path(tmp) / "run")
+            t0 = time.perf_counter()
+            import os
+
+            import torch
+
+            env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), TOKENIZERS_PARALLELISM="false")
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            self.log(f"calibrate: the probe run failed ({p.stderr.strip().splitlines()[-1:] or p.returncode}); "
+                     f"counting start-up only")
+            return None
+        return max(0.0, wall - PROBE_STEPS * self.step_seconds(m))
 
     def run_seconds(self, run: RunSpec) -> float:
         t = self.step_seconds(run.member)

@@ -138,7 +138,13 @@ def _plan_minutes(req: dict, family: Family, cfg, B: int, accum: int, g: GridSet
 
     import torch
 
-    timer = StepTimer(family, cfg, B, accum)
+    def probe_cmd(m, steps: int, run_dir: Path) -> list[str]:
+        plan = {"recipe": {"overrides": req["overrides"]}, "data": {"vocab_size": cfg.model.vocab_size}}
+        run = {"steps": steps, "lr": 1e-3, "warmup": 1, "n_layer": m.n_layer, "width": m.width, "n_head": m.n_head}
+        return [sys.executable, "-m", "scalelm", "train", "--data", req["data"], "--out", str(run_dir),
+                *run_overrides(plan, run), "--log.progress=false"]
+
+    timer = StepTimer(family, cfg, B, accum, probe_cmd=probe_cmd)
     prev = torch.get_num_threads()
     if req.get("threads"):  # time the steps with the threads the runs will have
         torch.set_num_threads(req["threads"])
