@@ -79,7 +79,11 @@ def main() -> None:
                     help="torch threads of the training process (OMP_NUM_THREADS; default: torch's choice)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench"), help="data and run directories")
     ap.add_argument("overrides", nargs="*", help="extra --section.key=value overrides")
-    args = ap.parse_args()
+    args, extra = ap.parse_known_args()  # "--section.key=value" overrides look like options to argparse
+    bad = [a for a in extra if not (a.startswith("--") and "." in a.split("=")[0])]
+    if bad:
+        ap.error(f"unrecognized arguments: {' '.join(bad)}")
+    args.overrides += extra
     work = Path(args.work)
     data = prepare(work)
     out = work / args.preset

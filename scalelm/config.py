@@ -102,6 +102,9 @@ class TrainConfig:
     seed: int = 1337
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware has it
     compile: bool = False
+    # bf16 weights, fp32 master copies in the optimizer, no autocast: the fastest CPU setting
+    # (README "Performance"); single process, bf16 only (FSDP2 has its own: --parallel.fsdp_param_dtype)
+    master_weights: bool = False
     activation_checkpointing: bool = False
     early_stop_patience: int = 0  # evaluations without improvement before stopping; 0 = off
     max_minutes: Optional[float] = None  # wall-clock budget; stops (and saves) when reached

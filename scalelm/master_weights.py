@@ -17,6 +17,8 @@ call ``grads_to_master()`` after every backward so the sum is taken in fp32.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -32,6 +34,7 @@ class MasterWeights:
         self.params = [nn.Parameter(p.detach().clone().float(), requires_grad=p.requires_grad)
                        for p in self.model_params]
         self.dtype = dtype
+        self._master_of = {id(p): m for p, m in zip(self.model_params, self.params)}
         with torch.no_grad():
             for p in self.model_params:
                 p.data = p.data.to(dtype)
@@ -52,6 +55,29 @@ class MasterWeights:
     def master_to_model(self) -> None:
         """Copy the updated fp32 masters into the model's low-precision weights."""
         torch._foreach_copy_(self.model_params, self.params)
+
+    def master_of(self, p: torch.Tensor) -> nn.Parameter:
+        """The fp32 master of one of the model's parameters (for building optimizer groups)."""
+        return self._master_of[id(p)]
+
+    @contextlib.contextmanager
+    def fp32_view(self, model: nn.Module):
+        """Inside this block the model's parameters *are* the fp32 masters (the same objects the
+        optimizer holds, so state-dict helpers that key optimizer state by parameter name work):
+        saving writes full-precision weights, and loading fills the masters, which are cast back
+        into the model's low-precision weights on exit."""
+        swapped = []
+        for mod in model.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is not None and id(p) in self._master_of:
+                    swapped.append((mod, name, p))
+                    mod._parameters[name] = self._master_of[id(p)]
+        try:
+            yield
+        finally:
+            for mod, name, p in swapped:
+                mod._parameters[name] = p
+            self.master_to_model()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The fp32 masters, in model parameter order (what a checkpoint should store)."""

@@ -115,7 +115,8 @@ class Trainer:
         torch.manual_seed(t.seed)  # the same initial weights on every rank and layout
         self.raw_model = (model or GPT(cfg.model)).to(self.device)
         self.model = parallelize(self.raw_model, cfg, self.ctx)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.master = self._master_weights() if t.master_weights else None
+        self.optimizer = build_optimizer(self.model, cfg.optim, master=self.master)
         self.loss_fn = loss_fn
         if self.ctx.dp_rank:  # dropout masks differ across data-parallel ranks
             torch.manual_seed(t.seed + self.ctx.dp_rank)
@@ -139,6 +140,24 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
+    def _master_weights(self):
+        """bf16 weights with fp32 masters (``--train.master_weights``): checks, then casts the model."""
+        from .master_weights import MasterWeights
+
+        if self.precision != "bf16":
+            raise ConfigError(f"--train.master_weights=true keeps bf16 weights: it needs --train.precision=bf16 "
+                              f"(or auto on hardware with bf16), not {self.precision}")
+        if self.ctx.distributed:
+            raise ConfigError("--train.master_weights=true is for one process; under torchrun FSDP2 keeps fp32 "
+                              "masters and computes in bf16 already (--parallel.dp_shard with "
+                              "--parallel.fsdp_param_dtype=bf16)")
+        self.autocast = autocast_context("fp32", self.device)  # the weights are bf16: nothing to cast
+        return MasterWeights(self.raw_model, torch.bfloat16)
+
+    def _full_precision(self):
+        """Inside: the model's parameters are the fp32 masters (for saving and loading checkpoints)."""
+        return self.master.fp32_view(self.raw_model) if self.master is not None else contextlib.nullcontext()
+
     # ------------------------------------------------------------------ one optimizer step
     def forward_backward(self, micro_batches: list) -> torch.Tensor:
         """Accumulate gradients over the step's micro-batches; returns their mean loss (detached).
@@ -156,6 +175,8 @@ class Trainer:
                     loss = self.loss_fn(self.model, batch)
                 scaled = loss / n
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            if self.master is not None:  # sum the micro-batches' bf16 gradients in fp32
+                self.master.grads_to_master()
             total += loss.detach().float()
         return total / n
 
@@ -175,13 +196,19 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip
-        norm = clip_grad_norm(self.model, clip if clip > 0 else math.inf, self.ctx)
+        if self.master is not None:
+            norm = torch.nn.utils.clip_grad_norm_([p for p in self.master.params if p.grad is not None],
+                                                  clip if clip > 0 else math.inf)
+        else:
+            norm = clip_grad_norm(self.model, clip if clip > 0 else math.inf, self.ctx)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.master is not None:
+            self.master.master_to_model()
         return loss, norm
 
     # ------------------------------------------------------------------ evaluation
@@ -232,8 +259,9 @@ class Trainer:
                                            self.data.tokenizer_json, self.state(), self.ctx,
                                            self.cfg.checkpoint.keep_last)
         elif self.is_main:
-            path = ts.save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
-                                      self.data.tokenizer_json, self.state(), self.cfg.checkpoint.keep_last)
+            with self._full_precision():
+                path = ts.save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
+                                          self.data.tokenizer_json, self.state(), self.cfg.checkpoint.keep_last)
         self.last_saved = self.step
         return path
 
@@ -247,8 +275,9 @@ class Trainer:
         elif self.is_main:
             from .checkpoint import BEST, save_model_dir
 
-            save_model_dir(self.raw_model, self.run_dir / BEST, self.data.tokenizer_json,
-                           extra={"step": self.step, "val_loss": self.best_val})
+            with self._full_precision():
+                save_model_dir(self.raw_model, self.run_dir / BEST, self.data.tokenizer_json,
+                               extra={"step": self.step, "val_loss": self.best_val})
 
     def load_checkpoint(self, ckpt: Path) -> None:
         ts.check_model_config(ckpt, self.cfg.model)
@@ -260,7 +289,8 @@ class Trainer:
         elif self.ctx.distributed:  # a single-process checkpoint, sharded onto this layout
             st = load_full_training_checkpoint(ckpt, self.model, self.optimizer)
         else:
-            st = ts.load_checkpoint(ckpt, self.raw_model, self.optimizer)
+            with self._full_precision():  # fills the fp32 masters, then casts them into the model
+                st = ts.load_checkpoint(ckpt, self.raw_model, self.optimizer)
         if self.ctx.distributed and self.is_main:
             print(f"resumed from {ckpt} at step {st['step']} on {self.ctx.layout.describe()}", file=sys.stderr)
         o = self.cfg.optim  # hyper-parameters follow the config (a resumed run may change them)
@@ -323,8 +353,8 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
-            print(f"model: {n_params:,} parameters | precision: {self.precision}"
-                  f"{' autocast' if self.precision != 'fp32' else ''} on {self.device} | batch: "
+            mode = " weights, fp32 masters" if self.master is not None else " autocast" if self.precision != "fp32" else ""
+            print(f"model: {n_params:,} parameters | precision: {self.precision}{mode} on {self.device} | batch: "
                   f"{self.micro_batch} x {self.accum} accum x {self.ctx.dp_world} ranks x {self.seq_len} = "
                   f"{self.tokens_per_step:,} tokens/step | steps {self.step} -> {t.max_steps}", file=sys.stderr)
         if self.step >= t.max_steps and self.is_main:
