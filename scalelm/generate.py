@@ -34,6 +34,7 @@ from .checkpoint import TOKENIZER, load_model_dir, resolve_checkpoint
 from .errors import UserError
 from .inference import compile_decode_step, pack_linears, shallow_copy, should_pack
 from .model import GPT, KVCache
+from .precision import pick_device
 from .sampling import SamplingParams, next_token
 from .textstream import TextStream
 
@@ -63,15 +64,6 @@ class Completion:
     tokens: list[int] = field(default_factory=list)  # generated ids (end-of-text not included)
     text: str = ""  # generated text, cut before a stop string
     finish_reason: str = "length"
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GenerationError(f"--device {device}: CUDA is not available here (use cpu)")
-    return dev
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -142,7 +134,7 @@ class Generator:
         from .hf import special_token_ids
 
         ckpt = resolve_checkpoint(path)
-        dev = resolve_device(device)
+        dev = pick_device(device, option="--device")
         model = load_model_dir(ckpt, device=dev, dtype=resolve_dtype(dtype, dev))
         tok_src = Path(tokenizer) if tokenizer is not None else ckpt
         tok = load_tokenizer(tok_src) if tokenizer is not None or (ckpt / TOKENIZER).is_file() else None

@@ -16,12 +16,13 @@ import torch
 from .config import ConfigError
 
 
-def pick_device(spec: str = "auto") -> torch.device:
+def pick_device(spec: str = "auto", option: str = "--train.device") -> torch.device:
+    """``auto``: CUDA when there is one, else CPU; ``option`` names the flag in the error."""
     if spec == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(spec)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {spec} requested but CUDA is not available; use --train.device=cpu")
+        raise ConfigError(f"device {spec} requested but CUDA is not available; use {option}=cpu")
     return dev
 
 

@@ -15,6 +15,17 @@ def pytest_configure(config):
     os.environ.setdefault("SCALELM_CACHE_DIR", tempfile.mkdtemp(prefix="scalelm-test-cache-"))
 
 
+@pytest.fixture(scope="module")
+def torch_one_thread():
+    """Tiny models in this process: OpenMP threads only contend (other test workers share the cores)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():

@@ -16,28 +16,21 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..config import ModelConfig
+from ..distributed.mesh import Layout as MeshLayout
 
 COLWISE = ("q_proj", "k_proj", "v_proj", "up", "gate")  # tensor parallel: output features split
 ROWWISE = ("o_proj", "down")  # input features split; the bias stays whole
 
 
 @dataclass(frozen=True)
-class Layout:
-    """A parallel layout (the ``parallel.*`` fields) plus activation checkpointing."""
+class Layout(MeshLayout):
+    """A parallel layout (the trainer's mesh shape) plus activation checkpointing."""
 
-    pp: int = 1
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    tp: int = 1
     ac: bool = False
 
     @property
-    def dp(self) -> int:
-        return self.dp_replicate * self.dp_shard
-
-    @property
     def world(self) -> int:
-        return self.pp * self.dp * self.tp
+        return self.world_size
 
     @property
     def fsdp(self) -> bool:  # as scalelm.distributed.parallelize.uses_fsdp

@@ -161,12 +161,10 @@ class ParallelContext:
 
 
 def _pick_device(spec: str, local_rank: int, multi: bool) -> torch.device:
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(spec)
+    from ..precision import pick_device
+
+    dev = pick_device(spec)
     if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={spec} but CUDA is not available; use --train.device=cpu")
         if multi:  # one GPU per process: the local rank picks it (cuda:N is ignored here)
             if local_rank >= torch.cuda.device_count():
                 raise ConfigError(f"local rank {local_rank} has no GPU: this node has "
