@@ -64,4 +64,9 @@ class _CrossEntropy(torch.autograd.Function):
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of ``logits`` (..., V) against ``targets`` (...), skipping targets equal
     to ``IGNORE_INDEX``; computed in fp32 whatever the logits' dtype (fp64 stays fp64)."""
+    if torch.compiler.is_compiling():  # Inductor fuses the plain form itself; the row loop and
+        # its ``out=`` gathers do not trace with symbolic shapes
+        acc = _acc(logits.dtype)
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(acc), targets.reshape(-1),
+                                                 ignore_index=IGNORE_INDEX)
     return _CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

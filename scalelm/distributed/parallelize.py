@@ -117,21 +117,14 @@ def apply_compile(model: GPT, per_block: bool) -> None:
 def fsdp_mp_policy(cfg: Config, device: torch.device):
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
+    from ..precision import resolve_precision
+
     want = cfg.parallel.fsdp_param_dtype
     if want == "auto":
-        want = "bf16" if resolved_precision(cfg, device) == "bf16" else "fp32"
+        want = "bf16" if resolve_precision(cfg.train.precision, device) == "bf16" else "fp32"
     if want == "bf16":  # compute in bf16, reduce gradients in fp32 (sharded master weights stay fp32)
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
-
-
-def resolved_precision(cfg: Config, device: torch.device) -> str:
-    p = cfg.train.precision
-    if p != "auto":
-        return p
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"
 
 
 def apply_fsdp(model: GPT, dp_mesh, mp_policy=None, reshard_after_forward: bool = True,
