@@ -105,6 +105,9 @@ class TrainConfig:
     # bf16 weights, fp32 master copies in the optimizer, no autocast: the fastest CPU setting
     # (README "Performance"); single process, bf16 only (FSDP2 has its own: --parallel.fsdp_param_dtype)
     master_weights: bool = False
+    # CPU with glibc: keep freed memory for reuse instead of returning it to the OS (each step's
+    # big tensors then skip the page faults: -21% step time on a 6x384 batch-64 run, ~15% more RSS)
+    keep_freed_memory: bool = True
     activation_checkpointing: bool = False
     early_stop_patience: int = 0  # evaluations without improvement before stopping; 0 = off
     max_minutes: Optional[float] = None  # wall-clock budget; stops (and saves) when reached

@@ -83,6 +83,26 @@ def default_loss(model: nn.Module, batch) -> torch.Tensor:
     return model(x, y)[1]
 
 
+def keep_freed_memory() -> bool:
+    """glibc only: serve every allocation from the heap (no per-tensor mmap) and never trim it,
+    so memory a step frees is reused by the next one instead of being unmapped and faulted in
+    again (on this project's CPU a third of a 6x384 batch-64 step was kernel time before).
+    Leaves alone a process whose allocator the user tuned (``MALLOC_*_`` or ``GLIBC_TUNABLES``)."""
+    import ctypes
+    import ctypes.util
+    import os
+
+    if any(k.startswith("MALLOC_") or k == "GLIBC_TUNABLES" for k in os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(mallopt(m_mmap_threshold, ctypes.c_int(2**30)) and mallopt(m_trim_threshold, ctypes.c_int(2**31 - 1)))
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 class Trainer:
@@ -100,6 +120,8 @@ class Trainer:
             raise ConfigError(f"the data's vocabulary has {data.vocab_size} tokens but the model's vocab_size is "
                               f"{cfg.model.vocab_size}: leave model.vocab_size unset (it follows the data) or "
                               f"set --model.vocab_size={data.vocab_size} or more")
+        if self.device.type == "cpu" and t.keep_freed_memory:
+            keep_freed_memory()
         self.precision = resolve_precision(t.precision, self.device)
         self.autocast = autocast_context(self.precision, self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None

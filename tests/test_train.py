@@ -197,3 +197,18 @@ def test_toml_config_file(tmp_path, data, one_thread):
     assert saved["model"]["vocab_size"] == 96  # set in the file: kept, not taken from the data
     assert saved["train"]["max_steps"] == 2 and json.loads(so)["tokens"] == 2 * 256  # overrides win
     assert "4 x 2 accum" in se  # 256 tokens = 8 sequences of 32 = micro batch 4 x 2 accumulation steps
+
+
+def test_keep_freed_memory_tunes_glibc_unless_the_user_did(monkeypatch):
+    import platform
+
+    from scalelm.train import keep_freed_memory
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # e.g. the memory probe's setting: left alone
+    assert keep_freed_memory() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    for k in [k for k in __import__("os").environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(k)
+    if platform.libc_ver()[0] == "glibc":
+        assert keep_freed_memory() is True
+    assert Config().train.keep_freed_memory is True
