@@ -5,7 +5,9 @@ forward, and keeps the residual stream, norms and their gradients in fp32. Stori
 in bf16 instead makes the whole forward and backward bf16 (norm statistics and the loss's
 log-softmax are still computed in fp32 inside the model), so there are no per-step casts and
 half the memory traffic; the optimizer owns fp32 copies, so small updates are not rounded
-away. On this project's CPU it is the fastest way to train (see README "Performance").
+away. On this project's CPU it trains at about bf16 autocast's speed with less memory traffic
+(README "Performance"); ``--train.master_weights=true`` turns it on in the trainer, which
+saves and loads checkpoints through :meth:`MasterWeights.fp32_view`.
 
     mw = MasterWeights(model)                 # casts the model's floating-point params to bf16
     opt = torch.optim.AdamW(mw.params, ...)   # the optimizer sees the fp32 masters
@@ -78,7 +80,3 @@ class MasterWeights:
             for mod, name, p in swapped:
                 mod._parameters[name] = p
             self.master_to_model()
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The fp32 masters, in model parameter order (what a checkpoint should store)."""
-        return {str(i): p.detach() for i, p in enumerate(self.params)}

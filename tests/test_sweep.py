@@ -126,7 +126,8 @@ def test_minutes_calibrate_on_this_machine(shakespeare, tmp_path):
                 "--no-dp-check", "--dry-run", *TINY)
     plan = json.loads(p.stdout)
     cal = plan["budget"]["calibration"]
-    assert cal["threads"] == 1 and cal["startup_seconds"] > 0.5 and all(v > 0 for v in cal["step_seconds"].values())
+    assert cal["threads"] == 1 and all(v > 0 for v in cal["step_seconds"].values())
+    assert "the probe run failed" not in p.stderr  # the fixed cost came from a real trainer run
     assert 0 < plan["budget"]["est_seconds"] <= 240
     assert sum(r["est_seconds"] for r in plan["runs"]) == pytest.approx(plan["budget"]["est_seconds"], rel=1e-2)
     assert {w for w in cal["step_seconds"]} >= {f"{r['n_layer']}x{r['width']}" for r in plan["runs"]}

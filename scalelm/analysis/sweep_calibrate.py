@@ -10,10 +10,13 @@ is then scaled until the predicted total fits the minutes.
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, Optional
 
 from ..config import Config
@@ -92,18 +95,13 @@ class StepTimer:
         return self._startup
 
     def _probe(self) -> Optional[float]:
-        import tempfile
-        from pathlib import Path
+        import torch
 
         m = self.family.member(self.family.head_dim)
+        env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), TOKENIZERS_PARALLELISM="false")
         with tempfile.TemporaryDirectory(prefix="scalelm-probe-") as tmp:
             cmd = self.probe_cmd(m, PROBE_STEPS, Path(tmp) / "run")
             t0 = time.perf_counter()
-            import os
-
-            import torch
-
-            env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), TOKENIZERS_PARALLELISM="false")
             p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             wall = time.perf_counter() - t0
         if p.returncode != 0:
