@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -122,3 +123,10 @@ def report(**row) -> None:
 def main_guard(fn) -> None:
     fn()
     destroy_parallel()  # only after success: a failing rank must not wait for the others
+    # The work is done and reported. Skip interpreter finalization: gloo's worker threads can
+    # still hold tensors then, and freeing them without a live interpreter aborts the process
+    # ("terminate called without an active exception"; see pytorch/pytorch PR 179291), which
+    # made a finished worker fail about one full-suite run in two under load.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
