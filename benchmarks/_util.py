@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
-from scalelm.analysis.hardware import LoadMeter, cpu_has_bf16, cpu_name  # noqa: E402
+from scalelm.hardware import LoadMeter, cpu_has_bf16, cpu_name  # noqa: E402
 
 BUSY = 0.15  # a sample is discarded when other processes used more than 15% of the cores
 
@@ -86,7 +86,7 @@ def machine(peaks: bool = True) -> dict:
     info = dict(cpu=cpu_name(), cores=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
                 python=platform.python_version(), bf16_native=cpu_has_bf16())
     if peaks:
-        from scalelm.analysis.hardware import cpu_peaks
+        from scalelm.hardware import cpu_peaks
 
         p = cpu_peaks()
         info.update(peak_fp32_gflops=round(p["fp32"] / 1e9, 1), peak_bf16_gflops=round(p["bf16"] / 1e9, 1),

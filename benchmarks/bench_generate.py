@@ -4,7 +4,7 @@
     python benchmarks/bench_generate.py --dtypes float32,bfloat16 --plain 6L-384   # the README table
     python benchmarks/bench_generate.py --quick            # small model, batch 1, few tokens
 
-For each model (random weights, moved to ``transformers`` with ``scalelm.hf.to_hf``), batch size
+For each model (random weights, moved to ``transformers`` with ``scalelm.model.hf.to_hf``), batch size
 and dtype: greedy decoding of ``--new-tokens`` tokens after a ``--prompt-len`` token prompt, end of
 text ignored, scalelm and HF alternating (who goes first alternates too), ``--rounds`` times.
 Reported: medians of decode tokens/s (tokens after the first, over the time after the first),
@@ -32,12 +32,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scalelm.checkpoint import atomic_write_text  # noqa: E402
 from scalelm.config import Config, ModelConfig, apply_preset  # noqa: E402
-from scalelm.generate import Generator  # noqa: E402
-from scalelm.hf import to_hf  # noqa: E402
+from scalelm.fileio import atomic_write_text  # noqa: E402
+from scalelm.generate.generator import Generator  # noqa: E402
+from scalelm.generate.sampling import SamplingParams  # noqa: E402
 from scalelm.model import GPT  # noqa: E402
-from scalelm.sampling import SamplingParams  # noqa: E402
+from scalelm.model.hf import to_hf  # noqa: E402
 
 MODELS = {
     # the char-shakespeare shape (6 layers, 384 wide) with the GPT-2 vocabulary

@@ -37,10 +37,10 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from scalelm.analysis.hardware import LoadMeter, cpu_name  # noqa: E402
-from scalelm.checkpoint import atomic_write_text  # noqa: E402
 from scalelm.data.prepare import prepare  # noqa: E402
 from scalelm.data.sources import Stats, open_source, stream  # noqa: E402
+from scalelm.fileio import atomic_write_text  # noqa: E402
+from scalelm.hardware import LoadMeter, cpu_name  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 CORPORA = {"tinyshakespeare": DATA / "tinyshakespeare" / "input.txt",

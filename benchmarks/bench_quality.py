@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from scalelm.analysis.hardware import LoadMeter, cpu_name  # noqa: E402
-from scalelm.checkpoint import atomic_write_text  # noqa: E402
+from scalelm.fileio import atomic_write_text  # noqa: E402
+from scalelm.hardware import LoadMeter, cpu_name  # noqa: E402
 
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 TARGETS = {  # nanoGPT README: val loss and the wall time it quotes

@@ -53,7 +53,7 @@ def _setup(parallel: dict, threads: int):
     from scalelm.data import BatchLoader
     from scalelm.distributed import init_parallel, parallelize
     from scalelm.model import GPT
-    from scalelm.optim import build_optimizer
+    from scalelm.train.optim import build_optimizer
 
     torch.set_num_threads(threads)
     cfg = Config()
@@ -158,7 +158,8 @@ def launch(nproc: int, args: list[str], threads: int) -> dict:
 
 def scaling(rounds: int, steps: int, warmup: int) -> dict:
     from _util import log, wait_quiet
-    from scalelm.analysis.hardware import LoadMeter
+
+    from scalelm.hardware import LoadMeter
 
     runs = {"1 proc x 2 threads": (1, {}, 2), "1 proc x 1 thread": (1, {}, 1),
             "2 procs x 1 thread, DDP": (2, LAYOUTS_2["ddp"], 1), "2 procs x 1 thread, FSDP2": (2, LAYOUTS_2["fsdp"], 1)}

@@ -18,13 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 
-from _util import BUSY, ROOT, RESULTS, log, machine, paired_ratio, wait_quiet, write_json
+from _util import (
+    BUSY,
+    RESULTS,
+    ROOT,
+    log,
+    machine,
+    paired_ratio,
+    wait_quiet,
+    write_json,
+)
 
 SHAPES = {"4x256": (4, 256, 4), "6x384": (6, 384, 6), "gpt2-124m": (12, 768, 12)}  # layers, width, heads
 SEQ, BATCH, VOCAB = 256, 8, 8192
@@ -54,7 +62,7 @@ def build(spec: dict):
     if spec["impl"] == "hf":
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from scalelm.hf import hf_config_dict
+        from scalelm.model.hf import hf_config_dict
 
         hf_cfg = AutoConfig.for_model(**hf_config_dict(cfg))
         model = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa").train()
@@ -69,7 +77,7 @@ def build(spec: dict):
     fused = spec.get("optimizer") == "fused"
     kw = dict(lr=1e-4, weight_decay=0.1, fused=True) if fused else dict(lr=1e-4, weight_decay=0.1, foreach=True)
     if spec.get("weights") == "bf16-master":
-        from scalelm.master_weights import MasterWeights
+        from scalelm.train.master_weights import MasterWeights
 
         master = MasterWeights(model, torch.bfloat16)
         opt = torch.optim.AdamW(master.params, **kw)
@@ -99,8 +107,8 @@ def worker(spec: dict) -> None:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from scalelm.analysis.hardware import LoadMeter
     from scalelm.analysis.memprobe import _status
+    from scalelm.hardware import LoadMeter
 
     torch.set_num_threads(int(spec["threads"]))
     base = _status("VmRSS")
@@ -190,7 +198,7 @@ def main() -> int:
         return 0
     import torch
 
-    from scalelm.analysis.hardware import cpu_has_bf16, cpu_peaks
+    from scalelm.hardware import cpu_has_bf16, cpu_peaks
     from scalelm.model import flops_per_token
 
     shapes = args.shapes.split(",") if args.shapes else (["4x256", "6x384"] if args.quick else list(SHAPES))

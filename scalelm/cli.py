@@ -21,16 +21,16 @@ from .errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("scalelm.demo", "prepare a corpus, train a small model for a few minutes, generate text"),
     "prepare": ("scalelm.data.prepare", "train a tokenizer and write token shards from a corpus"),
-    "train": ("scalelm.train", "train a model (one process, or many under torchrun)"),
-    "eval": ("scalelm.evaluate", "loss, perplexity and bits per byte of a checkpoint on a data split"),
-    "generate": ("scalelm.generate", "generate text from a checkpoint"),
-    "chat": ("scalelm.chat", "interactive multi-turn chat with a checkpoint"),
-    "convert": ("scalelm.hf", "convert checkpoints to and from Hugging Face transformers"),
-    "export": ("scalelm.distributed", "consolidate a sharded (DCP) checkpoint into a model directory"),
+    "train": ("scalelm.train.trainer", "train a model (one process, or many under torchrun)"),
+    "eval": ("scalelm.evaluate.lm", "loss, perplexity and bits per byte of a checkpoint on a data split"),
+    "generate": ("scalelm.generate.generator", "generate text from a checkpoint"),
+    "chat": ("scalelm.generate.chat", "interactive multi-turn chat with a checkpoint"),
+    "convert": ("scalelm.model.hf", "convert checkpoints to and from Hugging Face transformers"),
+    "export": ("scalelm.distributed.dcp", "consolidate a sharded (DCP) checkpoint into a model directory"),
     "plot": ("scalelm.analysis.plots", "plot loss and throughput curves of a run"),
     "plan": ("scalelm.analysis.planner", "memory, FLOPs and time per layout before you train"),
-    "sweep": ("scalelm.analysis.sweep", "run a scaling-law sweep within a compute budget"),
-    "report": ("scalelm.analysis.sweep", "fit scaling laws and plot a sweep's results"),
+    "sweep": ("scalelm.analysis.sweep.cli", "run a scaling-law sweep within a compute budget"),
+    "report": ("scalelm.analysis.sweep.cli", "fit scaling laws and plot a sweep's results"),
     "presets": ("scalelm.cli", "list the named model presets with their parameter counts"),
 }
 
@@ -45,7 +45,7 @@ def run_presets(args: argparse.Namespace) -> int:
     import torch
 
     from .config import Config, apply_preset
-    from .model import GPT
+    from .model.gpt import GPT
     from .presets import PRESETS
 
     rows = []

@@ -11,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
+
+import tomllib
 
 from .errors import UserError
 

@@ -88,7 +88,7 @@ def build_config(data, minutes: float, steps: int, device: str, seed: int, progr
 
 def measure_step_seconds(cfg, precision: str, device: torch.device, reps: int = 2) -> float:
     """Time a few training steps of a throwaway model of the demo's shape (the first is warm-up)."""
-    from .model import GPT
+    from .model.gpt import GPT
     from .precision import autocast_context
 
     with torch.random.fork_rng(devices=[]):
@@ -146,7 +146,7 @@ def default_prompt(input: str, data) -> str:
 
 def sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, top_k: int, seed: int) -> str:
     """Continue ``prompt`` with the generation engineer's ``generate_text``."""
-    from .generate import generate_text
+    from .generate.generator import generate_text
 
     return generate_text(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_k=top_k, seed=seed)
@@ -164,10 +164,12 @@ def _fresh_run_dir(run_dir: Path) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     from .analysis.plots import plot_runs
-    from .checkpoint import BEST, atomic_write_text, load_model_dir
     from .data.loader import TokenData
+    from .fileio import atomic_write_text
+    from .model.io import load_model_dir
     from .precision import pick_device, resolve_precision
-    from .train import Trainer
+    from .runs import BEST
+    from .train.trainer import Trainer
 
     if args.minutes <= 0:
         raise UserError("--minutes must be positive (e.g. --minutes 3)")
@@ -183,7 +185,7 @@ def run_demo(args: argparse.Namespace) -> int:
     run_dir = out / "run"
     _fresh_run_dir(run_dir)
     trainer = Trainer(cfg, data, run_dir)
-    from .train_state import write_run_config
+    from .train.state import write_run_config
 
     write_run_config(run_dir, cfg, data)
     summary = trainer.fit()

@@ -13,7 +13,6 @@ import tempfile
 from pathlib import Path
 
 
-
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -27,7 +27,7 @@ def pick_device(spec: str = "auto", option: str = "--train.device") -> torch.dev
 
 
 def _cpu_has_bf16() -> bool:
-    from .analysis.hardware import cpu_has_bf16
+    from .hardware import cpu_has_bf16
 
     return cpu_has_bf16()
 

@@ -10,7 +10,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # measured CPU peaks (scalelm.analysis.hardware) go to a per-session dir, not ~/.cache
+    # measured CPU peaks (scalelm.hardware) go to a per-session dir, not ~/.cache
     import tempfile
     os.environ.setdefault("SCALELM_CACHE_DIR", tempfile.mkdtemp(prefix="scalelm-test-cache-"))
 

@@ -1,6 +1,6 @@
 import pytest
 
-from scalelm.config import Config, ConfigError, load_toml, resolve
+from scalelm.config import ConfigError, load_toml, resolve
 
 
 def test_overrides_map_onto_fields():

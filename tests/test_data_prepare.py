@@ -5,9 +5,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from tokenizers import Tokenizer
 
-from conftest import run_cli
 from scalelm.data.loader import BatchLoader, DataError, TokenData
 from scalelm.data.prepare import parse_size, prepare
 from scalelm.data.readers import DataWarning

@@ -7,7 +7,13 @@ import random
 import pytest
 
 from scalelm.data import readers
-from scalelm.data.readers import DocSplitter, SourceError, Stats, cut_point, separator_regex
+from scalelm.data.readers import (
+    DocSplitter,
+    SourceError,
+    Stats,
+    cut_point,
+    separator_regex,
+)
 from scalelm.data.sources import open_source, stdlib_files, stream
 from scalelm.data.split import SplitPlan
 from scalelm.errors import UserError

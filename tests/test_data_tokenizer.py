@@ -5,9 +5,21 @@ import json
 import pytest
 from tokenizers import Tokenizer
 
-from scalelm.data.tokenizer import (EOT, PAD, UNK, TokenizerError, byte_tokenizer, char_tokenizer,
-                                    check_same_tokenizer, dtype_for_vocab, ensure_eot, load_tokenizer,
-                                    special_ids, train_bpe, vocab_size_of)
+from scalelm.data.tokenizer import (
+    EOT,
+    PAD,
+    UNK,
+    TokenizerError,
+    byte_tokenizer,
+    char_tokenizer,
+    check_same_tokenizer,
+    dtype_for_vocab,
+    ensure_eot,
+    load_tokenizer,
+    special_ids,
+    train_bpe,
+    vocab_size_of,
+)
 
 TEXT = "Hello, wörld! 😀 tabs\tand\nnew lines\r\n  indented: x = [1, 2]\n"
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from train_helpers import cli, one_thread  # noqa: F401 (fixture)
 
 

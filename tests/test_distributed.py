@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from scalelm.config import Config, ConfigError, ModelConfig, ParallelConfig
-from scalelm.distributed import (Layout, LayoutError, clip_grad_norm, grad_sync, init_parallel, parallelize,
-                                 resolve_layout, unwrap_model)
+from scalelm.distributed import (
+    Layout,
+    LayoutError,
+    clip_grad_norm,
+    grad_sync,
+    init_parallel,
+    parallelize,
+    resolve_layout,
+    unwrap_model,
+)
 from scalelm.model import GPT
 
 

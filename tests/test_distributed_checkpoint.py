@@ -6,7 +6,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import run_cli
 from dist_launch import DIST, ROOT, torchrun, worker_env
 
@@ -44,7 +43,7 @@ def test_fsdp_checkpoint_resumes_on_pipeline_and_one_process_and_exports(tmp_pat
 
     out = tmp_path / "exported"
     run_cli("export", tmp_path / "run", "--out", out)  # a RUN_DIR means its latest checkpoint
-    from scalelm.checkpoint import load_model_dir, load_weights
+    from scalelm.model.io import load_model_dir, load_weights
 
     sys.path.insert(0, str(DIST))
     import harness

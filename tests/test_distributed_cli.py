@@ -9,7 +9,6 @@ import subprocess
 import time
 
 import pytest
-
 from conftest import run_cli
 from dist_launch import ROOT, torchrun_cmd, worker_env
 from train_helpers import shakespeare_data

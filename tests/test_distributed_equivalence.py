@@ -1,13 +1,12 @@
 """Every layout trains exactly like one process on the same global batches (CPU, gloo).
 
 Each launch runs several checks in one torchrun job (a launch costs 3-7 s). The worker builds
-the model, AdamW (``scalelm.optim``) and ``BatchLoader`` itself, so these tests need no trainer.
+the model, AdamW (``scalelm.train.optim``) and ``BatchLoader`` itself, so these tests need no trainer.
 fp64 runs must agree to 1e-10 in every parameter after 3 steps with gradient accumulation and
 clipping; the fp32 run within 1e-5 in the loss.
 """
 
 import pytest
-
 from dist_launch import torchrun
 
 pytestmark = pytest.mark.distributed

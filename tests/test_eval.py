@@ -6,14 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from train_helpers import cli, make_char_data, one_thread, shakespeare_data  # noqa: F401 (fixture)
 
-from scalelm.checkpoint import save_model_dir
 from scalelm.config import ModelConfig
 from scalelm.data.loader import TokenData
 from scalelm.evaluate import evaluate
 from scalelm.model import GPT
-
-from train_helpers import cli, make_char_data, one_thread, shakespeare_data  # noqa: F401 (fixture)
+from scalelm.model.io import save_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import scalelm.model as M
+import scalelm.model.gpt as M
 from scalelm.config import ModelConfig
 
 LLAMA = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,

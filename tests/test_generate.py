@@ -4,10 +4,16 @@ import pytest
 import torch
 
 from scalelm.config import ModelConfig
-from scalelm.generate import GenerationError, Generator, generate_text
+from scalelm.generate.generator import GenerationError, Generator, generate_text
+from scalelm.generate.sampling import (
+    SamplingError,
+    SamplingParams,
+    filter_top_k,
+    filter_top_p,
+    next_token,
+)
+from scalelm.generate.textstream import TextStream
 from scalelm.model import GPT
-from scalelm.sampling import SamplingError, SamplingParams, filter_top_k, filter_top_p, next_token
-from scalelm.textstream import TextStream
 
 GREEDY = SamplingParams(temperature=0.0)
 V = 300  # the vocabulary of the `tiny_tokenizer_json` fixture
@@ -205,7 +211,7 @@ def test_compiled_decode_step_gives_the_same_tokens():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_decoding_copy_matches_the_model_and_leaves_it_alone(dtype):
-    from scalelm.inference import PackedLinear, pack_linears
+    from scalelm.generate.cpu_layout import PackedLinear, pack_linears
 
     m = tiny("gqa-rope").to(dtype)
     names = [n for n, _ in m.named_modules()]

@@ -9,15 +9,15 @@ import sys
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from scalelm import cli
-from scalelm.chat import PLAIN_STOPS, ChatFormat, fit_context
-from scalelm.checkpoint import save_model_dir
 from scalelm.config import ModelConfig
-from scalelm.generate import Generator
+from scalelm.generate.chat import PLAIN_STOPS, ChatFormat, fit_context
+from scalelm.generate.generator import Generator
+from scalelm.generate.sampling import SamplingParams
 from scalelm.model import GPT
-from scalelm.sampling import SamplingParams
+from scalelm.model.io import save_model_dir
 
 GREEDY = SamplingParams(temperature=0.0)
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # tiny models on a shared machine: no OpenMP contention

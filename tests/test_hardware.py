@@ -5,7 +5,7 @@ import sys
 import pytest
 import torch
 
-from scalelm.analysis import hardware as hw
+from scalelm import hardware as hw
 
 
 @pytest.fixture(autouse=True)

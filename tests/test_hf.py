@@ -6,15 +6,27 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from transformers import (AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel,  # noqa: E402
-                          LlamaConfig, LlamaForCausalLM)
-
 from conftest import run_cli  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+
 from scalelm import cli  # noqa: E402
-from scalelm.checkpoint import load_model_dir, save_model_dir  # noqa: E402
 from scalelm.config import ModelConfig  # noqa: E402
-from scalelm.hf import ConversionError, export_hf_dir, from_hf, import_hf_dir, to_hf  # noqa: E402
 from scalelm.model import GPT  # noqa: E402
+from scalelm.model.hf import (  # noqa: E402
+    ConversionError,
+    export_hf_dir,
+    from_hf,
+    import_hf_dir,
+    to_hf,
+)
+from scalelm.model.io import load_model_dir, save_model_dir  # noqa: E402
 
 V = 300  # the vocabulary of the `tiny_tokenizer_json` fixture
 HF_CONFIGS = {
@@ -145,7 +157,7 @@ def test_import_keeps_chat_template_and_eos(tmp_path, tiny_tokenizer_json):
     out = import_hf_dir(tmp_path / "hf", tmp_path / "ckpt")
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == template
     assert json.loads((out / "config.json").read_text())["hf"]["eos_token_id"] == [7, 9]
-    from scalelm.generate import Generator
+    from scalelm.generate.generator import Generator
     gen = Generator.from_checkpoint(out)
     assert gen.eos_ids == {7, 9} and gen.chat_template == template
     # and back out again: the template and the end tokens survive the export

@@ -2,8 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import scalelm.loss as L
-from scalelm.loss import IGNORE_INDEX, cross_entropy
+import scalelm.model.loss as L
+from scalelm.model.loss import IGNORE_INDEX, cross_entropy
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])

@@ -1,10 +1,9 @@
 import torch
+from train_helpers import one_thread  # noqa: F401 (fixture)
 
 from scalelm.config import ModelConfig
-from scalelm.master_weights import MasterWeights
 from scalelm.model import GPT
-
-from train_helpers import one_thread  # noqa: F401 (fixture)
+from scalelm.train.master_weights import MasterWeights
 
 CFG = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
 
@@ -63,7 +62,6 @@ def test_trainer_master_weights_learn_resume_exactly_and_save_fp32(tmp_path, sha
     """`--train.master_weights=true`: learns like bf16 autocast, a resumed run continues bit for bit,
     and checkpoints hold the fp32 masters (not the bf16 weights the model computes with)."""
     from safetensors.torch import load_file
-
     from train_helpers import TINY, cli, read_metrics, shakespeare_data
 
     data = shakespeare_data(shared_data, tmp_path / "data", chars=30_000)

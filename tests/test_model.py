@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from scalelm.config import Config, ModelConfig, apply_preset
-from scalelm.model import GPT, IGNORE_INDEX, KVCache, flops_per_token
+from scalelm.model import GPT, KVCache, flops_per_token
+from scalelm.model.loss import IGNORE_INDEX
 
 GPT2ISH = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
 LLAMAISH = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,

@@ -3,11 +3,16 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_cli
+
 from scalelm.analysis import planner
-from scalelm.analysis.memory import (Layout, estimate_memory, forward_saved_bytes, layer_saved_bytes,
-                                     param_split)
+from scalelm.analysis.memory import (
+    Layout,
+    estimate_memory,
+    forward_saved_bytes,
+    layer_saved_bytes,
+    param_split,
+)
 from scalelm.config import Config, ModelConfig, apply_preset
 from scalelm.model import GPT, flops_per_token
 

@@ -5,7 +5,12 @@ import math
 import numpy as np
 import pytest
 
-from scalelm.analysis.scaling_fit import FitError, chinchilla_optimum, fit_isoflop, fit_law
+from scalelm.analysis.scaling_fit import (
+    FitError,
+    chinchilla_optimum,
+    fit_isoflop,
+    fit_law,
+)
 
 TRUE = {"E": 1.2, "A": 60.0, "alpha": 0.32, "B": 90.0, "beta": 0.28}
 

@@ -10,15 +10,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import run_cli
-from scalelm.analysis.sweep_calibrate import StepTimer, plan_for_seconds
-from scalelm.analysis.sweep_plan import (Family, GridSettings, PlanError, auto_grid, count_params, kaplan_lr,
-                                         parse_count)
+
 from scalelm.analysis.scaling_fit import fit_law
-from scalelm.analysis.sweep_report import diagnose, pareto
-from scalelm.analysis.sweep_runner import PLAN, RECORDS, SYSTEM, make_plan, read_jsonl, run_overrides
-from scalelm.analysis.sweep_system import dp_configs, dp_efficiency
+from scalelm.analysis.sweep.calibrate import StepTimer, dp_configs, plan_for_seconds
+from scalelm.analysis.sweep.plan import (
+    Family,
+    GridSettings,
+    PlanError,
+    auto_grid,
+    count_params,
+    kaplan_lr,
+    parse_count,
+)
+from scalelm.analysis.sweep.report import diagnose, pareto
+from scalelm.analysis.sweep.runner import (
+    PLAN,
+    RECORDS,
+    SYSTEM,
+    make_plan,
+    read_jsonl,
+    run_overrides,
+)
+from scalelm.analysis.sweep.system import dp_efficiency
 from scalelm.config import Config, ModelConfig, resolve
 from scalelm.data.loader import TokenData
 from scalelm.model import GPT

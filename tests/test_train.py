@@ -7,14 +7,20 @@ import subprocess
 import sys
 
 import pytest
+from train_helpers import (  # noqa: F401 (fixture)
+    ONE_THREAD,
+    TINY,
+    cli,
+    make_char_data,
+    one_thread,
+    read_metrics,
+    shakespeare_data,
+)
 
 from scalelm.config import Config
 from scalelm.data.loader import TokenData
-from scalelm.optim import lr_at
-from scalelm.train import OutOfMemory, Trainer
-
-from train_helpers import (ONE_THREAD, TINY, cli, make_char_data, one_thread,  # noqa: F401 (fixture)
-                           read_metrics, shakespeare_data)
+from scalelm.train.optim import lr_at
+from scalelm.train.trainer import OutOfMemory, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +208,7 @@ def test_toml_config_file(tmp_path, data, one_thread):
 def test_keep_freed_memory_tunes_glibc_unless_the_user_did(monkeypatch):
     import platform
 
-    from scalelm.train import keep_freed_memory
+    from scalelm.train.trainer import keep_freed_memory
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # e.g. the memory probe's setting: left alone
     assert keep_freed_memory() is False

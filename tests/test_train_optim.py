@@ -4,14 +4,14 @@ import math
 
 import pytest
 import torch
+from train_helpers import one_thread, shakespeare_data  # noqa: F401 (fixture)
 
 from scalelm.config import Config, ConfigError, ModelConfig, OptimConfig
 from scalelm.data.loader import TokenData
 from scalelm.model import GPT
-from scalelm.optim import build_optimizer, lr_at, param_groups
-from scalelm.train import Trainer, batch_geometry, resolve_precision
-
-from train_helpers import one_thread, shakespeare_data  # noqa: F401 (fixture)
+from scalelm.precision import resolve_precision
+from scalelm.train.optim import build_optimizer, lr_at, param_groups
+from scalelm.train.trainer import Trainer, batch_geometry
 
 
 def test_param_groups_decay_only_linear_weights():
@@ -30,7 +30,9 @@ def test_param_groups_decay_only_linear_weights():
 def test_param_groups_untied_head_is_decayed_and_wrappers_do_not_matter():
     m = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, tie_embeddings=False,
                         bias=False, norm="rmsnorm"))
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        checkpoint_wrapper,
+    )
 
     m.blocks["0"] = checkpoint_wrapper(m.blocks["0"])
     groups = {g["name"]: g for g in param_groups(m, 0.1)}

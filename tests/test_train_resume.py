@@ -9,10 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
-from train_helpers import (ONE_THREAD, TINY, cli, make_char_data, one_thread, read_metrics,  # noqa: F401
-                           shakespeare_data)
+from train_helpers import (  # noqa: F401
+    ONE_THREAD,
+    TINY,
+    cli,
+    make_char_data,
+    one_thread,
+    read_metrics,
+    shakespeare_data,
+)
 
 # dropout on, so an unrestored RNG would show; fp32 so the comparison can be bitwise
 RESUME = TINY + ["--model.n_embd=64", "--model.block_size=64", "--train.micro_batch_size=8",

@@ -1,1 +1,1 @@
-"""Analysis: hardware peaks, the memory/FLOPs planner, plots, scaling sweeps and fits."""
+"""Analysis: the memory model and planner, the memory probe, plots, scaling sweeps and fits."""

@@ -77,7 +77,7 @@ class ParamSplit:
 
 
 def param_split(cfg: ModelConfig) -> ParamSplit:
-    from ..model import GPT
+    from ..model.gpt import GPT
 
     with torch.device("meta"):
         m = GPT(cfg)
@@ -139,7 +139,7 @@ def head_transient_bytes(cfg: ModelConfig, precision: str) -> float:
 
 def loss_workspace_bytes(cfg: ModelConfig, tokens: int, device_type: str) -> float:
     """fp32 chunk buffers of the loss's backward (two chunks of rows, see ``scalelm.loss``)."""
-    from ..loss import CHUNK_BYTES, DEFAULT_CHUNK_BYTES
+    from ..model.loss import CHUNK_BYTES, DEFAULT_CHUNK_BYTES
 
     chunk = CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES)
     rows = min(tokens, max(1, chunk // (4 * cfg.vocab_size)))

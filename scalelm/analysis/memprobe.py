@@ -40,7 +40,9 @@ def _wrap_ac(model) -> None:
     if apply_ac is not None:
         apply_ac(model)
         return
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        checkpoint_wrapper,
+    )
 
     for key in list(model.blocks):
         model.blocks[key] = checkpoint_wrapper(model.blocks[key])
@@ -51,7 +53,7 @@ def run(spec: dict) -> dict:
     import torch
 
     from ..config import ModelConfig
-    from ..model import GPT
+    from ..model.gpt import GPT
 
     torch.manual_seed(0)
     torch.set_num_threads(int(spec.get("threads", torch.get_num_threads())))

@@ -3,7 +3,7 @@ before a GPU-hour is spent, and the cheapest layout that fits.
 
 Memory comes from :mod:`scalelm.analysis.memory` (validated against the real model),
 FLOPs from :func:`scalelm.model.flops_per_token` (exact matmul FLOPs), peaks and link
-bandwidths from :mod:`scalelm.analysis.hardware`. Step time is a roofline estimate: compute
+bandwidths from :mod:`scalelm.hardware`. Step time is a roofline estimate: compute
 at an assumed fraction of peak, data-parallel traffic overlapped with it, tensor- and
 pipeline-parallel traffic and the pipeline bubble on the critical path.
 """
@@ -20,7 +20,7 @@ from typing import Optional
 
 from ..config import Config, ModelConfig, resolve
 from ..errors import UserError
-from .hardware import DeviceSpec, device_spec
+from ..hardware import DeviceSpec, device_spec
 from .memory import Layout, MemoryEstimate, ParamSplit, estimate_memory, param_split
 
 PHASE = {"loss backward": "loss-bwd", "layer backward": "layer-bwd", "first layer backward": "layer0-bwd",
@@ -143,7 +143,7 @@ def evaluate(setup: Setup, layout: Layout) -> Plan:
     accum = setup.global_batch // (B * r * s)
     mem = estimate_memory(cfg, layout, B, T, setup.precision, accum, setup.schedule,
                           setup.seq_parallel, split, device_type=setup.device_type)
-    from ..model import flops_per_token
+    from ..model.gpt import flops_per_token
 
     tokens_step = setup.global_batch * T
     flops_step = flops_per_token(cfg, T) * tokens_step
@@ -230,7 +230,7 @@ def recommend(plans: list[Plan], setup: Setup) -> tuple[Optional[Plan], str]:
            f"with the shortest estimated step: {best.times['step']:.3g} s, "
            f"{best.tokens_per_s:,.0f} tokens/s, MFU {best.mfu:.0%}"]
     if best.times["step"] > fastest:
-        why.append(f"within 3% of the fastest and simpler to run")
+        why.append("within 3% of the fastest and simpler to run")
     no_ac = [p for p in plans if not p.layout.ac]
     if best.layout.ac and not any(p.fits for p in no_ac):
         why.append("activation checkpointing is needed: no layout fits without it")
@@ -273,7 +273,7 @@ def assumptions(setup: Setup) -> list[str]:
         "latency ignored",
         "data-parallel traffic overlaps compute; tensor-parallel all-reduces, pipeline sends and the "
         f"pipeline bubble ({setup.schedule}) do not",
-        f"training state: fp32 weights, fp32 gradients, fp32 AdamW moments (16 bytes a parameter); "
+        "training state: fp32 weights, fp32 gradients, fp32 AdamW moments (16 bytes a parameter); "
         + ("bf16 autocast (FSDP2: bf16 gathered parameters, fp32 gradient reduction)" if setup.precision != "fp32"
            else "fp32 compute"),
         "gradient accumulation keeps unsharded gradients until the last micro-batch (DDP no_sync, FSDP2 "
@@ -370,7 +370,7 @@ def _local_gpu_kind() -> Optional[str]:
     """The kind of this machine's GPU, when it has a known one (the default for --device-kind)."""
     import torch
 
-    from .hardware import gpu_kind
+    from ..hardware import gpu_kind
 
     return gpu_kind(torch.cuda.get_device_name(0)) if torch.cuda.is_available() else None
 

@@ -11,9 +11,9 @@ import argparse
 import json
 from pathlib import Path
 
-from ..checkpoint import atomic_write
 from ..errors import UserError
-from ..metrics import read_metrics
+from ..fileio import atomic_write
+from ..train.metrics import read_metrics
 
 
 def _series(records: list[dict], key: str, x: str) -> tuple[list, list]:

@@ -32,12 +32,31 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .. import __version__
-from ..fileio import publish_dir
 from ..errors import UserError
-from .sources import ON_INVALID, STDLIB_MAX_BYTES, DataWarning, SourceError, Stats, open_source, stream, utf8_len
+from ..fileio import publish_dir
+from .sources import (
+    ON_INVALID,
+    STDLIB_MAX_BYTES,
+    DataWarning,
+    SourceError,
+    Stats,
+    open_source,
+    stream,
+    utf8_len,
+)
 from .split import MODES, SplitPlan
-from .tokenizer import (DEFAULT_BPE_VOCAB, KINDS, byte_tokenizer, char_tokenizer, dtype_for_vocab, ensure_eot,
-                        load_tokenizer, tokenizer_sha256, train_bpe, vocab_size_of)
+from .tokenizer import (
+    DEFAULT_BPE_VOCAB,
+    KINDS,
+    byte_tokenizer,
+    char_tokenizer,
+    dtype_for_vocab,
+    ensure_eot,
+    load_tokenizer,
+    tokenizer_sha256,
+    train_bpe,
+    vocab_size_of,
+)
 
 FORMAT, VERSION = "scalelm-data", 1
 SPLITS = ("train", "val")

@@ -14,8 +14,21 @@ import sysconfig
 from pathlib import Path
 from typing import Iterator, Optional
 
-from .readers import (ON_INVALID, DataWarning, SourceError, Stats, file_format, read_json_array, read_jsonl,
-                      read_parquet, read_text, rows_pieces, separator_regex, sha256_file, utf8_len)
+from .readers import (
+    ON_INVALID,
+    DataWarning,
+    SourceError,
+    Stats,
+    file_format,
+    read_json_array,
+    read_jsonl,
+    read_parquet,
+    read_text,
+    rows_pieces,
+    separator_regex,
+    sha256_file,
+    utf8_len,
+)
 
 __all__ = ["DataWarning", "ON_INVALID", "STDLIB_MAX_BYTES", "Source", "SourceError", "Stats", "open_source",
            "stdlib_files", "stream", "utf8_len"]

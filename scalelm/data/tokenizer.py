@@ -144,7 +144,7 @@ def load_tokenizer(path_or_dir: str | Path) -> "Tokenizer":
         if any((p / f).is_file() for f in hf_files):
             return _from_hf_dir(p)
         if any(p.glob("ckpt-*/tokenizer.json")):  # a RUN_DIR: its latest checkpoint's tokenizer
-            from ..checkpoint import latest_checkpoint
+            from ..runs import latest_checkpoint
 
             ckpt = latest_checkpoint(p)
             if ckpt is not None and (ckpt / "tokenizer.json").is_file():

@@ -1,6 +1,7 @@
 """Scale out on ``torch.distributed``: device mesh, DDP / FSDP2 / TP / PP applied from outside
 the model, gradient sync for accumulation, clipping across shards and stages, and (in
-``dcp``) sharded checkpoints with the ``scalelm export`` command.
+``dcp``) layout-free DCP state dicts with the ``scalelm export`` command. Imports ``model/``,
+never ``train/``: the trainer's sharded checkpoints are ``scalelm.train.sharded_state``.
 
 The seam the trainer uses::
 
@@ -12,16 +13,40 @@ The seam the trainer uses::
     destroy_parallel(ctx)
 """
 
-from .mesh import (MESH_DIMS, Layout, LayoutError, ParallelContext, all_reduce_mean_loss, destroy_parallel,
-                   init_parallel, resolve_layout)
-from .dcp import (add_export_parser, consolidated_model, is_sharded_checkpoint, load_full_training_checkpoint,
-                  load_sharded_checkpoint, run_export, save_full_model_dir, save_sharded_checkpoint)
-from .parallelize import (apply_ac, apply_compile, apply_ddp, apply_fsdp, apply_tp, clip_grad_norm, grad_norm,
-                          grad_sync, model_parts, parallelize, unwrap_model)
+from .dcp import (
+                   add_export_parser,
+                   is_sharded_checkpoint,
+                   run_export,
+                   save_full_model_dir,
+                   training_state_dicts,
+)
+from .mesh import (
+                   MESH_DIMS,
+                   Layout,
+                   LayoutError,
+                   ParallelContext,
+                   all_reduce_mean_loss,
+                   destroy_parallel,
+                   init_parallel,
+                   resolve_layout,
+)
+from .parallelize import (
+                   apply_ac,
+                   apply_compile,
+                   apply_ddp,
+                   apply_fsdp,
+                   apply_tp,
+                   clip_grad_norm,
+                   grad_norm,
+                   grad_sync,
+                   model_parts,
+                   parallelize,
+                   unwrap_model,
+)
 
 __all__ = [
-    "add_export_parser", "consolidated_model", "is_sharded_checkpoint", "load_full_training_checkpoint",
-    "load_sharded_checkpoint", "run_export", "save_full_model_dir", "save_sharded_checkpoint", "MESH_DIMS", "Layout", "LayoutError", "ParallelContext", "all_reduce_mean_loss", "apply_ac",
+    "add_export_parser", "is_sharded_checkpoint", "run_export", "save_full_model_dir", "training_state_dicts",
+    "MESH_DIMS", "Layout", "LayoutError", "ParallelContext", "all_reduce_mean_loss", "apply_ac",
     "apply_compile", "apply_ddp", "apply_fsdp", "apply_tp", "clip_grad_norm", "destroy_parallel", "grad_norm",
     "grad_sync", "init_parallel", "model_parts", "parallelize", "resolve_layout", "unwrap_model",
 ]

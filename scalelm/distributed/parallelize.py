@@ -25,9 +25,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import Config
-from ..model import GPT
+from ..model.gpt import GPT
 from .mesh import ParallelContext
-
 
 # ----------------------------------------------------------------------------- the pieces
 
@@ -37,8 +36,13 @@ def apply_tp(model: GPT, tp_mesh, sequence_parallel: bool = False) -> None:
     LM head stay replicated. With sequence parallel the residual stream between the column and
     row projections is split along the sequence, so norms and dropout run on 1/tp of it."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
-                                                   SequenceParallel, parallelize_module)
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
 
     sp = sequence_parallel
     out = Shard(1) if sp else Replicate()
@@ -99,7 +103,9 @@ def _replicate_rest(model: GPT, tp_mesh, skip_block_norms: bool) -> None:
 
 def apply_ac(model: GPT) -> None:
     """Recompute each block's activations in the backward (memory for compute)."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        checkpoint_wrapper,
+    )
 
     for key in list(model.blocks.keys()):
         model.blocks[key] = checkpoint_wrapper(model.blocks[key])
@@ -186,7 +192,7 @@ def parallelize(model: GPT, cfg: Config, ctx: ParallelContext) -> nn.Module:
     if ctx.pp > 1:
         from .pipeline import build_pipeline
 
-        return build_pipeline(model, cfg, ctx)
+        return build_pipeline(model, cfg, ctx, parallelize_part)
     return parallelize_part(model, cfg, ctx)
 
 

@@ -22,10 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import Config
-from ..loss import cross_entropy
-from ..model import GPT
+from ..model.gpt import GPT
+from ..model.loss import cross_entropy
 from .mesh import LayoutError, ParallelContext, virtual_stages
-from .parallelize import parallelize_part
 
 
 class StageModule(nn.Module):
@@ -121,7 +120,11 @@ class PipelineModel(nn.Module):
         self.tie_group = _tie_group(ctx) if self.tied else None
 
     def _build_schedule(self, rows: int) -> None:
-        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+        from torch.distributed.pipelining import (
+            Schedule1F1B,
+            ScheduleGPipe,
+            ScheduleInterleaved1F1B,
+        )
 
         pp = self.ctx.pp
         if self.microbatches_cfg:
@@ -220,8 +223,12 @@ def _recv(src: int, device: torch.device) -> torch.Tensor:
     return t
 
 
-def build_pipeline(model: GPT, cfg: Config, ctx: ParallelContext) -> PipelineModel:
-    """Cut ``model`` into ``pp * virtual`` stages, keep this rank's, parallelize each one."""
+def build_pipeline(model: GPT, cfg: Config, ctx: ParallelContext, parallelize_part) -> PipelineModel:
+    """Cut ``model`` into ``pp * virtual`` stages, keep this rank's, parallelize each one.
+
+    ``parallelize_part(gpt, cfg, ctx, root=, in_pipeline=True)`` applies TP/AC/compile/FSDP to a
+    stage (``parallelize.parallelize_part``); it is passed in so that this module stays below
+    ``parallelize``, which calls it."""
     v = virtual_stages(cfg.parallel)
     n_stages = ctx.pp * v
     layers = split_layers(model.cfg.n_layer, n_stages)

@@ -17,7 +17,7 @@ from scalelm.data import BatchLoader
 from scalelm.distributed import (all_reduce_mean_loss, clip_grad_norm, destroy_parallel, grad_sync, init_parallel,
                                  model_parts, parallelize)
 from scalelm.model import GPT
-from scalelm.optim import build_optimizer
+from scalelm.train.optim import build_optimizer
 
 STYLES = {
     "gpt2": dict(vocab_size=64, block_size=16, n_layer=4, n_head=4, n_embd=32, pos_embedding="learned",

@@ -15,8 +15,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import main_guard, make_cfg, report, setup, train_steps  # noqa: E402
 
-from scalelm.distributed.dcp import (is_sharded_checkpoint, load_full_training_checkpoint,  # noqa: E402
-                                     load_sharded_checkpoint, save_sharded_checkpoint)
+from scalelm.distributed.dcp import is_sharded_checkpoint
+from scalelm.train.sharded_state import (load_full_training_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint)
 
 
 def main():
@@ -32,7 +32,7 @@ def main():
         if ctx.distributed:
             save_sharded_checkpoint(ckpt.parent, 2, model, opt, None, state, ctx)
         else:  # the single-process trainer's format
-            from scalelm import train_state as ts
+            from scalelm.train import state as ts
 
             ts.save_checkpoint(ckpt.parent, 2, model, opt, None, state)
     else:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from ..config import ModelConfig
 from .loss import IGNORE_INDEX, cross_entropy  # noqa: F401  (IGNORE_INDEX is re-exported)
 
 

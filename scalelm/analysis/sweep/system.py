@@ -12,46 +12,25 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Optional
 
-from ..errors import UserError
-from .sweep_plan import Family
-from .sweep_runner import (SYSTEM, SweepLock, append_jsonl, base_config, metrics_stats, read_jsonl,
-                           run_overrides, run_process)
-
-DP_STEPS = 30
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def dp_configs(device_type: str, gpus: int = 0, cores: Optional[int] = None) -> list[tuple[str, int, Optional[int]]]:
-    """(name, processes, threads per process); threads is None on GPUs."""
-    if device_type == "cuda":
-        counts = [p for p in (1, 2, 4, 8) if p <= gpus]
-        return [(f"{p}gpu", p, None) for p in counts] if len(counts) > 1 else []
-    cores = cores or usable_cores()
-    procs = [p for p in (2, 4) if p <= cores]
-    if not procs:
-        return []
-    return [("1x1", 1, 1)] + [(f"{p}x1", p, 1) for p in procs] + [(f"1x{procs[-1]}", 1, procs[-1])]
-
-
-def dp_check_seconds(family: Family, timer) -> float:
-    """What the check will cost (for ``--minutes``): start-ups plus steps of a mid-size member."""
-    configs = dp_configs("cpu")
-    mid = family.member(4 * family.head_dim)
-    return len(configs) * (timer.startup_seconds() + 5) + 1.5 * len(configs) * DP_STEPS * timer.step_seconds(mid)
+from ...errors import UserError
+from .calibrate import DP_STEPS, dp_configs
+from .runner import (
+    SYSTEM,
+    SweepLock,
+    append_jsonl,
+    base_config,
+    metrics_stats,
+    read_jsonl,
+    run_overrides,
+    run_process,
+)
 
 
 def dp_check(plan: dict, out: Path, lock: SweepLock, verbose: bool = False) -> None:
     import torch
 
-    from ..train import pick_device
+    from ...precision import pick_device
 
     device = pick_device(base_config(plan["recipe"]["overrides"]).train.device)
     configs = dp_configs(device.type, torch.cuda.device_count() if device.type == "cuda" else 0)

@@ -17,7 +17,7 @@ context, the window slides: the last 3/4 of the context is prefilled again and d
 continues (learned positions cannot go beyond ``block_size``).
 
 The ``scalelm generate`` command is at the end of this file; ``scalelm chat`` is in
-:mod:`scalelm.chat`.
+:mod:`scalelm.generate.chat`.
 """
 
 from __future__ import annotations
@@ -30,11 +30,12 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from .checkpoint import TOKENIZER, load_model_dir, resolve_checkpoint
-from .errors import UserError
-from .inference import compile_decode_step, pack_linears, shallow_copy, should_pack
-from .model import GPT, KVCache
-from .precision import pick_device
+from ..errors import UserError
+from ..model.gpt import GPT, KVCache
+from ..model.io import load_model_dir
+from ..precision import pick_device
+from ..runs import TOKENIZER, resolve_checkpoint
+from .cpu_layout import compile_decode_step, pack_linears, shallow_copy, should_pack
 from .sampling import SamplingParams, next_token
 from .textstream import TextStream
 
@@ -131,7 +132,7 @@ class Generator:
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], tokenizer: Optional[Union[str, Path]] = None,
                         device: str = "auto", dtype: str = "auto", compile: bool = False) -> "Generator":
-        from .hf import special_token_ids
+        from ..model.hf import special_token_ids
 
         ckpt = resolve_checkpoint(path)
         dev = pick_device(device, option="--device")

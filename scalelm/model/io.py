@@ -1,4 +1,4 @@
-"""The checkpoint directory format and atomic file writes.
+"""The model directory format: safetensors weights, ``config.json`` and the tokenizer.
 
 A model directory holds ``model.safetensors`` (weights; a tied LM head is stored once, as the
 embedding), ``config.json`` (``{"format": "scalelm", "model": {...}}``) and, when known,
@@ -19,19 +19,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
-from .fileio import atomic_write, atomic_write_bytes, atomic_write_text, fsync_dir, publish_dir  # noqa: F401
-from .config import ConfigError, ModelConfig, _coerce, _field_types
-from .model import GPT
+from ..config import ConfigError, ModelConfig, _coerce, _field_types
+from ..errors import CheckpointError
+from ..fileio import publish_dir
+from ..runs import CONFIG, DCP_METADATA, TOKENIZER, WEIGHTS, resolve_checkpoint
+from .gpt import GPT
 
 FORMAT = "scalelm"
-WEIGHTS = "model.safetensors"
-CONFIG = "config.json"
-TOKENIZER = "tokenizer.json"
-
-
-class CheckpointError(UserError):
-    """A checkpoint that is missing, corrupt, or does not match the model."""
 
 
 # ----------------------------------------------------------------------------- model dirs
@@ -130,9 +124,7 @@ def load_model_dir(ckpt_dir: str | Path, device="cpu", dtype: Optional[torch.dty
     """Build the model from ``config.json`` (or ``model_cfg``) and load its weights strictly."""
     d = Path(ckpt_dir)
     cfg = model_cfg or read_model_config(d)
-    if not (d / WEIGHTS).is_file() and (d / "dcp" / ".metadata").is_file():
-        from .distributed.dcp import consolidated_model  # a sharded training checkpoint (torchrun)
-
+    if not (d / WEIGHTS).is_file() and (d / DCP_METADATA).is_file():  # a sharded training checkpoint (torchrun)
         return consolidated_model(d, device=device, dtype=dtype or torch.get_default_dtype())
     model = GPT(cfg)
     load_state_dict_into(model, load_weights(d / WEIGHTS), source=str(d / WEIGHTS))
@@ -140,47 +132,42 @@ def load_model_dir(ckpt_dir: str | Path, device="cpu", dtype: Optional[torch.dty
     return model
 
 
+def consolidated_model(ckpt: str | Path, device="cpu", dtype: Optional[torch.dtype] = None):
+    """Build the plain ``GPT`` of a sharded checkpoint in this process (no process group needed)."""
+    import torch.distributed.checkpoint as dcp  # torch's reader: no process group, nothing from scalelm.distributed
+
+    ckpt = Path(ckpt)
+    cfg = read_model_config(ckpt)
+    try:
+        meta = dcp.FileSystemReader(str(ckpt / DCP_METADATA.parent)).read_metadata().state_dict_metadata
+        saved_dtype = meta["model.tok_emb.weight"].properties.dtype  # build the model as it was saved
+    except Exception as e:
+        raise CheckpointError(f"{ckpt / DCP_METADATA.parent} is corrupt or incomplete: {str(e).splitlines()[0][:300]}") from None
+    with torch.device("meta"):
+        model = GPT(cfg).to(saved_dtype)
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        model.reset_parameters()  # recomputes the non-persistent RoPE tables; weights are loaded next
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    sd = {k: v for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    try:
+        dcp.load({"model": sd}, checkpoint_id=str(ckpt / DCP_METADATA.parent), no_dist=True)
+    except Exception as e:
+        raise CheckpointError(f"could not read the weights in {ckpt / DCP_METADATA.parent}: {str(e).splitlines()[0][:400]}") from None
+    return model.to(device=device, dtype=dtype) if dtype else model.to(device)
+
+
 def read_tokenizer_json(ckpt_dir: str | Path) -> Optional[str]:
     p = Path(ckpt_dir) / TOKENIZER
     return p.read_text() if p.is_file() else None
 
 
-# ----------------------------------------------------------------------------- run dirs
-
-LATEST = "latest"  # RUN_DIR/latest names the newest complete checkpoint directory
-BEST = "best"  # RUN_DIR/best is a model dir of the best validation loss so far
 
 
-def ckpt_name(step: int) -> str:
-    return f"ckpt-{step:08d}"
+def load_model(path: str | Path, device="cpu", dtype: Optional[torch.dtype] = None) -> GPT:
+    """The ``GPT`` of a model directory, or of a RUN_DIR's latest checkpoint."""
+    return load_model_dir(resolve_checkpoint(path), device=device, dtype=dtype)
 
 
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary dirs start with '.')."""
-    d = Path(run_dir)
-    return sorted(p for p in d.glob("ckpt-*") if p.is_dir() and (p / CONFIG).is_file())
-
-
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    d = Path(run_dir)
-    marker = d / LATEST
-    if marker.is_file():
-        p = d / marker.read_text().strip()
-        if (p / CONFIG).is_file():
-            return p
-    ckpts = list_checkpoints(d)  # marker missing or stale: fall back to the newest complete one
-    return ckpts[-1] if ckpts else None
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A model directory, or a RUN_DIR meaning its latest checkpoint."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    if (p / CONFIG).is_file() and ((p / WEIGHTS).is_file() or (p / "dcp" / ".metadata").is_file()):
-        return p  # a model dir, or a sharded checkpoint that load_model_dir consolidates
-    latest = latest_checkpoint(p)
-    if latest is None:
-        raise CheckpointError(f"{p} holds no checkpoint (expected {WEIGHTS} + {CONFIG}, "
-                              f"or a run directory with {ckpt_name(0).replace('0' * 8, '<step>')}/ inside)")
-    return latest
+save_model = save_model_dir

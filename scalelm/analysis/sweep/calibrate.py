@@ -19,9 +19,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import Config
-from .sweep_plan import Family, GridSettings, Member, PlanError, RunSpec, auto_grid
-
+from ...config import Config
+from .plan import Family, GridSettings, Member, PlanError, RunSpec, auto_grid
 
 PROBE_STEPS = 3
 
@@ -50,9 +49,9 @@ class StepTimer:
     def _measure(self, m: Member) -> float:
         import torch
 
-        from ..model import GPT
-        from ..optim import build_optimizer
-        from ..train import autocast_context, pick_device, resolve_precision
+        from ...model.gpt import GPT
+        from ...precision import autocast_context, pick_device, resolve_precision
+        from ...train.optim import build_optimizer
 
         device = pick_device(self.cfg.train.device)
         autocast = autocast_context(resolve_precision(self.cfg.train.precision, device), device)
@@ -147,3 +146,34 @@ def plan_for_seconds(family: Family, seconds: float, tokens_per_step: int, g: Gr
                         f"{timer.startup_seconds():.0f} s to start and needs {g.min_steps} steps; "
                         f"give more --minutes, fewer --levels/--per-level, or smaller --model.block_size")
     return best
+
+
+# ----------------------------------------------------------------------------- the data-parallel check's cost
+
+DP_STEPS = 30
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def dp_configs(device_type: str, gpus: int = 0, cores: Optional[int] = None) -> list[tuple[str, int, Optional[int]]]:
+    """(name, processes, threads per process); threads is None on GPUs."""
+    if device_type == "cuda":
+        counts = [p for p in (1, 2, 4, 8) if p <= gpus]
+        return [(f"{p}gpu", p, None) for p in counts] if len(counts) > 1 else []
+    cores = cores or usable_cores()
+    procs = [p for p in (2, 4) if p <= cores]
+    if not procs:
+        return []
+    return [("1x1", 1, 1)] + [(f"{p}x1", p, 1) for p in procs] + [(f"1x{procs[-1]}", 1, procs[-1])]
+
+
+def dp_check_seconds(family: Family, timer) -> float:
+    """What the check will cost (for ``--minutes``): start-ups plus steps of a mid-size member."""
+    configs = dp_configs("cpu")
+    mid = family.member(4 * family.head_dim)
+    return len(configs) * (timer.startup_seconds() + 5) + 1.5 * len(configs) * DP_STEPS * timer.step_seconds(mid)

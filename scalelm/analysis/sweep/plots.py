@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..fileio import atomic_write
-from .sweep_plan import Family
-from .sweep_report import MULTIPLIERS, FamilyCosts, pareto
+from ...fileio import atomic_write
+from .plan import Family
+from .report import MULTIPLIERS, FamilyCosts, pareto
 
 
 def _save(fig, path: Path) -> str:

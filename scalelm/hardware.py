@@ -332,9 +332,9 @@ def cpu_peaks(refresh: bool = False) -> dict:
     if peaks["other_load"] > BUSY_LIMIT:  # a low peak would inflate every MFU computed from it
         warnings.warn(f"CPU peak FLOP/s measured while other processes used {peaks['other_load']:.0%} of "
                       f"the cores: it is too low (MFU too high) and is not cached; it is measured again "
-                      f"next time (or run `python -m scalelm.analysis.hardware` on a quiet machine)")
+                      f"next time (or run `python -m scalelm.hardware` on a quiet machine)")
     else:
-        from ..fileio import atomic_write_text
+        from .fileio import atomic_write_text
 
         cached[key] = peaks
         try:
@@ -360,11 +360,11 @@ def device_spec(kind: str) -> DeviceSpec:
                           ("shared memory (gloo), at the measured copy bandwidth / 2",
                            p["mem_bandwidth"] / 2), ETH_25G,
                           notes="" if p["bf16_native"] else "no native bf16: use fp32")
-    from ..errors import UserError
+    from .errors import UserError
 
     raise UserError(f"unknown device kind '{kind}'; known: cpu, {', '.join(GPUS)}")
 
 
-if __name__ == "__main__":  # measure and cache this machine's peaks: python -m scalelm.analysis.hardware
+if __name__ == "__main__":  # measure and cache this machine's peaks: python -m scalelm.hardware
     p = cpu_peaks(refresh=True)
     print(json.dumps({k: v for k, v in p.items()}, indent=2))

@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoint import atomic_write_text
-from .errors import UserError
+from ..errors import UserError
+from ..fileio import atomic_write_text
 
 METRICS = "metrics.jsonl"
 
@@ -33,7 +33,7 @@ def peak_memory_mb(device: torch.device) -> float:
 def peak_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
     """The device's peak FLOP/s for ``dtype`` (GPU table or measured CPU matmul), or None."""
     try:
-        from .analysis.hardware import peak_flops as hw_peak
+        from ..hardware import peak_flops as hw_peak
     except ImportError:
         return None
     try:

@@ -18,13 +18,42 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import UserError
-from .sweep_plan import human
-from .sweep_runner import PLAN, RECORDS, SweepLock, controlled_key_error, make_plan, read_jsonl, run_all
-from .sweep_system import dp_check
-
+from ...errors import UserError
+from ...fileio import atomic_write_text
+from .plan import human
+from .runner import (
+    PLAN,
+    RECORDS,
+    SweepLock,
+    controlled_key_error,
+    make_plan,
+    read_jsonl,
+    run_all,
+)
+from .system import dp_check
 
 # ----------------------------------------------------------------------------- sweep
+
+def build_report(out: Path, bootstrap: int = 200, seed: int = 0) -> dict:
+    """Fit, predict, plot and write ``fit.json`` + ``report.md``; returns {"summary", "text"}."""
+    from .plots import plot_all  # matplotlib: imported only when a report is written
+    from .report import analyze, json_default
+    from .runner import SYSTEM
+    from .text import render
+
+    out = Path(out)
+    plan = json.loads((out / PLAN).read_text())
+    records = read_jsonl(out / RECORDS)
+    system = read_jsonl(out / SYSTEM)
+    res = analyze(plan, records, system, bootstrap, seed)
+    pngs = plot_all(out, plan, records, res) if res["runs_done"] else []
+    summary = {k: v for k, v in res.items() if not k.startswith("_")}
+    summary["plots"] = pngs
+    text = render(plan, records, summary, res)
+    atomic_write_text(out / "fit.json", json.dumps(summary, indent=2, default=json_default) + "\n")
+    atomic_write_text(out / "report.md", text)
+    return {"summary": json.loads(json.dumps(summary, default=json_default)), "text": text}
+
 
 def add_sweep_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="a DATA_DIR written by `scalelm prepare` (not needed to continue a sweep)")
@@ -119,16 +148,12 @@ def run_sweep(args: argparse.Namespace) -> int:
             print(f"continuing the sweep in {out} ({len(read_jsonl(out / RECORDS))}/{len(plan['runs'])} runs done)",
                   file=sys.stderr)
         else:
-            from ..fileio import atomic_write_text
-
             plan = fresh or make_plan(req)
             atomic_write_text(plan_path, json.dumps(plan, indent=2) + "\n")
         _print_plan(plan)
         failed = run_all(plan, out, lock, verbose=args.verbose, threads=args.threads or plan["request"].get("threads"))
         if args.dp_check:
             dp_check(plan, out, lock, verbose=args.verbose)
-    from .sweep_report import build_report
-
     report = build_report(out, bootstrap=args.bootstrap)
     print(report["text"])
     if failed:
@@ -141,7 +166,7 @@ def run_sweep(args: argparse.Namespace) -> int:
 def _warn_if_busy(threads) -> None:
     import os
 
-    from .sweep_system import usable_cores
+    from .calibrate import usable_cores
 
     load, cores = os.getloadavg()[0], usable_cores()
     if threads is None and cores > 1 and load > cores:
@@ -165,8 +190,6 @@ def add_report_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run_report(args: argparse.Namespace) -> int:
-    from .sweep_report import build_report
-
     d = Path(args.sweep_dir)
     if not (d / PLAN).is_file():
         raise UserError(f"{d} is not a sweep directory ({PLAN} is missing): run `scalelm sweep --out {d}` first")

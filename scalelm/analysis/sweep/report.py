@@ -18,18 +18,21 @@ Chinchilla's closed form under C = 6ND, and from the approach-2 power laws.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from ..fileio import atomic_write_text
-from .scaling_fit import MAX_EXPONENT, Fit, FitError, chinchilla_optimum, fit_isoflop, fit_law
-from .sweep_plan import Family
-from .sweep_runner import PLAN, RECORDS, SYSTEM, read_jsonl
-from .sweep_system import dp_efficiency
+from ..scaling_fit import (
+    MAX_EXPONENT,
+    Fit,
+    FitError,
+    chinchilla_optimum,
+    fit_isoflop,
+    fit_law,
+)
+from .plan import Family
+from .system import dp_efficiency
 
 PUBLISHED = {
     "kaplan": {"alpha_N": 0.076, "alpha_D": 0.095, "alpha_C": 0.050,
@@ -154,7 +157,7 @@ def diagnose(fits: dict, records: list[dict], preds: list[dict]) -> list[str]:
 
 def train_command(plan: dict, pred: dict) -> str:
     """The `scalelm train` line for a predicted compute-optimal family member (the sweep's recipe)."""
-    from .sweep_plan import kaplan_lr
+    from .plan import kaplan_lr
 
     layers, width = map(int, pred["model"].split("x"))
     rec = plan["recipe"]
@@ -216,26 +219,7 @@ def system_scaling(records: list[dict], system: list[dict]) -> dict:
     return {"sizes": sizes, "data_parallel": list(dp.values()), "dp_efficiency": eff}
 
 
-def build_report(out: Path, bootstrap: int = 200, seed: int = 0) -> dict:
-    """Fit, predict, plot and write ``fit.json`` + ``report.md``; returns {"summary", "text"}."""
-    from .sweep_plots import plot_all
-    from .sweep_text import render
-
-    out = Path(out)
-    plan = json.loads((out / PLAN).read_text())
-    records = read_jsonl(out / RECORDS)
-    system = read_jsonl(out / SYSTEM)
-    res = analyze(plan, records, system, bootstrap, seed)
-    pngs = plot_all(out, plan, records, res) if res["runs_done"] else []
-    summary = {k: v for k, v in res.items() if not k.startswith("_")}
-    summary["plots"] = pngs
-    text = render(plan, records, summary, res)
-    atomic_write_text(out / "fit.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
-    atomic_write_text(out / "report.md", text)
-    return {"summary": json.loads(json.dumps(summary, default=_json_default)), "text": text}
-
-
-def _json_default(o):
+def json_default(o):
     if isinstance(o, (np.floating, np.integer)):
         return o.item()
     if isinstance(o, np.ndarray):

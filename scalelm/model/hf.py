@@ -19,15 +19,22 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 
-from .checkpoint import (CheckpointError, TOKENIZER, load_model_dir, load_state_dict_into,
-                         model_state_dict, publish_dir, read_model_config, resolve_checkpoint,
-                         save_model_dir)
-from .config import ConfigError, ModelConfig
-from .model import GPT
+from ..config import ConfigError, ModelConfig
+from ..errors import CheckpointError
+from ..fileio import publish_dir
+from ..runs import TOKENIZER, resolve_checkpoint
+from .gpt import GPT
+from .io import (
+    load_model_dir,
+    load_state_dict_into,
+    model_state_dict,
+    read_model_config,
+    save_model_dir,
+)
 
 # tokenizer-side files copied as they are, both ways (chat templates live in the last two)
 TOKENIZER_FILES = (TOKENIZER, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Optional, Sequence
 
-from ..config import ConfigError, ModelConfig
-from ..errors import UserError
-from ..model import flops_per_token
+from ...config import ConfigError, ModelConfig
+from ...errors import UserError
+from ...model.gpt import flops_per_token
 
 
 class PlanError(UserError):
@@ -79,7 +79,7 @@ def _block_params(cfg_items: tuple) -> tuple[int, int]:
     """(one block, final norm) parameter counts, from modules built on the meta device."""
     import torch
 
-    from ..model import Block, make_norm
+    from ...model.gpt import Block, make_norm
 
     cfg = ModelConfig(**dict(cfg_items))
     with torch.device("meta"):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-from .sweep_plan import human
+from .plan import human
 
 
 def _ci(lo_hi, digits: int = 3) -> str:

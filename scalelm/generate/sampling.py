@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class SamplingError(UserError, ValueError):

@@ -15,8 +15,15 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from .generate import (GenerationError, Generator, add_model_args, add_sampling_args, generator_from_args,
-                       pick_seed, sampling_from_args)
+from .generator import (
+    GenerationError,
+    Generator,
+    add_model_args,
+    add_sampling_args,
+    generator_from_args,
+    pick_seed,
+    sampling_from_args,
+)
 
 PLAIN_STOPS = ["\nUser:"]
 
@@ -149,6 +156,6 @@ def run_chat(args) -> int:
 
 
 def _ckpt_dir(path: str) -> Path:
-    from .checkpoint import resolve_checkpoint
+    from ..runs import resolve_checkpoint
 
     return resolve_checkpoint(path)

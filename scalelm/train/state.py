@@ -22,10 +22,16 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from .checkpoint import (CONFIG, LATEST, TOKENIZER, CheckpointError, atomic_write_text, ckpt_name,
-                         list_checkpoints, load_state_dict_into, load_weights, publish_dir,
-                         read_model_config, save_model_dir)
-from .config import ModelConfig
+from ..config import ModelConfig
+from ..errors import CheckpointError
+from ..fileio import atomic_write_text, publish_dir
+from ..model.io import (
+    load_state_dict_into,
+    load_weights,
+    read_model_config,
+    save_model_dir,
+)
+from ..runs import CONFIG, LATEST, TOKENIZER, ckpt_name, list_checkpoints
 
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
@@ -151,7 +157,7 @@ def check_model_config(ckpt: Path, expected: ModelConfig) -> None:
 
 def check_tokenizer(ckpt: Path, data_dir: Path) -> None:
     """The data must be tokenized with the checkpoint's tokenizer (else ids mean other text)."""
-    from .data.tokenizer import check_same_tokenizer
+    from ..data.tokenizer import check_same_tokenizer
 
     p = Path(ckpt) / TOKENIZER
     check_same_tokenizer(data_dir, p.read_text() if p.is_file() else None, what=f"the checkpoint {ckpt}")
@@ -187,7 +193,7 @@ RUN_INFO = "run.json"  # which data the run trains on (the tokenizer's hash name
 
 def read_run_config(run_dir: Path):
     """The resolved config a previous run saved in ``RUN_DIR/config.json`` (None if no run)."""
-    from .config import load_config_json
+    from ..config import load_config_json
 
     p = Path(run_dir) / CONFIG
     if not p.is_file():
@@ -207,7 +213,7 @@ def write_run_config(run_dir: Path, cfg, data) -> None:
     import copy
     import datetime
 
-    from .config import save_config
+    from ..config import save_config
 
     run_dir = Path(run_dir)
     keep = copy.deepcopy(cfg)
@@ -237,7 +243,7 @@ def prepare_run_dir(run_dir: Path, cfg, data, saved, write: bool = True) -> Opti
     ``write`` removes leftovers (half-written checkpoints, metrics of a run killed before its
     first checkpoint).
     """
-    from .checkpoint import BEST, latest_checkpoint, resolve_checkpoint
+    from ..runs import BEST, latest_checkpoint, resolve_checkpoint
     from .metrics import METRICS
 
     run_dir = Path(run_dir)

@@ -27,15 +27,20 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import Config, ConfigError
-from .distributed import (ParallelContext, all_reduce_mean_loss, clip_grad_norm, destroy_parallel, grad_sync,
-                          init_parallel, parallelize)
-from .errors import UserError
+from ..config import Config, ConfigError
+from ..distributed.mesh import (
+    ParallelContext,
+    all_reduce_mean_loss,
+    destroy_parallel,
+    init_parallel,
+)
+from ..distributed.parallelize import clip_grad_norm, grad_sync, parallelize
+from ..errors import UserError
+from ..model.gpt import GPT, flops_per_token
+from ..precision import DTYPES, autocast_context, pick_device, resolve_precision  # noqa: F401 (re-exported)
+from . import state as ts
 from .metrics import MetricsLogger, Progress, env_summary, peak_flops, peak_memory_mb
-from .model import GPT, flops_per_token
 from .optim import build_optimizer, lr_at, set_lr
-from .precision import DTYPES, autocast_context, pick_device, resolve_precision  # noqa: F401 (re-exported)
-from . import train_state as ts
 
 
 class OutOfMemory(UserError):
@@ -144,7 +149,7 @@ class Trainer:
             torch.manual_seed(t.seed + self.ctx.dp_rank)
 
         if batches is None:
-            from .data.loader import BatchLoader
+            from ..data.loader import BatchLoader
 
             batches = BatchLoader(data.tokens("train"), self.micro_batch, self.seq_len, self.accum,
                                   dp_rank=self.ctx.dp_rank, dp_world=self.ctx.dp_world, seed=t.seed,
@@ -235,7 +240,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> dict:
-        from .evaluate import evaluate
+        from .validation import evaluate
 
         return evaluate(self.model, self.data, "val", self.micro_batch, self.seq_len, self.cfg.train.eval_iters,
                         self.device, self.autocast, dp_rank=self.ctx.dp_rank, dp_world=self.ctx.dp_world)
@@ -275,7 +280,7 @@ class Trainer:
         """Single process: ``RUN_DIR/ckpt-<step>``. Sharded (DCP) saves replace this under torchrun."""
         path = self.run_dir / ts.ckpt_name(self.step)
         if self.ctx.distributed:  # every rank writes its shards (torch.distributed.checkpoint)
-            from .distributed import save_sharded_checkpoint
+            from .sharded_state import save_sharded_checkpoint
 
             path = save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
                                            self.data.tokenizer_json, self.state(), self.ctx,
@@ -289,13 +294,14 @@ class Trainer:
 
     def save_best(self) -> None:
         if self.ctx.distributed:  # shards are gathered into one model directory by rank 0
-            from .checkpoint import BEST
-            from .distributed import save_full_model_dir
+            from ..distributed.dcp import save_full_model_dir
+            from ..runs import BEST
 
             save_full_model_dir(self.model, self.run_dir / BEST, self.data.tokenizer_json,
                                 {"step": self.step, "val_loss": self.best_val}, self.ctx)
         elif self.is_main:
-            from .checkpoint import BEST, save_model_dir
+            from ..model.io import save_model_dir
+            from ..runs import BEST
 
             with self._full_precision():
                 save_model_dir(self.raw_model, self.run_dir / BEST, self.data.tokenizer_json,
@@ -304,7 +310,11 @@ class Trainer:
     def load_checkpoint(self, ckpt: Path) -> None:
         ts.check_model_config(ckpt, self.cfg.model)
         ts.check_tokenizer(ckpt, self.data.dir)
-        from .distributed import is_sharded_checkpoint, load_full_training_checkpoint, load_sharded_checkpoint
+        from ..distributed.dcp import is_sharded_checkpoint
+        from .sharded_state import (
+            load_full_training_checkpoint,
+            load_sharded_checkpoint,
+        )
 
         if is_sharded_checkpoint(ckpt):  # written under torchrun: loads into any layout
             st = load_sharded_checkpoint(ckpt, self.model, self.optimizer, self.ctx)
@@ -495,9 +505,10 @@ def _vocab_is_explicit(args: argparse.Namespace) -> bool:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model_dir, resolve_checkpoint
-    from .config import resolve
-    from .data.loader import TokenData
+    from ..config import resolve
+    from ..data.loader import TokenData
+    from ..model.io import load_model_dir
+    from ..runs import resolve_checkpoint
 
     out = Path(args.out)
     saved = ts.read_run_config(out)

@@ -22,11 +22,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from ..fileio import atomic_write_text
-from ..config import ConfigError, resolve
-from ..errors import UserError
-from .sweep_plan import (Family, GridSettings, PlanError, assign_schedule, auto_grid, fixed_runs, human,
-                         parse_count, total_flops)
+from ...config import ConfigError, resolve
+from ...errors import UserError
+from ...fileio import atomic_write_text
+from .plan import (
+    Family,
+    GridSettings,
+    PlanError,
+    assign_schedule,
+    auto_grid,
+    fixed_runs,
+    human,
+    parse_count,
+    total_flops,
+)
 
 PLAN, RECORDS, SYSTEM, FAILURES, LOCK = "plan.json", "records.jsonl", "system.jsonl", "failures.jsonl", ".lock"
 
@@ -78,8 +87,8 @@ def base_config(overrides: list[str]):
 
 
 def make_plan(req: dict) -> dict:
-    from ..data.loader import TokenData
-    from ..train import batch_geometry
+    from ...data.loader import TokenData
+    from ...train.trainer import batch_geometry
 
     if req["data"] is None:
         raise UserError("pass --data DATA_DIR (made by `scalelm prepare`)")
@@ -133,10 +142,9 @@ def make_plan(req: dict) -> dict:
 
 def _plan_minutes(req: dict, family: Family, cfg, B: int, accum: int, g: GridSettings, sizes, tokens):
     """Runs whose predicted wall time (measured step times) fits ``--minutes``, less the DP check."""
-    from .sweep_calibrate import StepTimer, plan_for_seconds
-    from .sweep_system import dp_check_seconds
-
     import torch
+
+    from .calibrate import StepTimer, dp_check_seconds, plan_for_seconds
 
     def probe_cmd(m, steps: int, run_dir: Path) -> list[str]:
         plan = {"recipe": {"overrides": req["overrides"]}, "data": {"vocab_size": cfg.model.vocab_size}}
@@ -276,7 +284,7 @@ def run_overrides(plan: dict, run: dict) -> list[str]:
 # ----------------------------------------------------------------------------- runs and records
 
 def metrics_stats(run_dir: Path) -> dict:
-    from ..metrics import read_metrics
+    from ...train.metrics import read_metrics
 
     try:
         recs = [r for r in read_metrics(run_dir) if r.get("tokens_per_s")]

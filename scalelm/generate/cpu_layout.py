@@ -28,7 +28,7 @@ import copy
 import torch
 import torch.nn as nn
 
-from .model import GPT
+from ..model.gpt import GPT
 
 
 def onednn_bf16_available() -> bool:

@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .config import OptimConfig
+from ..config import OptimConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

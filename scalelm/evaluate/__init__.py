@@ -1,0 +1,5 @@
+"""Evaluation: ``scalelm eval`` (loss, perplexity, bits per byte; ``lm``)."""
+
+from .lm import evaluate, loss_sums, summarize
+
+__all__ = ["evaluate", "loss_sums", "summarize"]

@@ -1,0 +1,59 @@
+"""``scalelm eval``: loss, perplexity and bits per byte of a model on a data split.
+
+The numbers come from :func:`scalelm.train.validation.evaluate`, the same pass the trainer runs
+for its validation loss, so ``eval`` on a checkpoint reproduces the loss logged at its step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..train.validation import evaluate, loss_sums, summarize  # noqa: F401 (the Python API of eval)
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_eval_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="a model directory, or a RUN_DIR (its latest checkpoint)")
+    p.add_argument("--data", required=True, help="a DATA_DIR written by `scalelm prepare`")
+    p.add_argument("--split", default="val", help="which split to score (default: val)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's block_size)")
+    p.add_argument("--max-batches", type=int, default=None,
+                   help="cap the number of batches (spread evenly over the split); default: the whole split")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 where the hardware has it, else fp32")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..data.loader import DataError, TokenData
+    from ..data.tokenizer import check_same_tokenizer
+    from ..errors import UserError
+    from ..model.io import load_model_dir, read_tokenizer_json
+    from ..precision import autocast_context, pick_device, resolve_precision
+    from ..runs import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.ckpt)
+    data = TokenData(args.data)
+    if args.split not in data.splits:
+        raise DataError(f"{args.data} has no split '{args.split}' (it has: {', '.join(data.splits)})")
+    device = pick_device(args.device)
+    model = load_model_dir(ckpt, device=device)
+    if data.vocab_size > model.cfg.vocab_size:
+        raise DataError(f"{args.data} has a vocabulary of {data.vocab_size} tokens but the model in {ckpt} "
+                        f"knows only {model.cfg.vocab_size}: evaluate on data prepared with the model's tokenizer")
+    check_same_tokenizer(data.dir, read_tokenizer_json(ckpt), what=f"the checkpoint {ckpt}")
+    seq_len = args.seq_len or model.cfg.block_size
+    if seq_len > model.cfg.block_size or seq_len < 1:
+        raise UserError(f"--seq-len must be between 1 and the model's block_size {model.cfg.block_size}")
+    if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
+        raise UserError("--batch-size and --max-batches must be positive")
+    data.check_window(args.split, seq_len)
+    precision = resolve_precision(args.precision, device)
+    print(f"evaluating {ckpt} on {args.data} [{args.split}] with {precision} on {device}", file=sys.stderr)
+    res = evaluate(model, data, args.split, args.batch_size, seq_len, args.max_batches, device,
+                   autocast_context(precision, device))
+    print(json.dumps(res))
+    return 0
