@@ -152,12 +152,24 @@ def sample(model, tokenizer, prompt: str, max_new_tokens: int, temperature: floa
                          top_k=top_k, seed=seed)
 
 
+DEMO_MARK = ".demo-run"
+
+
+def _check_run_dir(run_dir: Path) -> None:
+    ours = (run_dir / DEMO_MARK).is_file() or ((run_dir / "run.json").is_file() and
+                                               (run_dir.parent / "demo.json").is_file())  # a demo before the mark
+    if run_dir.exists() and (not run_dir.is_dir() or (any(run_dir.iterdir()) and not ours)):
+        raise UserError(f"{run_dir} exists and is not the run of an earlier demo: choose another --out "
+                        f"(nothing was touched)")
+
+
 def _fresh_run_dir(run_dir: Path) -> None:
-    """Each demo trains from scratch: remove the previous demo run (and only a run directory)."""
+    """Each demo trains from scratch: remove the previous demo's run (only one a demo wrote)."""
     if run_dir.exists():
-        if not (run_dir / "run.json").is_file() and any(run_dir.iterdir()):
-            raise UserError(f"{run_dir} exists and is not a scalelm run directory: choose another --out")
+        _check_run_dir(run_dir)
         shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    (run_dir / DEMO_MARK).write_text("written by `scalelm demo`, which replaces this run next time\n")
 
 
 # ----------------------------------------------------------------------------- command
@@ -174,6 +186,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.minutes <= 0:
         raise UserError("--minutes must be positive (e.g. --minutes 3)")
     out, progress = Path(args.out), not args.no_progress
+    _check_run_dir(out / "run")  # before anything is written under --out
     data = TokenData(prepare_data(args.input, out, args.fresh_data, progress))
     device = pick_device(args.device)
     precision = resolve_precision("auto", device)
@@ -183,6 +196,9 @@ def run_demo(args: argparse.Namespace) -> int:
     cfg = build_config(data, args.minutes, steps, args.device, args.seed, progress)
     print(f"demo: {note} -> {steps} steps in {args.minutes:g} min ({precision})", file=sys.stderr)
     run_dir = out / "run"
+    from .runs import RunLock
+
+    lock = RunLock(out, "demo").acquire()  # noqa: F841 (held until run_demo returns): one demo per --out
     _fresh_run_dir(run_dir)
     trainer = Trainer(cfg, data, run_dir)
     from .train.state import write_run_config

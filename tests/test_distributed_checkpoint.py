@@ -82,4 +82,4 @@ def test_export_errors(tmp_path):
     assert p.returncode == 2 and "not found" in p.stderr
     (tmp_path / "empty").mkdir()
     p = run_cli("export", tmp_path / "empty", "--out", tmp_path / "o", check=False)
-    assert p.returncode == 2 and "neither a sharded checkpoint" in p.stderr
+    assert p.returncode == 2 and "neither a checkpoint or model directory" in p.stderr

@@ -135,14 +135,17 @@ def test_minutes_are_turned_into_a_plan_that_fits_them():
 
 
 def test_minutes_calibrate_on_this_machine(shakespeare, tmp_path):
-    """--minutes times real steps and one real 3-step trainer run, then fits the plan into the time."""
-    p = run_cli("sweep", "--data", shakespeare, "--out", tmp_path / "sw", "--minutes", "4", "--threads", "1",
+    """--minutes times real steps and one real 3-step trainer run, then fits the plan into the time.
+
+    The budget is generous on purpose: on a busy machine the measured start-up cost of a run grows
+    (that is what calibration is for), and a tight budget would then rightly refuse to plan."""
+    p = run_cli("sweep", "--data", shakespeare, "--out", tmp_path / "sw", "--minutes", "60", "--threads", "1",
                 "--no-dp-check", "--dry-run", *TINY)
     plan = json.loads(p.stdout)
     cal = plan["budget"]["calibration"]
     assert cal["threads"] == 1 and all(v > 0 for v in cal["step_seconds"].values())
     assert "the probe run failed" not in p.stderr  # the fixed cost came from a real trainer run
-    assert 0 < plan["budget"]["est_seconds"] <= 240
+    assert 0 < plan["budget"]["est_seconds"] <= 3600
     assert sum(r["est_seconds"] for r in plan["runs"]) == pytest.approx(plan["budget"]["est_seconds"], rel=1e-2)
     assert {w for w in cal["step_seconds"]} >= {f"{r['n_layer']}x{r['width']}" for r in plan["runs"]}
     assert "calibrate: a run costs" in p.stderr and not (tmp_path / "sw").exists()

@@ -93,7 +93,7 @@ def test_sigkill_then_resume_gives_the_same_loss_curve(tmp_path, data):
     # keep_last=2, latest names the final one, nothing half-written is left behind
     assert sorted(p.name for p in out.glob("ckpt-*")) == ["ckpt-00000055", "ckpt-00000060"]
     assert (out / "latest").read_text().strip() == "ckpt-00000060"
-    assert not list(out.glob(".*"))
+    assert [p.name for p in out.glob(".*")] == [".lock"]  # the run's lock file; no staging leftovers
     assert (out / "best" / "model.safetensors").is_file()
 
 
@@ -136,8 +136,8 @@ def test_atomic_checkpoint_layout_and_leftovers(tmp_path, data, one_thread):
     (out / "notes.txt").unlink()
     rc, so, se = cli("train", "--data", data, "--out", out, "--train.max_steps=6", *RESUME, "--train.save_every=2")
     assert json.loads(so)["step"] == 6
-    assert sorted(x.name for x in out.iterdir()) == ["best", "ckpt-00000004", "ckpt-00000006", "config.json",
-                                                    "latest", "metrics.jsonl", "run.json"]
+    assert sorted(x.name for x in out.iterdir()) == [".lock", "best", "ckpt-00000004", "ckpt-00000006",
+                                                    "config.json", "latest", "metrics.jsonl", "run.json"]
     ck = out / "ckpt-00000006"
     assert sorted(x.name for x in ck.iterdir()) == ["config.json", "model.safetensors", "optimizer.safetensors",
                                                    "rng.safetensors", "state.json", "tokenizer.json"]

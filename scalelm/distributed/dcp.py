@@ -1,13 +1,7 @@
 """Layout-free state dicts for ``torch.distributed.checkpoint`` (DCP), and ``scalelm export``.
 
-Under torchrun a checkpoint is written by every rank at once (``scalelm.train.sharded_state``)::
-
-    RUN_DIR/ckpt-<step>/config.json      model config (as in a model directory) + "sharded": true
-                        tokenizer.json
-                        state.json        step, loader, scheduler, ... (the trainer's state)
-                        dcp/              .metadata + one __<rank>_0.distcp per rank:
-                                          {"model": weights, "optim": AdamW state}
-                        rng/rank-<r>.safetensors + rank-<r>.json   each rank's RNG states
+Under torchrun every rank writes its shards of a checkpoint at once (the files are listed in
+``scalelm.train.sharded_state``, which saves and loads them through these state dicts).
 
 Keys are the plain model's parameter names (a pipeline stage's prefix is removed, a tied head
 is stored once as the embedding) and the optimizer state is flattened per parameter, so a
@@ -31,7 +25,8 @@ import torch.nn as nn
 
 from ..errors import CheckpointError
 from ..model.io import consolidated_model, load_model_dir, save_model_dir
-from ..runs import CONFIG, DCP_METADATA, TOKENIZER, latest_checkpoint
+from ..runs import (CONFIG, DCP_METADATA, TOKENIZER, check_output_dir, is_model_dir, is_scalelm_model_dir,
+                    latest_checkpoint)
 from .mesh import ParallelContext
 from .parallelize import model_parts
 
@@ -150,21 +145,23 @@ def add_export_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a sharded checkpoint (RUN_DIR/ckpt-N) or a RUN_DIR (its latest)")
     p.add_argument("--out", required=True, help="the model directory to write")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: as saved)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it holds an earlier model directory (never a run or another folder)")
 
 
 def run_export(args: argparse.Namespace) -> int:
     src = Path(args.checkpoint)
     if not src.exists():
         raise CheckpointError(f"checkpoint not found: {src}")
-    if not is_sharded_checkpoint(src):
+    if not is_model_dir(src):  # a RUN_DIR: its latest checkpoint
         latest = latest_checkpoint(src)
         if latest is None:
-            raise CheckpointError(f"{src} is neither a sharded checkpoint ({DCP_DIR}/.metadata + {CONFIG}) "
-                                  f"nor a run directory holding one")
+            raise CheckpointError(f"{src} is neither a checkpoint or model directory ({CONFIG} + weights or "
+                                  f"{DCP_DIR}/.metadata) nor a run directory holding one")
         src = latest
     out = Path(args.out)
-    if out.resolve() == src.resolve():
-        raise CheckpointError("--out must differ from the checkpoint directory")
+    check_output_dir(out, "scalelm model directory", is_scalelm_model_dir, sources=[args.checkpoint, src],
+                     overwrite=args.overwrite)
     if not is_sharded_checkpoint(src):  # already a model directory: copy what generate/eval read
         model = load_model_dir(src)
     else:

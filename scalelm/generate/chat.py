@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .terminal import for_stdout
 from .generator import (
     GenerationError,
     Generator,
@@ -103,6 +104,8 @@ def add_chat_parser(p) -> None:
     p.add_argument("--plain", action="store_true", help="use the plain User:/Assistant: format even "
                    "when the tokenizer has a chat template")
     add_sampling_args(p, temperature=0.7, top_k=50, top_p=0.95, max_new=256)
+    p.add_argument("--raw", action="store_true", help="write control characters as they are even to a terminal "
+                   "(by default a terminal gets them escaped; pipes get the plain text)")
 
 
 def run_chat(args) -> int:
@@ -122,6 +125,7 @@ def run_chat(args) -> int:
     history: list[dict] = []
     turn = 0
     room = min(args.max_new_tokens, gen.cfg.block_size // 4)
+    safe = for_stdout(args.raw)
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
@@ -146,7 +150,7 @@ def run_chat(args) -> int:
             text = ev.text.lstrip() if not reply else ev.text  # the reply's leading space
             if text:
                 reply.append(text)
-                sys.stdout.write(text)
+                sys.stdout.write(safe(text))
                 sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()

@@ -37,6 +37,7 @@ from ..precision import pick_device
 from ..runs import TOKENIZER, resolve_checkpoint
 from .cpu_layout import compile_decode_step, pack_linears, shallow_copy, should_pack
 from .sampling import SamplingParams, next_token
+from .terminal import for_stdout
 from .textstream import TextStream
 
 EOT = "<|endoftext|>"
@@ -374,6 +375,8 @@ def add_generate_parser(p) -> None:
     p.add_argument("--echo", action="store_true", help="print the prompt before its continuation")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text")
     p.add_argument("--json", action="store_true", help="one JSON object per sample (tokens, text, finish reason)")
+    p.add_argument("--raw", action="store_true", help="write control characters as they are even to a terminal "
+                   "(by default a terminal gets them escaped, e.g. \\x1b; pipes always get the plain text)")
 
 
 def _read_prompts(args) -> list[Prompt]:
@@ -401,8 +404,9 @@ def _read_prompts(args) -> list[Prompt]:
 class _RowPrinter:
     """Streams rows to stdout in order: the current row live, later rows buffered until their turn."""
 
-    def __init__(self, gen: Generator, prompts: list, num_samples: int, echo: bool):
+    def __init__(self, gen: Generator, prompts: list, num_samples: int, echo: bool, raw: bool = False):
         self.gen, self.prompts, self.k, self.echo = gen, prompts, num_samples, echo
+        self.safe = for_stdout(raw)
         self.n = len(prompts) * num_samples
         self.cur, self.pending, self.finished = 0, [""] * self.n, set()
         self.started = False
@@ -417,7 +421,7 @@ class _RowPrinter:
     def _write(self, text: str) -> None:
         import sys
 
-        sys.stdout.write(text)
+        sys.stdout.write(self.safe(text))
         sys.stdout.flush()
 
     def event(self, ev: Event) -> None:
@@ -451,7 +455,7 @@ def run_generate(args) -> int:
         raise GenerationError(f"{args.ckpt} has no tokenizer.json: pass --tokenizer PATH, or the prompt "
                               "as token ids with --prompt-ids")
     seed = pick_seed(args, sampling)
-    printer = _RowPrinter(gen, prompts, args.num_samples, args.echo) if args.stream and not args.json else None
+    printer = _RowPrinter(gen, prompts, args.num_samples, args.echo, args.raw) if args.stream and not args.json else None
     out: dict[int, Completion] = {}
     t0, t_first, n_tok = time.perf_counter(), None, 0
     for ev in gen.stream(prompts, args.max_new_tokens, sampling=sampling, stop=[unescape(s) for s in args.stop],
@@ -472,9 +476,9 @@ def run_generate(args) -> int:
     elif printer:
         print()
     else:
-        heads = _RowPrinter(gen, prompts, args.num_samples, args.echo)
-        print("".join(heads._head(c.index) + (c.text if gen.tokenizer is not None else
-                                               " ".join(map(str, c.tokens)) + " ") for c in comps))
+        heads = _RowPrinter(gen, prompts, args.num_samples, args.echo, args.raw)
+        print(heads.safe("".join(heads._head(c.index) + (c.text if gen.tokenizer is not None else
+                                                         " ".join(map(str, c.tokens)) + " ") for c in comps)))
     ttft = f", first token after {1e3 * (t_first - t0):.0f} ms" if t_first else ""
     print(f"generated {n_tok} tokens in {elapsed:.2f}s ({n_tok / elapsed:.1f} tok/s{ttft}); "
           f"finish: {', '.join(c.finish_reason for c in comps)}", file=sys.stderr)

@@ -26,7 +26,7 @@ import torch
 from ..config import ConfigError, ModelConfig
 from ..errors import CheckpointError
 from ..fileio import publish_dir
-from ..runs import TOKENIZER, resolve_checkpoint
+from ..runs import TOKENIZER, check_output_dir, is_scalelm_model_dir, resolve_checkpoint
 from .gpt import GPT
 from .io import (
     load_model_dir,
@@ -387,6 +387,15 @@ def export_hf_dir(ckpt: Union[str, Path], out_dir: Union[str, Path],
 
 # ----------------------------------------------------------------------------- CLI
 
+def is_hf_model_dir(path: Path) -> bool:
+    """A directory ``save_pretrained`` wrote: a config.json with a model_type (and no scalelm format)."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "model_type" in cfg and cfg.get("format") != "scalelm"
+
+
 def add_convert_parser(p: argparse.ArgumentParser) -> None:
     p.epilog = ("examples:\n  scalelm convert --from-hf ./gpt2 --out ckpt/gpt2\n"
                 "  scalelm convert runs/baby --to-hf export/baby")
@@ -397,6 +406,8 @@ def add_convert_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to-hf", metavar="OUT_DIR", help="export CKPT to this Hugging Face directory")
     p.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="dtype of the written weights (default float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output directory if it holds an "
+                   "earlier output of the same kind (never a run directory, the source or another folder)")
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -406,10 +417,14 @@ def run_convert(args: argparse.Namespace) -> int:
             raise ConversionError("use either --from-hf HF_DIR --out CKPT_DIR or CKPT --to-hf OUT_DIR")
         if not args.out:
             raise ConversionError("--from-hf needs --out CKPT_DIR (where the scalelm checkpoint goes)")
+        check_output_dir(args.out, "scalelm model directory", is_scalelm_model_dir, sources=[args.from_hf],
+                         overwrite=args.overwrite)
         out = import_hf_dir(args.from_hf, args.out, dtype)
     elif args.to_hf:
         if not args.ckpt:
             raise ConversionError("--to-hf OUT_DIR needs the checkpoint to export: scalelm convert CKPT --to-hf OUT_DIR")
+        check_output_dir(args.to_hf, "Hugging Face model directory", is_hf_model_dir,
+                         sources=[args.ckpt, resolve_checkpoint(args.ckpt)], overwrite=args.overwrite, option="--to-hf")
         out = export_hf_dir(args.ckpt, args.to_hf, dtype)
     else:
         raise ConversionError("nothing to do: give --from-hf HF_DIR --out CKPT_DIR, or CKPT --to-hf OUT_DIR")

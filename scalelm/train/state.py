@@ -133,12 +133,16 @@ def prune_checkpoints(run_dir: Path, keep_last: int, protect: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
+STAGING = (".staging-*", "..staging-*", ".ckpt-*", ".best.*", ".best-*")
+
+
 def clean_staging(run_dir: Path) -> None:
-    """Remove half-written checkpoints left by a kill (they were never visible)."""
-    for p in Path(run_dir).glob(".staging-ckpt-*"):
-        shutil.rmtree(p, ignore_errors=True)
-    for p in Path(run_dir).glob(".ckpt-*"):  # save_model_dir's temporary dirs
-        shutil.rmtree(p, ignore_errors=True)
+    """Remove half-written checkpoints left by a kill (they were never visible). Safe only under
+    the run's lock: a live writer's staging dirs have the same names."""
+    for pattern in STAGING:  # ..staging-*: save_model_dir's temporary dir inside a staging name
+        for p in Path(run_dir).glob(pattern):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
 
 
 def is_training_checkpoint(path: Path) -> bool:
@@ -272,10 +276,18 @@ def prepare_run_dir(run_dir: Path, cfg, data, saved, write: bool = True) -> Opti
             if info.get("path") and Path(info["path"]) != Path(data.dir).resolve():
                 print(f"warning: {run_dir} was trained on {info['path']}; continuing on {data.dir} "
                       f"(same tokenizer)", file=sys.stderr)
+    if mode not in ("auto", "never"):
+        src = resolve_checkpoint(mode)
+        if holds_run and run_dir.resolve() not in src.resolve().parents:
+            latest = latest_checkpoint(run_dir)
+            at = f" (at {latest.name})" if latest is not None else ""
+            raise CheckpointError(f"--out {run_dir} already holds another run{at}: resuming {mode} there would "
+                                  f"replace its checkpoints, best/ and config. Resume into a new --out, or resume "
+                                  f"{run_dir} itself (drop --resume); nothing was touched")
     if run_dir.is_dir() and write:
         clean_staging(run_dir)
     if mode not in ("auto", "never"):
-        return resolve_checkpoint(mode)
+        return src
     ckpt = latest_checkpoint(run_dir) if holds_run else None
     if ckpt is None and run_dir.is_dir() and write:  # nothing to resume: leftovers of a run killed early go
         (run_dir / METRICS).unlink(missing_ok=True)

@@ -504,6 +504,26 @@ def _vocab_is_explicit(args: argparse.Namespace) -> bool:
     return False
 
 
+def lock_run_dir(run_dir: Path, ctx: ParallelContext, command: str):
+    """One writer per run directory: the main rank holds ``RUN_DIR/.lock`` for the whole run; under
+    torchrun every rank learns whether it got it (so no rank waits on a barrier that never comes)."""
+    from ..runs import RunDirLocked, RunLock
+
+    lock, error = None, ""
+    if ctx.is_main:
+        try:
+            lock = RunLock(run_dir, command).acquire()
+        except RunDirLocked as e:
+            error = str(e)
+    if ctx.distributed:
+        msg = [error]
+        dist.broadcast_object_list(msg, src=0)
+        error = msg[0]
+    if error:
+        raise RunDirLocked(error)
+    return lock
+
+
 def run_train(args: argparse.Namespace) -> int:
     from ..config import resolve
     from ..data.loader import TokenData
@@ -525,7 +545,10 @@ def run_train(args: argparse.Namespace) -> int:
         cfg.model.vocab_size = data.vocab_size
     cfg.validate()
     ctx = init_parallel(cfg)
+    lock = None
     try:
+        ts.prepare_run_dir(out, cfg, data, saved, write=False)  # refuse a wrong --out before locking it
+        lock = lock_run_dir(out, ctx, "train")
         resume_from = ts.prepare_run_dir(out, cfg, data, saved, write=ctx.is_main)
         ctx.barrier()
         model = None
@@ -542,6 +565,8 @@ def run_train(args: argparse.Namespace) -> int:
             ts.write_run_config(out, cfg, data)
         summary = trainer.fit()
     finally:
+        if lock is not None:
+            lock.release()
         destroy_parallel(ctx)
     if ctx.is_main:
         print(json.dumps(summary))

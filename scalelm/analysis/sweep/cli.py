@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ...errors import UserError
 from ...fileio import atomic_write_text
+from ...runs import check_output_dir
 from .plan import human
 from .runner import (
     PLAN,
@@ -133,6 +134,8 @@ def run_sweep(args: argparse.Namespace) -> int:
         print(json.dumps(plan, indent=2))
         return 0
     plan_path = out / PLAN
+    if not plan_path.is_file():  # a new sweep: never into a run, the data, or a folder holding other files
+        check_output_dir(out, "sweep", lambda d: (d / PLAN).is_file(), sources=[args.data] if args.data else [])
     fresh = None
     if not plan_path.is_file():  # plan before creating anything: a bad request leaves no trace
         if args.data is None:

@@ -25,6 +25,7 @@ from typing import Optional
 from ...config import ConfigError, resolve
 from ...errors import UserError
 from ...fileio import atomic_write_text
+from ...runs import LOCK_HOLDER, RunLock
 from .plan import (
     Family,
     GridSettings,
@@ -198,12 +199,15 @@ class SweepLock:
         while True:
             try:
                 fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                (self.out / LOCK_HOLDER).write_text(json.dumps({"pid": os.getpid(), "command": "sweep"}) + "\n")
                 return self
             except BlockingIOError:
                 if time.monotonic() > deadline:
                     os.close(self.fd)
-                    raise UserError(f"{self.out} is in use by another sweep (or a trainer it started) for more "
-                                    f"than {self.wait_s:.0f} s: wait for it to finish, or stop it") from None
+                    holder = RunLock(self.out).holder()
+                    who = f" (process {holder['pid']})" if "pid" in holder else ""
+                    raise UserError(f"{self.out} is in use by another sweep{who} (or a trainer it started) for "
+                                    f"more than {self.wait_s:.0f} s: wait for it to finish, or stop it") from None
                 if not said:
                     print(f"waiting for another sweep (or the trainer of a killed one) to release {self.out} ...",
                           file=sys.stderr)
