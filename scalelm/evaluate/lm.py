@@ -16,7 +16,11 @@ from ..train.validation import evaluate, loss_sums, summarize  # noqa: F401 (the
 
 def add_eval_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="a model directory, or a RUN_DIR (its latest checkpoint)")
-    p.add_argument("--data", required=True, help="a DATA_DIR written by `scalelm prepare`")
+    p.add_argument("--data", help="a DATA_DIR written by `scalelm prepare`")
+    p.add_argument("--text", metavar="FILE", help="score a UTF-8 text file directly (rolling windows, no prepare)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="with --text: how far each window advances (default: the window length; smaller = "
+                        "more context per token, slower)")
     p.add_argument("--split", default="val", help="which split to score (default: val)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's block_size)")
@@ -35,7 +39,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..precision import autocast_context, pick_device, resolve_precision
     from ..runs import resolve_checkpoint
 
+    if (args.data is None) == (args.text is None):
+        raise UserError("give either --data DATA_DIR or --text FILE (not both)" if args.data else
+                        "what to score: --data DATA_DIR (made by `scalelm prepare`) or --text FILE")
     ckpt = resolve_checkpoint(args.ckpt)
+    if args.text is not None:
+        return _run_eval_text(args, ckpt)
     data = TokenData(args.data)
     if args.split not in data.splits:
         raise DataError(f"{args.data} has no split '{args.split}' (it has: {', '.join(data.splits)})")
@@ -55,5 +64,37 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"evaluating {ckpt} on {args.data} [{args.split}] with {precision} on {device}", file=sys.stderr)
     res = evaluate(model, data, args.split, args.batch_size, seq_len, args.max_batches, device,
                    autocast_context(precision, device))
+    print(json.dumps(res))
+    return 0
+
+
+def _run_eval_text(args: argparse.Namespace, ckpt) -> int:
+    from tokenizers import Tokenizer
+
+    from ..errors import UserError
+    from ..model.hf import special_token_ids
+    from ..model.io import load_model_dir
+    from ..precision import autocast_context, pick_device, resolve_precision
+    from ..runs import TOKENIZER
+    from .text import read_text, text_perplexity
+
+    text = read_text(args.text)
+    if not (ckpt / TOKENIZER).is_file():
+        raise UserError(f"{ckpt} has no {TOKENIZER}: --text needs the model's tokenizer")
+    tok = Tokenizer.from_file(str(ckpt / TOKENIZER))
+    _, eos = special_token_ids(ckpt)
+    eos = eos[0] if isinstance(eos, list) else eos
+    device = pick_device(args.device)
+    model = load_model_dir(ckpt, device=device)
+    seq_len = model.cfg.block_size if args.seq_len is None else args.seq_len
+    if not 1 <= seq_len <= model.cfg.block_size:
+        raise UserError(f"--seq-len must be between 1 and the model's block_size {model.cfg.block_size}")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be positive")
+    precision = resolve_precision(args.precision, device)
+    print(f"evaluating {ckpt} on {args.text} with {precision} on {device}", file=sys.stderr)
+    res = text_perplexity(model, tok, text, eos if eos is not None else 0, seq_len,
+                          seq_len if args.stride is None else args.stride, args.batch_size, device,
+                          autocast_context(precision, device))
     print(json.dumps(res))
     return 0
