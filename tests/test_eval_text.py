@@ -73,7 +73,7 @@ def test_text_eval_bad_input(setup, tmp_path, one_thread):
     for args, phrase in [(["--text", tmp_path / "missing.txt"], "no such file"),
                          (["--text", root / "t.txt", "--stride", "0"], "--stride"),
                          (["--text", root / "t.txt", "--stride", "17"], "--stride"),
-                         (["--text", root / "t.txt", "--data", data], "either --data DATA_DIR or --text FILE (not both)"),
+                         (["--text", root / "t.txt", "--data", data], "give one of --data DATA_DIR, --text FILE or --harness"),
                          ([], "what to score: --data DATA_DIR")]:
         rc, _, se = cli("eval", root / "m", *args)
         assert rc == 2 and phrase in se and "Traceback" not in se, (args, se)

@@ -21,6 +21,13 @@ def add_eval_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=None,
                    help="with --text: how far each window advances (default: the window length; smaller = "
                         "more context per token, slower)")
+    h = p.add_argument_group("lm-evaluation-harness")
+    h.add_argument("--harness", metavar="TASKS", help="comma-separated lm-eval tasks: the local scalelm_sst2, "
+                   "scalelm_text_ppl, or yours with --harness-include")
+    h.add_argument("--harness-include", metavar="DIR", help="a folder of lm-eval task YAMLs")
+    h.add_argument("--harness-data", metavar="FILE", help="the file the local tasks read (an SST-format file for "
+                   "scalelm_sst2, a text file for scalelm_text_ppl)")
+    h.add_argument("--limit", type=float, help="at most this many examples per task (or a fraction, < 1)")
     p.add_argument("--split", default="val", help="which split to score (default: val)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's block_size)")
@@ -39,10 +46,14 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..precision import autocast_context, pick_device, resolve_precision
     from ..runs import resolve_checkpoint
 
-    if (args.data is None) == (args.text is None):
-        raise UserError("give either --data DATA_DIR or --text FILE (not both)" if args.data else
-                        "what to score: --data DATA_DIR (made by `scalelm prepare`) or --text FILE")
+    given = [o for o, v in (("--data", args.data), ("--text", args.text), ("--harness", args.harness)) if v]
+    if len(given) != 1:
+        raise UserError(f"give one of --data DATA_DIR, --text FILE or --harness TASKS, not {' and '.join(given)}"
+                        if given else "what to score: --data DATA_DIR (made by `scalelm prepare`), --text FILE "
+                        "or --harness TASKS")
     ckpt = resolve_checkpoint(args.ckpt)
+    if args.harness:
+        return _run_eval_harness(args, ckpt)
     if args.text is not None:
         return _run_eval_text(args, ckpt)
     data = TokenData(args.data)
@@ -97,4 +108,17 @@ def _run_eval_text(args: argparse.Namespace, ckpt) -> int:
                           seq_len if args.stride is None else args.stride, args.batch_size, device,
                           autocast_context(precision, device))
     print(json.dumps(res))
+    return 0
+
+
+def _run_eval_harness(args: argparse.Namespace, ckpt) -> int:
+    from ..errors import UserError
+    from ..precision import pick_device
+    from .harness import run_harness
+
+    if args.batch_size < 1 or (args.limit is not None and args.limit <= 0):
+        raise UserError("--batch-size and --limit must be positive")
+    res = run_harness(ckpt, args.harness, args.harness_include, args.limit, args.harness_data, args.batch_size,
+                      str(pick_device(args.device)))
+    print(json.dumps(res, default=str))
     return 0
