@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("scalelm.evaluate.lm", "loss, perplexity and bits per byte of a checkpoint on a data split"),
     "generate": ("scalelm.generate.generator", "generate text from a checkpoint"),
     "chat": ("scalelm.generate.chat", "interactive multi-turn chat with a checkpoint"),
+    "serve": ("scalelm.serve.cli", "an OpenAI-compatible HTTP server for a checkpoint"),
     "convert": ("scalelm.model.hf", "convert checkpoints to and from Hugging Face transformers"),
     "export": ("scalelm.distributed.dcp", "consolidate a sharded (DCP) checkpoint into a model directory"),
     "plot": ("scalelm.analysis.plots", "plot loss and throughput curves of a run"),

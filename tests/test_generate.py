@@ -233,3 +233,10 @@ def test_packed_decoding_copy_matches_the_model_and_leaves_it_alone(dtype):
     with torch.no_grad():
         torch.testing.assert_close(p(x).float(), lin(x).float(), **tol)
         torch.testing.assert_close(p(x[:1, :1]).float(), lin(x[:1, :1]).float(), **tol)
+
+
+def test_top_p_below_float32_resolution_keeps_the_top_token():
+    logits = torch.tensor([[0.1, 2.0, -1.0, 0.5]])
+    kept = filter_top_p(logits, 5e-324)  # rounds to 0 in float32: the top token must still stay
+    assert torch.isfinite(kept).sum() == 1 and kept.argmax() == 1
+    assert next_token(logits, SamplingParams(temperature=1.0, top_p=5e-324)).item() == 1

@@ -67,6 +67,7 @@ def filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
     probs = sorted_logits.softmax(dim=-1)
     # drop a token when the mass before it already reaches p; the top token always stays
     drop_sorted = (probs.cumsum(dim=-1) - probs) >= p
+    drop_sorted[..., 0] = False  # explicitly: a p below float32's smallest value would round to 0 and drop it
     drop = drop_sorted.scatter(-1, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 

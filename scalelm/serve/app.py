@@ -1,0 +1,279 @@
+"""The FastAPI app: OpenAI's routes over a :class:`~scalelm.serve.server.Server`.
+
+    GET  /health                 liveness, active rows, queue depth (no API key needed)
+    GET  /metrics                Prometheus text
+    GET  /v1/models              the one served model
+    POST /v1/completions         text or token-id prompts; streaming, n, stop, logprobs, echo
+    POST /v1/chat/completions    messages rendered with the model directory's chat template
+
+A request becomes sequences (one per prompt and per ``n``) that the engine decodes in its
+batch; their tokens come back as one JSON body or as server-sent events (``data: {...}``
+chunks, then ``data: [DONE]``). Every error is a JSON body in OpenAI's shape: validation errors
+and bad JSON are 400 (not FastAPI's 422), a wrong API key 401, an unknown model 404
+(``model_not_found``), an oversized body 413, a full queue 429 with ``Retry-After``. No request
+field reaches the filesystem: the model and its tokenizer are fixed at start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import UserError
+from .gate import APIError, Gate, error_response
+from .metrics import CONTENT_TYPE_LATEST
+from .schemas import ChatCompletionRequest, CompletionRequest
+from .server import Choice, ClientGone, Server, Submission
+
+log = logging.getLogger("scalelm.serve")
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+FINISH = {"stop": "stop", "length": "length"}
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _Stream(StreamingResponse):
+    """SSE response that cancels its sequences however it ends (done, error, client gone)."""
+
+    def __init__(self, content, sub: Submission):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.sub = sub
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.sub.cancel()
+
+
+# ----------------------------------------------------------------------------- the app
+def create_app(server: Server) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app):
+        if not server.engine.alive:
+            server.engine.start()
+        yield
+        server.engine.stop()
+
+    app = FastAPI(title="scalelm serve", version="1", lifespan=lifespan,
+                  description="An OpenAI-compatible API for one scalelm model directory.")
+    app.state.server = server
+    app.add_middleware(Gate, server=server)
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, e: RequestValidationError):
+        errs = e.errors()
+        if errs and errs[0].get("type") == "json_invalid":
+            return error_response(400, "The request body is not valid JSON.", code="invalid_json")
+        parts, param = [], None
+        for err in errs[:3]:
+            loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+            param = param or (loc[0] if loc else None)
+            parts.append(f"{'.'.join(loc) or 'body'}: {err.get('msg', 'invalid')}")
+        return error_response(400, "Invalid request: " + "; ".join(parts), param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        return error_response(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None,
+                              headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def crash(request, e: Exception):
+        log.exception("unhandled error")
+        return error_response(500, "Internal server error.", type="server_error")
+
+    @app.get("/health")
+    async def health():
+        eng = server.engine
+        body = {"status": "ok" if eng.alive else "engine stopped", "model": server.name,
+                "active_rows": eng.active, "queued": eng.queued, "max_batch": eng.max_batch,
+                "max_queue": eng.max_queue}
+        return JSONResponse(body, status_code=200 if eng.alive else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def model_card() -> dict:
+        return {"id": server.name, "object": "model", "created": server.created, "owned_by": "scalelm",
+                "max_model_len": server.gen.cfg.block_size}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        server.check_model(model)
+        return model_card()
+
+    def ready() -> None:
+        if not server.engine.alive:
+            raise APIError(503, "The decode engine is not running.", type="server_error")
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        server.check_model(body.model)
+        ready()
+        p = body.prompt
+        items = [p] if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)) else list(p)
+        if not items:
+            raise APIError(400, "The prompt is empty: give a text, token ids, or a list of them.", param="prompt")
+        prompts, texts = [], []
+        for x in items:
+            ids = server.check_ids(server.encode(x, "prompt") if isinstance(x, str) else list(x), "prompt")
+            prompts.append(ids)
+            texts.append(x if isinstance(x, str) else server.decode(ids))
+        max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        for ids in prompts:
+            server.check_length(ids, max_tokens, "prompt")
+        params = server.seq_params(body, max_tokens, body.logprobs, body.echo and body.logprobs is not None)
+        sub = Submission(server.engine)
+        sub.start(server.make_seqs(sub, prompts, body.n, params))
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": server.name}
+        n = body.n
+        want_lp = body.logprobs is not None
+
+        def prompt_pairs(i: int, plp: Optional[list]) -> list:
+            return [(t, lp, top) for t, (lp, top) in zip(prompts[i], plp or [(None, None)] * len(prompts[i]))]
+
+        if body.stream:
+            async def chunks():
+                started, sent = set(), [0] * len(prompts) * n
+                async for ev in sub.events():
+                    if ev.error is not None:
+                        yield sse({"error": {"message": f"Generation failed: {ev.error}.", "type": "server_error",
+                                             "param": None, "code": None}})
+                        break
+                    text, pairs, off = ev.text, [], sent[ev.index]
+                    if ev.index not in started:
+                        started.add(ev.index)
+                        if body.echo:
+                            text = texts[ev.index // n] + text
+                            if want_lp:
+                                pairs += prompt_pairs(ev.index // n, ev.prompt_logprobs)
+                    if ev.token is not None and want_lp:
+                        pairs.append((ev.token, ev.logprob, ev.top))
+                    sent[ev.index] += len(text)
+                    if not text and not pairs and ev.finish_reason is None:
+                        continue
+                    yield sse({**head, "choices": [{
+                        "index": ev.index, "text": text,
+                        "logprobs": server.completion_logprobs(pairs, off) if want_lp else None,
+                        "finish_reason": FINISH.get(ev.finish_reason)}]})
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    gen_tokens = sum(len(s.tokens) for s in sub.seqs)
+                    yield sse({**head, "choices": [], "usage": server.usage(prompts, gen_tokens)})
+                yield "data: [DONE]\n\n"
+            return _Stream(chunks(), sub)
+
+        try:
+            events = await sub.collect(request)
+        except ClientGone:
+            return Response(status_code=499)
+        choices = [Choice() for _ in range(len(prompts) * n)]
+        for ev in events:
+            choices[ev.index].add(ev)
+        out = []
+        for i, c in enumerate(choices):
+            prefix = texts[i // n] if body.echo else ""
+            lp = None
+            if want_lp:
+                pairs = (prompt_pairs(i // n, c.prompt_lp) if body.echo else []) + \
+                        [(t, a, b) for t, (a, b) in zip(c.tokens, c.lps)]
+                lp = server.completion_logprobs(pairs)
+            out.append({"index": i, "text": prefix + c.text, "logprobs": lp, "finish_reason": FINISH.get(c.finish)})
+        return {**head, "choices": out, "usage": server.usage(prompts, sum(len(c.tokens) for c in choices))}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        server.check_model(body.model)
+        if server.chat is None:
+            raise APIError(400, server.chat_error, param="messages", code="no_chat_template")
+        ready()
+        msgs = []
+        for m in body.messages:
+            content = m.content
+            if isinstance(content, list):
+                if any(part.type != "text" for part in content):
+                    raise APIError(400, "Only text content parts are supported.", param="messages")
+                content = "".join(part.text or "" for part in content)
+            msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content or "",
+                         **({"name": m.name} if m.name else {})})
+        try:
+            text = server.chat.render(msgs)
+        except UserError as e:
+            raise APIError(400, str(e), param="messages") from None
+        ids = server.check_ids(server.encode(text, "messages", special=not server.chat.template), "messages")
+        ctx = server.gen.cfg.block_size
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        if max_tokens is None:
+            if len(ids) >= ctx:
+                server.check_length(ids, 1, "messages")
+            max_tokens = ctx - len(ids)
+        server.check_length(ids, max_tokens, "messages")
+        k = (body.top_logprobs or 0) if body.logprobs else None
+        params = server.seq_params(body, max_tokens, k, False, extra_stops=server.chat.stops)
+        sub = Submission(server.engine)
+        sub.start(server.make_seqs(sub, [ids], body.n, params))
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "created": created, "model": server.name}
+
+        if body.stream:
+            async def chunks():
+                obj = {**head, "object": "chat.completion.chunk"}
+                for i in range(body.n):
+                    yield sse({**obj, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                   "logprobs": None, "finish_reason": None}]})
+                async for ev in sub.events():
+                    if ev.error is not None:
+                        yield sse({"error": {"message": f"Generation failed: {ev.error}.", "type": "server_error",
+                                             "param": None, "code": None}})
+                        break
+                    lp = None
+                    if k is not None and ev.token is not None:
+                        lp = server.chat_logprobs([(ev.token, ev.logprob, ev.top)])
+                    if not ev.text and lp is None and ev.finish_reason is None:
+                        continue
+                    yield sse({**obj, "choices": [{"index": ev.index,
+                                                   "delta": {"content": ev.text} if ev.text else {},
+                                                   "logprobs": lp, "finish_reason": FINISH.get(ev.finish_reason)}]})
+                if body.stream_options is not None and body.stream_options.include_usage:
+                    gen_tokens = sum(len(s.tokens) for s in sub.seqs)
+                    yield sse({**obj, "choices": [], "usage": server.usage([ids], gen_tokens)})
+                yield "data: [DONE]\n\n"
+            return _Stream(chunks(), sub)
+
+        try:
+            events = await sub.collect(request)
+        except ClientGone:
+            return Response(status_code=499)
+        choices = [Choice() for _ in range(body.n)]
+        for ev in events:
+            choices[ev.index].add(ev)
+        out = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                "logprobs": server.chat_logprobs([(t, a, b) for t, (a, b) in zip(c.tokens, c.lps)])
+                if k is not None else None,
+                "finish_reason": FINISH.get(c.finish)} for i, c in enumerate(choices)]
+        return {**head, "object": "chat.completion", "choices": out,
+                "usage": server.usage([ids], sum(len(c.tokens) for c in choices))}
+
+    return app
