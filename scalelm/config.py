@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,28 @@ class OptimConfig:
     decay_fraction: float = 0.2  # wsd: fraction of steps spent decaying at the end
     fused: Optional[bool] = None  # None: fused AdamW where the device has it, else foreach
 
+    def validate(self) -> None:
+        def bad(name: str, rule: str, example: str) -> None:
+            raise ConfigError(f"optim.{name} must be {rule}, got {getattr(self, name)} (e.g. --optim.{name}={example})")
+
+        if not self.lr > 0:  # also catches nan
+            bad("lr", "a positive number", "3e-4")
+        if not self.min_lr >= 0:
+            bad("min_lr", "zero or positive", "0")
+        if not self.weight_decay >= 0:
+            bad("weight_decay", "zero or positive", "0.1")
+        for name, example in (("beta1", "0.9"), ("beta2", "0.95")):
+            if not 0 <= getattr(self, name) < 1:
+                bad(name, "in [0, 1)", example)
+        if not self.eps > 0:
+            bad("eps", "positive", "1e-8")
+        if not self.grad_clip >= 0:
+            bad("grad_clip", "zero (off) or positive", "1.0")
+        if self.warmup_steps < 0:
+            bad("warmup_steps", "zero or positive", "100")
+        if not 0 <= self.decay_fraction <= 1:
+            bad("decay_fraction", "in [0, 1]", "0.2")
+
 
 @dataclass
 class ParallelConfig:
@@ -166,13 +189,18 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> "Config":
+        for section in SECTIONS:  # nan and inf pass every comparison check below: refuse them first
+            for f in dataclasses.fields(getattr(self, section)):
+                v = getattr(getattr(self, section), f.name)
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{section}.{f.name} must be a finite number, got {v}; "
+                                      f"give it one (--{section}.{f.name}=NUMBER) or leave it at its default")
         self.model.validate()
         t = self.train
         for name in ("max_steps", "micro_batch_size", "grad_accum_steps", "eval_iters"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(t, name)}")
-        if self.optim.lr <= 0:
-            raise ConfigError(f"optim.lr must be positive, got {self.optim.lr}")
+        self.optim.validate()
         return self
 
     def to_dict(self) -> dict:
@@ -247,6 +275,9 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def merge_dict(cfg: Config, data: dict, where: str = "") -> Config:
     """Apply a nested {section: {key: value}} dict onto cfg, validating keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a table of sections{' in ' + where if where else ''}, "
+                          f"got a {type(data).__name__}")
     for section, values in data.items():
         if section not in SECTIONS:
             raise unknown_key_error(section, where)
@@ -270,9 +301,11 @@ def load_toml(path: str | Path, cfg: Optional[Config] = None) -> Config:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = tomllib.loads(p.read_text())
+        data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start}); TOML files must be UTF-8") from None
     cfg = cfg or Config()
     preset = data.pop("preset", None)
     if preset is not None:
@@ -365,9 +398,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def load_config_json(path: str | Path) -> Config:
     p = Path(path)
     try:
-        data = json.loads(p.read_text())
+        data = json.loads(p.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config not found: {p}") from None
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{p}: invalid JSON: {e}") from None
     return config_from_dict(data, str(p))

@@ -7,6 +7,7 @@ version intact.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -67,3 +68,15 @@ def publish_dir(tmp_dir: Path, final_dir: Path) -> None:
     else:
         os.replace(tmp_dir, final_dir)
     fsync_dir(final_dir.parent)
+
+
+def json_safe(obj):
+    """``obj`` with every NaN/inf float replaced by None: ``json.dumps`` would write ``NaN``,
+    which is not JSON (strict parsers such as jq or JavaScript reject the whole line)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj

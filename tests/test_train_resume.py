@@ -139,8 +139,9 @@ def test_atomic_checkpoint_layout_and_leftovers(tmp_path, data, one_thread):
     assert sorted(x.name for x in out.iterdir()) == [".lock", "best", "ckpt-00000004", "ckpt-00000006",
                                                     "config.json", "latest", "metrics.jsonl", "run.json"]
     ck = out / "ckpt-00000006"
-    assert sorted(x.name for x in ck.iterdir()) == ["config.json", "model.safetensors", "optimizer.safetensors",
-                                                   "rng.safetensors", "state.json", "tokenizer.json"]
+    assert sorted(x.name for x in ck.iterdir()) == ["config.json", "manifest.json", "model.safetensors",
+                                                   "optimizer.safetensors", "rng.safetensors", "state.json",
+                                                   "tokenizer.json"]
     assert (ck / "tokenizer.json").read_text() == (Path(data) / "tokenizer.json").read_text()
     # the checkpoint is a model dir: eval loads it; a RUN_DIR means its latest checkpoint
     a = json.loads(cli("eval", ck, "--data", data, "--max-batches", "2")[1])

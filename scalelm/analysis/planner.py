@@ -48,6 +48,7 @@ class Setup:
     seq_parallel: bool = False
     split: Optional[ParamSplit] = None
     device_type: str = "cuda"
+    fixed: dict = field(default_factory=dict)  # layout dimensions the config pins (--parallel.tp=2)
 
     @property
     def peak(self) -> float:
@@ -204,6 +205,9 @@ def plan_all(setup: Setup) -> tuple[list[Plan], list[dict]]:
     setup.split = setup.split or param_split(setup.cfg)
     plans, skipped = [], []
     for pp, r, s, tp in factorizations(setup.devices):
+        dims = dict(pp=pp, dp_replicate=r, dp_shard=s, tp=tp)
+        if any(dims[k] != v for k, v in setup.fixed.items()):
+            continue  # the config asked for another layout
         why = invalid_reason(setup, pp, r, s, tp)
         if why:
             skipped.append(dict(pp=pp, dp_replicate=r, dp_shard=s, tp=tp, reason=why))
@@ -212,6 +216,23 @@ def plan_all(setup: Setup) -> tuple[list[Plan], list[dict]]:
             plans.append(evaluate(setup, Layout(pp, r, s, tp, ac)))
     plans.sort(key=lambda p: (not p.fits, p.times["step"] if p.fits else p.memory.peak))
     return plans, skipped
+
+
+def no_valid_layout(setup: Setup, skipped: list[dict]) -> str:
+    """Why no layout can run at all (every one invalid): the reasons, and a batch that works."""
+    reasons = list(dict.fromkeys(x["reason"] for x in skipped))
+    pinned = " ".join(f"--parallel.{k}={v}" for k, v in setup.fixed.items())
+    where = f"{setup.devices} devices" + (f" with {pinned}" if pinned else "")
+    if any("global batch" in r for r in reasons):
+        step = setup.micro_batch * setup.devices  # pure data parallelism: always a valid shape
+        lo, hi = (setup.global_batch // step) * step, (setup.global_batch // step + 1) * step
+        near = " or ".join(str(b) for b in (lo, hi) if b >= step)
+        return (f"no layout of {where} can split a global batch of {setup.global_batch} sequences into "
+                f"micro-batches of {setup.micro_batch}: it must be a multiple of micro-batch x data-parallel "
+                f"size. Use e.g. --global-batch {near} (micro-batch {setup.micro_batch} x {setup.devices} "
+                f"devices), or another --micro-batch (the layouts' reasons: {'; '.join(reasons[:3])})")
+    return (f"no layout of {where} can run this model: {'; '.join(reasons[:4])}"
+            + (f". Drop {pinned} to compare every layout" if pinned else ". Use another --devices"))
 
 
 def recommend(plans: list[Plan], setup: Setup) -> tuple[Optional[Plan], str]:
@@ -267,6 +288,8 @@ def assumptions(setup: Setup) -> list[str]:
         f"device: {d.name}, {_gib(setup.memory)}, peak {setup.peak / 1e12:.4g} TFLOP/s in {setup.precision} "
         f"(dense), memory bandwidth {d.mem_bandwidth / 1e9:.0f} GB/s",
         f"compute runs at {setup.efficiency:.0%} of peak (--efficiency)",
+        *([f"only layouts with {', '.join(f'{k}={v}' for k, v in setup.fixed.items())} (the config's "
+           f"parallel settings)"] if setup.fixed else []),
         f"links: within a node of {setup.per_node}: {d.intra_node[0]} ({d.intra_node[1] / 1e9:.0f} GB/s per "
         f"direction); between nodes: {d.inter_node[0]} ({d.inter_node[1] / 1e9:.1f} GB/s)",
         "mesh order pp, dp_replicate, dp_shard, tp (tp innermost, kept inside a node); ring collectives, "
@@ -382,22 +405,27 @@ def setup_from_args(args) -> Setup:
     spec = device_spec(kind)
     if args.devices < 1:
         raise UserError(f"--devices must be at least 1, got {args.devices}")
-    per_node = args.devices_per_node or (1 if kind == "cpu" else 8)
+    # `is None`, not `or`: an explicit 0 is an error, never "the default"
+    per_node = args.devices_per_node if args.devices_per_node is not None else (1 if kind == "cpu" else 8)
     if per_node < 1:
         raise UserError("--devices-per-node must be at least 1")
     memory = parse_bytes(args.device_memory) if args.device_memory else spec.memory
+    if not memory > 0:
+        raise UserError(f"--device-memory must be more than 0, got {args.device_memory!r}; write e.g. 80GiB")
     if kind == "cpu" and per_node > 1:  # processes on one machine share its cores and memory
         spec = DeviceSpec(spec.name + f" / {per_node} processes", {k: v / per_node for k, v in spec.flops.items()},
                           spec.memory / per_node, spec.mem_bandwidth, spec.intra_node, spec.inter_node)
         memory = memory if args.device_memory else spec.memory
-    seq = args.seq_len or cfg.model.block_size
+    seq = args.seq_len if args.seq_len is not None else cfg.model.block_size
+    if seq < 1:
+        raise UserError(f"--seq-len must be at least 1, got {seq}")
     if seq > cfg.model.block_size or seq < 1:
         raise UserError(f"--seq-len {seq} must be between 1 and the model's block_size {cfg.model.block_size} "
                         f"(raise it with --model.block_size={seq})")
-    micro = args.micro_batch or cfg.train.micro_batch_size
+    micro = args.micro_batch if args.micro_batch is not None else cfg.train.micro_batch_size
     if micro < 1:
         raise UserError("--micro-batch must be at least 1")
-    glob = args.global_batch or cfg.train.global_batch_size or (
+    glob = args.global_batch if args.global_batch is not None else cfg.train.global_batch_size or (
         cfg.train.global_batch_tokens // seq if cfg.train.global_batch_tokens else None) or (
         micro * cfg.train.grad_accum_steps * args.devices)
     if glob < 1:
@@ -406,18 +434,43 @@ def setup_from_args(args) -> Setup:
     if precision == "auto":
         native = "no bf16" not in spec.notes
         precision = "bf16" if native else ("fp16" if kind in ("v100", "t4") else "fp32")
-    eff = args.efficiency or (0.6 if kind == "cpu" else 0.5)
+    eff = args.efficiency if args.efficiency is not None else (0.6 if kind == "cpu" else 0.5)
     if not 0 < eff <= 1:
         raise UserError(f"--efficiency must be in (0, 1], got {eff}")
     return Setup(cfg=cfg.model, devices=args.devices, device=spec, memory=memory, per_node=per_node,
                  seq_len=seq, micro_batch=micro, global_batch=glob, precision=precision, efficiency=eff,
                  schedule=cfg.parallel.pp_schedule, seq_parallel=cfg.parallel.sequence_parallel,
-                 device_type="cpu" if kind == "cpu" else "cuda")
+                 device_type="cpu" if kind == "cpu" else "cuda", fixed=_fixed_dims(cfg, args))
+
+
+def _fixed_dims(cfg: Config, args) -> dict:
+    """The layout dimensions the config pins: given on the command line, or unlike the defaults
+    (a TOML file or preset); ``dp_shard=-1`` means "the rest" and pins nothing."""
+    from ..config import ParallelConfig
+
+    given = {a[2:].split("=", 1)[0].replace("-", "_") for a in args.overrides or [] if a.startswith("--")}
+    fixed = {}
+    for k in ("pp", "dp_replicate", "dp_shard", "tp"):
+        v = getattr(cfg.parallel, k)
+        if (f"parallel.{k}" in given or v != getattr(ParallelConfig(), k)) and not (k == "dp_shard" and v == -1):
+            if v < 1:
+                raise UserError(f"--parallel.{k} must be at least 1 (dp_shard: -1 = the rest), got {v}")
+            fixed[k] = v
+    n = math.prod(fixed.values())
+    if args.devices % n or (len(fixed) == 4 and n != args.devices):
+        divisors = [d for d in range(1, args.devices + 1) if args.devices % d == 0]
+        pins = " ".join(f"--parallel.{k}={v}" for k, v in fixed.items())
+        raise UserError(f"{pins} cannot be laid out on --devices {args.devices}: pp x dp_replicate x dp_shard x tp "
+                        f"must equal the device count, so each must divide it ({', '.join(map(str, divisors))}); "
+                        f"change --devices or those settings, or drop them to compare every layout")
+    return fixed
 
 
 def run_plan(args) -> int:
     setup = setup_from_args(args)
     plans, skipped = plan_all(setup)
+    if not plans:  # every layout is invalid: "no layout fits in N GiB" would blame the memory
+        raise UserError(no_valid_layout(setup, skipped))
     best, why = recommend(plans, setup)
     if args.json:
         out = dict(model=asdict(setup.cfg), params=setup.split.total, devices=setup.devices,

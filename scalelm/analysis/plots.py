@@ -33,6 +33,11 @@ def _save(fig, path: Path) -> None:
 
 
 def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, x: str = "step") -> dict[str, str]:
+    out = Path(out_dir)
+    first = next((p for p in (out, *out.parents) if p.exists()), out)  # the part that exists already
+    if first.exists() and not first.is_dir():  # checked first: nothing is drawn or written
+        raise UserError(f"--out {out} is {'a file' if first == out else f'inside the file {first}'}: plot writes loss.png and throughput.png into a directory; "
+                        f"give a directory (a new one is created)")
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
@@ -42,7 +47,6 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, x: str = "step") 
     for name, recs in runs:
         if not any("loss" in r or "val_loss" in r for r in recs):
             raise UserError(f"{name}: metrics.jsonl has no loss records yet (train for at least log_every steps)")
-    out = Path(out_dir)
     xlabel = "optimizer step" if x == "step" else "tokens seen"
     paths = {}
 

@@ -38,14 +38,30 @@ class TokenData:
                             f"(create it with `scalelm prepare --input SRC --out {self.dir}`)")
         meta_path = self.dir / META
         if not meta_path.is_file():
+            run = self.dir / "run.json"
+            if run.is_file() or (self.dir / "latest").is_file() or (self.dir / "model.safetensors").is_file():
+                # prepare refuses to write into a run or model directory: name the data it came from
+                try:
+                    trained_on = json.loads(run.read_text())["data"]["path"]
+                except (OSError, ValueError, KeyError, TypeError):  # no run.json, or not ours
+                    trained_on = None
+                hint = f" (this run trained on {trained_on})" if trained_on else ""
+                raise DataError(f"{self.dir} is a run or model directory, not a prepared data directory: pass "
+                                f"--data the DATA_DIR it was trained on{hint}, or prepare one with "
+                                f"`scalelm prepare --input SRC --out NEW_DIR --tokenizer {self.dir}`")
+            if self.dir.exists() and any(self.dir.iterdir()):  # prepare would refuse it: a new --out
+                raise DataError(f"{self.dir} is not a prepared data directory: {META} is missing (prepare one "
+                                f"with `scalelm prepare --input SRC --out NEW_DIR` and pass --data NEW_DIR)")
             raise DataError(f"{self.dir} is not a prepared data directory: {META} is missing "
                             f"(run `scalelm prepare --input SRC --out {self.dir}`)")
         try:
             self.meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError as e:
             raise DataError(f"{meta_path} is corrupt: {e}") from None
-        if self.meta.get("format") != FORMAT:
-            raise DataError(f"{meta_path} is not a scalelm data description (format={self.meta.get('format')!r})")
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT:
+            fmt = self.meta.get("format") if isinstance(self.meta, dict) else type(self.meta).__name__
+            raise DataError(f"{meta_path} is not a scalelm data description (format={fmt!r}): prepare the data "
+                            f"again with `scalelm prepare`")
         self.dtype = np.dtype(self.meta["dtype"])
         self._maps: dict[str, np.memmap] = {}
 
@@ -96,6 +112,13 @@ class TokenData:
             raise DataError(f"{path} holds {path.stat().st_size} bytes but {META} says {info['tokens']} "
                             f"{self.dtype} tokens ({expected} bytes): the file is truncated or corrupt")
         arr = np.memmap(path, dtype=self.dtype, mode="r") if expected else np.zeros(0, self.dtype)
+        # an id the tokenizer lacks would index past the embedding (a crash, or silent garbage on GPU):
+        # one streaming pass per split, the first time it is opened
+        top = max((int(arr[i:i + (1 << 26)].max()) for i in range(0, len(arr), 1 << 26)), default=-1)
+        if top >= self.vocab_size:
+            raise DataError(f"{path} holds token id {top}, but the tokenizer of {self.dir} has only "
+                            f"{self.vocab_size} tokens: the data and its tokenizer disagree (a file was replaced "
+                            f"or damaged); prepare the data again with `scalelm prepare --input SRC --out NEW_DIR`")
         self._maps[split] = arr
         return arr
 
@@ -106,9 +129,10 @@ class TokenData:
     def check_window(self, split: str, seq_len: int) -> None:
         n = len(self.tokens(split))
         if n < seq_len + 1:
+            more = ("prepare it again with a larger --val-fraction" if split == "val" else
+                    "prepare it again with more text or a smaller --val-fraction")
             raise DataError(f"split '{split}' of {self.dir} has {n} tokens, fewer than one window of "
-                            f"{seq_len} + 1: lower --model.block_size to at most {max(0, n - 1)}, "
-                            f"or prepare with a larger --val-fraction")
+                            f"{seq_len} + 1: lower --model.block_size to at most {max(0, n - 1)}, or {more}")
 
 
 def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

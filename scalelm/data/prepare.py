@@ -315,7 +315,7 @@ def prepare(input: str, out: str, tokenizer: str = "bpe", vocab_size: Optional[i
                     notes.warn(f"the {name} split has {shards.tokens[s]} tokens, fewer than one window of "
                                f"{block_size} + 1: models with a context of at most {max(0, shards.tokens[s] - 1)} "
                                f"tokens can use it (train/eval will refuse longer ones); use a larger corpus"
-                               + (" or --val-fraction" if s == "val" else ""))
+                               + (" or a larger --val-fraction" if s == "val" else " or a smaller --val-fraction"))
             meta = {
                 "format": FORMAT, "version": VERSION,
                 "tokenizer": {"kind": kind, "vocab_size": n_vocab, "eot_id": eot, "pad_id": pad,

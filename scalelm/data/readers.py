@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import json
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -245,14 +246,25 @@ def _open(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+BAD_GZIP = (EOFError, gzip.BadGzipFile, zlib.error)  # what gzip raises on a truncated or foreign file
+
+
+def bad_gzip(rel: str, e: Exception) -> SourceError:
+    return SourceError(f"{rel} is not a readable gzip file ({e}): it is truncated or not gzip at all; "
+                       f"download or compress it again (or drop the .gz suffix if it is plain text)")
+
+
 def file_format(path: Path) -> str:
     name = path.name[:-3] if path.name.endswith(".gz") else path.name
     suffix = Path(name).suffix.lower()
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     if suffix == ".json":  # many .json files are really JSON lines: look at the first character
-        with _open(path) as f:
-            head = f.read(4096).lstrip()
+        try:
+            with _open(path) as f:
+                head = f.read(4096).lstrip()
+        except BAD_GZIP as e:
+            raise bad_gzip(path.name, e) from None
         return "json" if head.startswith(b"[") else "jsonl"
     if suffix == ".parquet":
         return "parquet"
@@ -290,7 +302,13 @@ def read_text(path: Path, rel: str, stats: Stats, sep: Optional[str], on_invalid
                 yield from splitter.feed(text)
                 offset += len(chunk)
                 chunk = f.read(READ_BYTES)
-            tail = decoder.decode(b"", final=True)
+            before = _BAD_UTF8[0]
+            try:  # a character cut off at the end of the file
+                tail = decoder.decode(b"", final=True)
+            except UnicodeDecodeError:
+                raise SourceError(f"{rel}: invalid UTF-8 at the end of the file, byte {offset - 1} (use "
+                                  f"--on-invalid-utf8 replace or skip to read it anyway)") from None
+            stats.count_invalid(before, rel)
             yield from splitter.feed(tail, final=True)
         finally:  # also when the consumer stops early (--max-bytes): hash what was read
             stats.add_hash(rel, h.hexdigest())

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 from .readers import (
+    BAD_GZIP,
     ON_INVALID,
     DataWarning,
     SourceError,
     Stats,
+    bad_gzip,
     file_format,
     read_json_array,
     read_jsonl,
@@ -68,16 +70,21 @@ class FilesSource(Source):
         sep = separator_regex(self.doc_sep)
         for p in self.files:
             rel, fmt = self._rel(p), file_format(p)
-            if fmt == "text":
-                yield from read_text(p, rel, stats, sep, self.on_invalid)
-            elif fmt == "jsonl":
-                yield from read_jsonl(p, rel, stats, self.fields, self.on_invalid)
-            elif fmt == "json":
-                yield from read_json_array(p, rel, stats, self.fields, self.on_invalid)
-            else:
-                if p not in self._sha:
-                    self._sha[p] = sha256_file(p)
-                yield from read_parquet(p, rel, stats, self.fields, self._sha[p])
+            try:
+                if fmt == "text":
+                    yield from read_text(p, rel, stats, sep, self.on_invalid)
+                elif fmt == "jsonl":
+                    yield from read_jsonl(p, rel, stats, self.fields, self.on_invalid)
+                elif fmt == "json":
+                    yield from read_json_array(p, rel, stats, self.fields, self.on_invalid)
+                else:
+                    if p not in self._sha:
+                        self._sha[p] = sha256_file(p)
+                    yield from read_parquet(p, rel, stats, self.fields, self._sha[p])
+            except BAD_GZIP as e:
+                if p.suffix != ".gz":
+                    raise
+                raise bad_gzip(rel, e) from None
 
     def describe(self) -> dict:
         d = {"type": self.kind, "path": str(self.root), "files": len(self.files), "input_bytes": self.size_hint}

@@ -223,8 +223,8 @@ def check_same_tokenizer(data_dir: str | Path, tokenizer_json: Optional[str], wh
         meta = json.loads((d / "meta.json").read_text())
         data_json = (d / "tokenizer.json").read_text()
     except (OSError, json.JSONDecodeError) as e:
-        raise TokenizerError(f"{d} is not a readable prepared data directory ({e}): "
-                             f"run `scalelm prepare --input SRC --out {d}`") from None
+        raise TokenizerError(f"{d} is not a readable prepared data directory ({e}): prepare one with "
+                             f"`scalelm prepare --input SRC --out NEW_DIR` (prepare replaces only a DATA_DIR)") from None
     theirs = tokenizer_sha256(tokenizer_json)
     ours = meta.get("tokenizer", {}).get("sha256") or tokenizer_sha256(data_json)
     if theirs == ours or theirs == tokenizer_sha256(data_json):

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from ..fileio import json_safe
 from ..train.validation import evaluate, loss_sums, summarize  # noqa: F401 (the Python API of eval)
 
 # ----------------------------------------------------------------------------- CLI
@@ -36,6 +37,8 @@ def add_eval_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="auto: bf16 where the hardware has it, else fp32")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the model's files against its manifest.json (sha256 of each)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -60,12 +63,12 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.split not in data.splits:
         raise DataError(f"{args.data} has no split '{args.split}' (it has: {', '.join(data.splits)})")
     device = pick_device(args.device)
-    model = load_model_dir(ckpt, device=device)
+    model = load_model_dir(ckpt, device=device, verify=not args.no_verify)
     if data.vocab_size > model.cfg.vocab_size:
         raise DataError(f"{args.data} has a vocabulary of {data.vocab_size} tokens but the model in {ckpt} "
                         f"knows only {model.cfg.vocab_size}: evaluate on data prepared with the model's tokenizer")
     check_same_tokenizer(data.dir, read_tokenizer_json(ckpt), what=f"the checkpoint {ckpt}")
-    seq_len = args.seq_len or model.cfg.block_size
+    seq_len = model.cfg.block_size if args.seq_len is None else args.seq_len  # 0 is an error, not "unset"
     if seq_len > model.cfg.block_size or seq_len < 1:
         raise UserError(f"--seq-len must be between 1 and the model's block_size {model.cfg.block_size}")
     if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
@@ -75,7 +78,7 @@ def run_eval(args: argparse.Namespace) -> int:
     print(f"evaluating {ckpt} on {args.data} [{args.split}] with {precision} on {device}", file=sys.stderr)
     res = evaluate(model, data, args.split, args.batch_size, seq_len, args.max_batches, device,
                    autocast_context(precision, device))
-    print(json.dumps(res))
+    print(json.dumps(json_safe(res), allow_nan=False))  # a NaN loss prints as null: stdout stays JSON
     return 0
 
 
@@ -96,7 +99,7 @@ def _run_eval_text(args: argparse.Namespace, ckpt) -> int:
     _, eos = special_token_ids(ckpt)
     eos = eos[0] if isinstance(eos, list) else eos
     device = pick_device(args.device)
-    model = load_model_dir(ckpt, device=device)
+    model = load_model_dir(ckpt, device=device, verify=not args.no_verify)
     seq_len = model.cfg.block_size if args.seq_len is None else args.seq_len
     if not 1 <= seq_len <= model.cfg.block_size:
         raise UserError(f"--seq-len must be between 1 and the model's block_size {model.cfg.block_size}")
@@ -107,7 +110,7 @@ def _run_eval_text(args: argparse.Namespace, ckpt) -> int:
     res = text_perplexity(model, tok, text, eos if eos is not None else 0, seq_len,
                           seq_len if args.stride is None else args.stride, args.batch_size, device,
                           autocast_context(precision, device))
-    print(json.dumps(res))
+    print(json.dumps(json_safe(res), allow_nan=False))  # a NaN loss prints as null: stdout stays JSON
     return 0
 
 
@@ -120,5 +123,5 @@ def _run_eval_harness(args: argparse.Namespace, ckpt) -> int:
         raise UserError("--batch-size and --limit must be positive")
     res = run_harness(ckpt, args.harness, args.harness_include, args.limit, args.harness_data, args.batch_size,
                       str(pick_device(args.device)))
-    print(json.dumps(res, default=str))
+    print(json.dumps(json_safe(res), default=str, allow_nan=False))
     return 0

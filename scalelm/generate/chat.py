@@ -32,7 +32,11 @@ PLAIN_STOPS = ["\nUser:"]
 def _special_token(gen: Generator, tokenizer_dir: Optional[Path], name: str, token_id) -> str:
     """bos/eos as text for templates: from tokenizer_config.json, else decoded from its id."""
     if tokenizer_dir is not None and (tokenizer_dir / "tokenizer_config.json").is_file():
-        v = json.loads((tokenizer_dir / "tokenizer_config.json").read_text()).get(name)
+        try:
+            cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            cfg = {}  # as read_chat_template: an unreadable config holds no template either
+        v = cfg.get(name) if isinstance(cfg, dict) else None
         if isinstance(v, dict):
             v = v.get("content")
         if isinstance(v, str):
@@ -58,18 +62,38 @@ class ChatFormat:
             def raise_exception(msg):
                 raise GenerationError(f"the chat template refused the conversation: {msg}")
 
+            from jinja2 import TemplateError
+
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = raise_exception
             env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
-            self._compiled = env.from_string(self.template)
+            self._where = "the chat template"
+            if tokenizer_dir is not None:  # where read_chat_template found it
+                jinja = tokenizer_dir / "chat_template.jinja"
+                self._where += f" in {jinja if jinja.is_file() else tokenizer_dir / 'tokenizer_config.json'}"
+            try:
+                self._compiled = env.from_string(self.template)
+            except TemplateError as e:
+                line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+                raise GenerationError(f"{self._where} is not valid Jinja{line}: {str(e).rstrip('.')}; fix it, "
+                                      "or chat without it with --plain") from None
             eos = min(gen.eos_ids) if gen.eos_ids else None
             self.bos = _special_token(gen, tokenizer_dir, "bos_token", gen.bos_id)
             self.eos = _special_token(gen, tokenizer_dir, "eos_token", eos)
 
     def render(self, messages: list[dict]) -> str:
         if self.template:
-            return self._compiled.render(messages=messages, add_generation_prompt=True,
-                                         bos_token=self.bos, eos_token=self.eos)
+            try:
+                return self._compiled.render(messages=messages, add_generation_prompt=True,
+                                             bos_token=self.bos, eos_token=self.eos)
+            except GenerationError:
+                raise
+            except Exception as e:  # the template is the checkpoint's code: any failure is its own
+                from jinja2.sandbox import SecurityError
+
+                what = "uses an operation the sandbox blocks" if isinstance(e, SecurityError) else "failed"
+                raise GenerationError(f"{self._where} {what}: {type(e).__name__}: {str(e).rstrip('.')}; fix it, "
+                                      "or chat without it with --plain") from None
         parts = [m["content"] + "\n\n" for m in messages if m["role"] == "system"]
         for m in messages:
             if m["role"] == "user":
@@ -121,15 +145,18 @@ def run_chat(args) -> int:
     interactive = sys.stdin.isatty()
     print(f"chat ({'chat template' if fmt.template else 'plain User:/Assistant: format'}); "
           "/reset forgets, /exit or end of input quits", file=sys.stderr)
+    if args.system:
+        _check_utf8(args.system, "--system")
     system = [{"role": "system", "content": args.system}] if args.system else []
     history: list[dict] = []
-    turn = 0
+    turn = lineno = 0
     room = min(args.max_new_tokens, gen.cfg.block_size // 4)
     safe = for_stdout(args.raw)
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        lineno += 1
+        line = _read_line(lineno)
         if not line:  # end of input
             break
         msg = line.rstrip("\n")
@@ -157,6 +184,27 @@ def run_chat(args) -> int:
         history.append({"role": "assistant", "content": "".join(reply).strip()})
         turn += 1
     return 0
+
+
+def _read_line(lineno: int) -> str:
+    """One line of stdin, decoded as UTF-8 here so that other bytes get a message, not a traceback."""
+    stdin = getattr(sys.stdin, "buffer", None)
+    if stdin is None:  # a text stream without bytes under it (tests, embedding)
+        return sys.stdin.readline()
+    raw = stdin.readline()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GenerationError(f"input line {lineno} is not valid UTF-8 (byte {e.start}): use a UTF-8 terminal "
+                              "or locale, or convert the input first (e.g. `iconv -f latin1 -t utf-8`)") from None
+
+
+def _check_utf8(text: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # argv bytes that were not UTF-8 arrive surrogate-escaped
+        raise GenerationError(f"{what} is not valid UTF-8 (at character {e.start}): set a UTF-8 locale "
+                              "or encoding in your shell") from None
 
 
 def _ckpt_dir(path: str) -> Path:

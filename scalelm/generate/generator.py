@@ -31,6 +31,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from ..errors import UserError
+from ..fileio import json_safe
 from ..model.gpt import GPT, KVCache
 from ..model.io import load_model_dir
 from ..precision import pick_device
@@ -98,17 +99,41 @@ def read_chat_template(tokenizer_dir: Path) -> Optional[str]:
     """The Jinja chat template of an HF-style tokenizer directory, if it has one."""
     jinja = tokenizer_dir / "chat_template.jinja"
     if jinja.is_file():
-        return jinja.read_text()
+        try:
+            return jinja.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise GenerationError(f"{jinja} is not valid UTF-8 (byte {e.start}): fix or delete it") from None
     cfg = tokenizer_dir / "tokenizer_config.json"
     if cfg.is_file():
         try:
-            t = json.loads(cfg.read_text()).get("chat_template")
-        except json.JSONDecodeError:
+            t = json.loads(cfg.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
             return None
+        t = t.get("chat_template") if isinstance(t, dict) else None
         if isinstance(t, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            t = next((x["template"] for x in t if x.get("name") == "default"), None)
+            t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
         return t if isinstance(t, str) else None
     return None
+
+
+def _check_other_tokenizer(tok, given: Union[str, Path], ckpt: Path, model_vocab: int) -> None:
+    """Refuse a ``--tokenizer`` that cannot decode what the model emits: ids it lacks would be
+    dropped from the text without a word. With the checkpoint's own tokenizer.json to compare, the
+    sizes must be equal; without one, the model's vocabulary may exceed the tokenizer's only as
+    padding: a multiple of 64, less than 128 above it (as GPT-2's 50257 padded to 50304)."""
+    from ..data.tokenizer import vocab_size_of
+
+    n = vocab_size_of(tok)
+    if (ckpt / TOKENIZER).is_file():
+        own = vocab_size_of(load_tokenizer(ckpt))
+        if n != own:
+            raise GenerationError(f"--tokenizer {given} has {n:,} tokens but {ckpt}'s own tokenizer.json has "
+                                  f"{own:,}: the ids the model emits would decode as other text or be dropped. "
+                                  f"Leave out --tokenizer (the checkpoint's is used), or give one of {own:,} tokens")
+    elif model_vocab > n and (model_vocab % 64 or model_vocab - n >= 128):
+        raise GenerationError(f"--tokenizer {given} has {n:,} tokens but the model in {ckpt} emits ids up to "
+                              f"{model_vocab - 1:,}: those would be dropped from the text. Give the tokenizer the "
+                              f"model was trained with (a model vocabulary padded to a multiple of 64 is accepted)")
 
 
 class Generator:
@@ -132,16 +157,18 @@ class Generator:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], tokenizer: Optional[Union[str, Path]] = None,
-                        device: str = "auto", dtype: str = "auto", compile: bool = False) -> "Generator":
+                        device: str = "auto", dtype: str = "auto", compile: bool = False,
+                        verify: bool = True) -> "Generator":
         from ..model.hf import special_token_ids
 
         ckpt = resolve_checkpoint(path)
         dev = pick_device(device, option="--device")
-        model = load_model_dir(ckpt, device=dev, dtype=resolve_dtype(dtype, dev))
+        model = load_model_dir(ckpt, device=dev, dtype=resolve_dtype(dtype, dev), verify=verify)
         tok_src = Path(tokenizer) if tokenizer is not None else ckpt
         tok = load_tokenizer(tok_src) if tokenizer is not None or (ckpt / TOKENIZER).is_file() else None
         bos, eos = special_token_ids(ckpt)
         if tokenizer is not None:  # another tokenizer: its own end-of-text token
+            _check_other_tokenizer(tok, tokenizer, ckpt, model.cfg.vocab_size)
             bos = eos = tok.token_to_id(EOT)
         eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
         template = read_chat_template(tok_src if tok_src.is_dir() else tok_src.parent)
@@ -312,6 +339,8 @@ def add_model_args(p) -> None:
                    "as constants; the first tokens wait for compilation, up to minutes on CPU)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's); on a busy machine 1 can be "
                    "much faster than oversubscribed cores")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the model's files against its manifest.json (sha256 of each)")
 
 
 def add_sampling_args(p, temperature: float, top_k: int, top_p: float, max_new: int) -> None:
@@ -337,7 +366,8 @@ def generator_from_args(args) -> Generator:
             raise GenerationError(f"--threads={args.threads} is invalid: must be >= 1")
         torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    gen = Generator.from_checkpoint(args.ckpt, args.tokenizer, args.device, args.dtype, args.compile)
+    gen = Generator.from_checkpoint(args.ckpt, args.tokenizer, args.device, args.dtype, args.compile,
+                                    verify=not getattr(args, "no_verify", False))
     print(f"loaded {gen.cfg.n_layer}-layer model ({sum(p.numel() for p in gen.model.parameters()) / 1e6:.1f}M "
           f"params, {str(gen.dtype).removeprefix('torch.')}, {gen.device}) in {time.perf_counter() - t:.1f}s",
           file=sys.stderr)
@@ -387,18 +417,36 @@ def _read_prompts(args) -> list[Prompt]:
         raise GenerationError("give only one of --prompt, --prompt-file, --prompt-ids")
     if args.prompt_file is not None:
         if args.prompt_file == "-":
-            return [sys.stdin.read()]
+            stdin = getattr(sys.stdin, "buffer", None)
+            return [_utf8(stdin.read(), "standard input", False) if stdin is not None else sys.stdin.read()]
         f = Path(args.prompt_file)
         if not f.is_file():
             raise GenerationError(f"prompt file not found: {f}")
-        return [f.read_text()]
+        return [_utf8(f.read_bytes(), str(f))]
     if args.prompt_ids is not None:
         try:
             return [[int(x) for x in args.prompt_ids.replace(",", " ").split()]]
         except ValueError:
             raise GenerationError(f"--prompt-ids must be integers separated by commas or spaces, "
                                   f"got {args.prompt_ids!r}") from None
+    for i, p in enumerate(args.prompt or []):
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:  # argv bytes that were not UTF-8 arrive surrogate-escaped
+            raise GenerationError(f"--prompt number {i + 1} is not valid UTF-8 (at character {e.start}): "
+                                  "set a UTF-8 locale or encoding in your shell, or put the text in a UTF-8 "
+                                  "file for --prompt-file") from None
     return args.prompt if args.prompt else [""]
+
+
+def _utf8(data: bytes, where: str, universal_newlines: bool = True) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GenerationError(f"{where} is not valid UTF-8 (byte {e.start}): convert it first, e.g. "
+                              "`iconv -f latin1 -t utf-8`, or give token ids with --prompt-ids") from None
+    # as Path.read_text did for files (stdin on POSIX keeps its \r)
+    return text.replace("\r\n", "\n").replace("\r", "\n") if universal_newlines else text
 
 
 class _RowPrinter:
@@ -470,9 +518,9 @@ def run_generate(args) -> int:
     comps = [out[i] for i in sorted(out)]
     if args.json:
         for c in comps:
-            print(json.dumps({"index": c.index, "prompt_index": c.index // args.num_samples,
-                              "prompt_tokens": len(c.prompt_tokens), "tokens": c.tokens,
-                              "text": c.text, "finish_reason": c.finish_reason}))
+            print(json.dumps(json_safe({"index": c.index, "prompt_index": c.index // args.num_samples,
+                                        "prompt_tokens": len(c.prompt_tokens), "tokens": c.tokens,
+                                        "text": c.text, "finish_reason": c.finish_reason}), allow_nan=False))
     elif printer:
         print()
     else:

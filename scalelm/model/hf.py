@@ -14,6 +14,7 @@ CLI: ``scalelm convert --from-hf HF_DIR --out CKPT_DIR`` and ``scalelm convert C
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -23,7 +24,7 @@ from typing import Any, Union
 
 import torch
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, _coerce, _field_types
 from ..errors import CheckpointError
 from ..fileio import publish_dir
 from ..runs import TOKENIZER, check_output_dir, is_scalelm_model_dir, resolve_checkpoint
@@ -35,6 +36,7 @@ from .io import (
     read_model_config,
     save_model_dir,
 )
+from .manifest import write_manifest
 
 # tokenizer-side files copied as they are, both ways (chat templates live in the last two)
 TOKENIZER_FILES = (TOKENIZER, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -104,8 +106,42 @@ def _unsupported(model_type: str, key: str, value: Any, need: str) -> Conversion
                            f"can import only {need}")
 
 
+def read_hf_json(path: Path, what: str = "config.json") -> dict:
+    """An HF JSON file as a dict, or a ConversionError saying what is wrong with it."""
+    try:
+        d = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path} is not valid JSON ({e}): the {what} of a Hugging Face model directory "
+                              f"is a JSON object; download or save it again (save_pretrained)") from None
+    if not isinstance(d, dict):
+        raise ConversionError(f"{path} holds a JSON {type(d).__name__}, not an object: not a Hugging Face "
+                              f"{what}; download or save it again (save_pretrained)")
+    return d
+
+
 def model_config_from_hf(hf: dict) -> ModelConfig:
     """Translate an HF ``config.json`` dict; anything scalelm cannot run exactly is an error."""
+    if not isinstance(hf, dict):
+        raise ConversionError(f"a Hugging Face config is a JSON object, got a {type(hf).__name__}")
+    if "model_type" not in hf:
+        raise ConversionError("the Hugging Face config.json has no model_type: scalelm converts 'gpt2' "
+                              "(GPT2LMHeadModel) and 'llama' (LlamaForCausalLM) configs as save_pretrained "
+                              "writes them")
+    try:
+        cfg = _model_config_from_hf(hf)
+        types = _field_types(ModelConfig)  # HF values of the wrong JSON type, named by our field
+        for f in dataclasses.fields(ModelConfig):
+            setattr(cfg, f.name, _coerce(getattr(cfg, f.name), types[f.name], f"model.{f.name}"))
+        cfg.validate()
+    except ConfigError as e:
+        raise ConversionError(f"the Hugging Face config does not give a valid scalelm model: {e}") from None
+    except (TypeError, ValueError, AttributeError, KeyError) as e:  # e.g. a string where a number goes
+        raise ConversionError(f"the Hugging Face config.json has a value of the wrong type ({type(e).__name__}: "
+                              f"{e}): compare it with the model's original config.json") from None
+    return cfg
+
+
+def _model_config_from_hf(hf: dict) -> ModelConfig:
     mt = hf.get("model_type")
     if mt == "gpt2":
         act = hf.get("activation_function", "gelu_new")
@@ -149,10 +185,6 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
     else:
         raise ConversionError(f"Hugging Face model_type {mt!r} is not supported: scalelm converts "
                               "'gpt2' (GPT2LMHeadModel) and 'llama' (LlamaForCausalLM)")
-    try:
-        cfg.validate()
-    except ConfigError as e:
-        raise ConversionError(f"the Hugging Face config does not give a valid scalelm model: {e}") from None
     return cfg
 
 
@@ -258,7 +290,11 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     if (hf_dir / "model.safetensors").is_file():
         return load_file(str(hf_dir / "model.safetensors"))
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(read_hf_json(index, index.name)["weight_map"].values()))
+        except (KeyError, AttributeError, TypeError):
+            raise ConversionError(f"{index} has no weight_map of tensor -> shard file names: download or "
+                                  f"save the model again") from None
         sd: dict[str, torch.Tensor] = {}
         for shard in shards:
             sd.update(load_file(str(hf_dir / shard)))
@@ -281,7 +317,8 @@ def from_hf(src: Union[str, Path, Any], dtype: torch.dtype = torch.float32) -> G
         d = Path(src)
         if not (d / "config.json").is_file():
             raise ConversionError(f"{d} is not a Hugging Face model directory (no config.json)")
-        hf_cfg = json.loads((d / "config.json").read_text())
+        hf_cfg = read_hf_json(d / "config.json")
+        model_config_from_hf(hf_cfg)  # a bad config fails before the weights are read
         hf_sd = read_hf_weights(d)
     else:
         hf_cfg, hf_sd = src.config.to_dict(), src.state_dict()
@@ -343,16 +380,17 @@ def import_hf_dir(hf_dir: Union[str, Path], out_dir: Union[str, Path],
     if not src.is_dir():
         raise ConversionError(f"Hugging Face model directory not found: {src}")
     model = from_hf(src, dtype)
-    hf_cfg = json.loads((src / "config.json").read_text())
+    hf_cfg = read_hf_json(src / "config.json")
     meta = {k: hf_cfg.get(k) for k in ("model_type", "architectures", "bos_token_id", "eos_token_id",
                                         "pad_token_id")}
     gen_cfg = src / "generation_config.json"
     if gen_cfg.is_file():  # chat models list their end-of-turn tokens here (eos may be a list)
-        g = json.loads(gen_cfg.read_text())
+        g = read_hf_json(gen_cfg, "generation_config.json")
         meta.update({k: g[k] for k in ("bos_token_id", "eos_token_id") if g.get(k) is not None})
     extra = {"hf": meta, "source": str(src.resolve())}
     out = save_model_dir(model, out_dir, extra=extra)
-    _copy_tokenizer_files(src, out)
+    if _copy_tokenizer_files(src, out):
+        write_manifest(out)  # again: the manifest covers the copied tokenizer files too
     return out
 
 

@@ -2,21 +2,23 @@
 
 A model directory holds ``model.safetensors`` (weights; a tied LM head is stored once, as the
 embedding), ``config.json`` (``{"format": "scalelm", "model": {...}}``) and, when known,
-``tokenizer.json``. No pickle is involved in weights. Every file is written to a temporary
-name, fsynced and renamed, so a kill at any moment leaves the previous file intact.
+``tokenizer.json``, and ``manifest.json`` (sha256 of each file, checked on load). No pickle is
+involved in weights. Every file is written to a temporary name, fsynced and renamed, so a kill at
+any moment leaves the previous file intact.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError, ModelConfig, _coerce, _field_types
@@ -24,8 +26,11 @@ from ..errors import CheckpointError
 from ..fileio import publish_dir
 from ..runs import CONFIG, DCP_METADATA, TOKENIZER, WEIGHTS, resolve_checkpoint
 from .gpt import GPT
+from .manifest import verify_manifest, write_manifest
 
 FORMAT = "scalelm"
+MAX_BLOCK_SIZE = 1 << 20  # a config above these is refused before anything is built
+MAX_VOCAB = 1 << 24
 
 
 # ----------------------------------------------------------------------------- model dirs
@@ -49,8 +54,10 @@ def model_config_from_dict(d: dict, where: str = "config.json") -> ModelConfig:
 
 
 def save_model_dir(model: GPT, out_dir: str | Path, tokenizer_json: Optional[str] = None,
-                   extra: Optional[dict] = None) -> Path:
-    """Write ``out_dir`` as a model directory (atomically: a partial one is never visible)."""
+                   extra: Optional[dict] = None, manifest: bool = True) -> Path:
+    """Write ``out_dir`` as a model directory (atomically: a partial one is never visible).
+
+    ``manifest=False`` is for a caller that adds files and writes the manifest itself."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -62,6 +69,8 @@ def save_model_dir(model: GPT, out_dir: str | Path, tokenizer_json: Optional[str
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer_json is not None:
             (tmp / TOKENIZER).write_text(tokenizer_json)
+        if manifest:
+            write_manifest(tmp)
         publish_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -80,7 +89,10 @@ def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
         meta = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{p} is corrupt: {e}") from None
-    if meta.get("format") != FORMAT or "model" not in meta:
+    if not isinstance(meta, dict):  # e.g. [] or 3: valid JSON, but no config
+        raise CheckpointError(f"{p} is not a scalelm model config (it holds a JSON {type(meta).__name__}, "
+                              f"not an object): copy config.json from the checkpoint it came from again")
+    if meta.get("format") != FORMAT or not isinstance(meta.get("model"), dict):
         hint = " (a Hugging Face model? import it with `scalelm convert --from-hf`)" if "model_type" in meta else ""
         raise CheckpointError(f"{p} is not a scalelm model config{hint}")
     try:
@@ -109,40 +121,102 @@ def load_state_dict_into(model: GPT, sd: dict[str, torch.Tensor], source: str = 
     model.load_state_dict(sd, strict=False)  # the tied head is absent from sd by design
 
 
+def check_finite(sd: dict[str, torch.Tensor], source: str) -> None:
+    """NaN or inf in a weight means a diverged or damaged file: refuse it, naming the tensor."""
+    for k, t in sd.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise CheckpointError(f"{source}: tensor '{k}' holds {n} non-finite value(s) (NaN or inf): the "
+                                  f"weights are corrupt or come from a diverged run; use an earlier checkpoint")
+
+
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
         raise CheckpointError(f"weights not found: {p}")
     try:
-        return load_file(str(p))
+        sd = load_file(str(p))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{p} is corrupt or not a safetensors file: {e}") from None
+    check_finite(sd, str(p))
+    return sd
+
+
+def check_config_sizes(cfg: ModelConfig, where: str) -> None:
+    if cfg.block_size > MAX_BLOCK_SIZE or cfg.vocab_size > MAX_VOCAB:
+        raise CheckpointError(f"{where}: block_size={cfg.block_size} / vocab_size={cfg.vocab_size} is beyond what "
+                              f"scalelm loads ({MAX_BLOCK_SIZE} / {MAX_VOCAB}): the config is damaged or tampered")
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
+    """The stored tensors' shapes ``cfg`` implies, from a model on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()
+            if not (cfg.tie_embeddings and k == "lm_head.weight")}
+
+
+def check_weights_header(path: str | Path, cfg: ModelConfig, where: str = CONFIG) -> None:
+    """Compare ``cfg`` with the safetensors header of ``path`` before anything is allocated, so a
+    damaged or tampered config is an error rather than a huge allocation."""
+    p = Path(path)
+    check_config_sizes(cfg, where)
+    try:
+        with safe_open(str(p), "pt") as f:
+            saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{p} is corrupt or not a safetensors file: {e}") from None
+    expected = expected_shapes(cfg)
+    problems = [f"'{k}' is {saved[k]} in the weights but {shape} by the config" if k in saved else
+                f"'{k}' {shape} is missing from the weights" for k, shape in expected.items() if saved.get(k) != shape]
+    problems += [f"unexpected tensor '{k}' {saved[k]} in the weights" for k in saved if k not in expected]
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        n_cfg, n_file = (sum(math.prod(s) for s in shapes.values()) for shapes in (expected, saved))
+        raise CheckpointError(f"{where} does not match the weights in {p} (a damaged or edited config? it implies "
+                              f"{n_cfg:,} parameters, the file holds {n_file:,}): " + "; ".join(problems[:5]) + more)
 
 
 def load_model_dir(ckpt_dir: str | Path, device="cpu", dtype: Optional[torch.dtype] = None,
-                   model_cfg: Optional[ModelConfig] = None) -> GPT:
-    """Build the model from ``config.json`` (or ``model_cfg``) and load its weights strictly."""
+                   model_cfg: Optional[ModelConfig] = None, verify: bool = True) -> GPT:
+    """Build the model from ``config.json`` (or ``model_cfg``) and load its weights strictly.
+
+    ``verify`` checks the files against ``manifest.json`` (when there is one) first.
+    """
     d = Path(ckpt_dir)
-    cfg = model_cfg or read_model_config(d)
     if not (d / WEIGHTS).is_file() and (d / DCP_METADATA).is_file():  # a sharded training checkpoint (torchrun)
-        return consolidated_model(d, device=device, dtype=dtype or torch.get_default_dtype())
+        return consolidated_model(d, device=device, dtype=dtype or torch.get_default_dtype(), verify=verify)
+    if verify and d.is_dir():  # what is read here and by its callers, not the optimizer state of a checkpoint
+        verify_manifest(d, only=(CONFIG, WEIGHTS, TOKENIZER), optional=(TOKENIZER,))
+    cfg = model_cfg or read_model_config(d)
+    if (d / WEIGHTS).is_file():
+        check_weights_header(d / WEIGHTS, cfg, str(d / CONFIG) if model_cfg is None else "the model config")
+    sd = load_weights(d / WEIGHTS)
     model = GPT(cfg)
-    load_state_dict_into(model, load_weights(d / WEIGHTS), source=str(d / WEIGHTS))
+    load_state_dict_into(model, sd, source=str(d / WEIGHTS))
     model.to(device=device, dtype=dtype) if dtype else model.to(device)
     return model
 
 
-def consolidated_model(ckpt: str | Path, device="cpu", dtype: Optional[torch.dtype] = None):
+def consolidated_model(ckpt: str | Path, device="cpu", dtype: Optional[torch.dtype] = None, verify: bool = True):
     """Build the plain ``GPT`` of a sharded checkpoint in this process (no process group needed)."""
     import torch.distributed.checkpoint as dcp  # torch's reader: no process group, nothing from scalelm.distributed
 
     ckpt = Path(ckpt)
+    if verify:
+        verify_manifest(ckpt)
     cfg = read_model_config(ckpt)
+    check_config_sizes(cfg, str(ckpt / CONFIG))
     try:
         meta = dcp.FileSystemReader(str(ckpt / DCP_METADATA.parent)).read_metadata().state_dict_metadata
         saved_dtype = meta["model.tok_emb.weight"].properties.dtype  # build the model as it was saved
     except Exception as e:
         raise CheckpointError(f"{ckpt / DCP_METADATA.parent} is corrupt or incomplete: {str(e).splitlines()[0][:300]}") from None
+    wrong = [k for k, shape in expected_shapes(cfg).items()  # before to_empty allocates what the config asks
+             if tuple(getattr(meta.get(f"model.{k}"), "size", ()) or ()) != shape]
+    if wrong:
+        raise CheckpointError(f"{ckpt / CONFIG} does not match the weights in {ckpt / DCP_METADATA.parent} (a damaged "
+                              f"or edited config?): tensors {wrong[:5]} differ in shape or are missing")
     with torch.device("meta"):
         model = GPT(cfg).to(saved_dtype)
     model.to_empty(device="cpu")
@@ -165,9 +239,9 @@ def read_tokenizer_json(ckpt_dir: str | Path) -> Optional[str]:
 
 
 
-def load_model(path: str | Path, device="cpu", dtype: Optional[torch.dtype] = None) -> GPT:
+def load_model(path: str | Path, device="cpu", dtype: Optional[torch.dtype] = None, verify: bool = True) -> GPT:
     """The ``GPT`` of a model directory, or of a RUN_DIR's latest checkpoint."""
-    return load_model_dir(resolve_checkpoint(path), device=device, dtype=dtype)
+    return load_model_dir(resolve_checkpoint(path), device=device, dtype=dtype, verify=verify)
 
 
 save_model = save_model_dir

@@ -37,10 +37,12 @@ from ..distributed.parallelize import model_parts
 from ..errors import CheckpointError
 from ..fileio import atomic_write_text, publish_dir
 from ..model.io import load_weights
+from ..model.manifest import verify_manifest, write_manifest
 from ..runs import CONFIG, LATEST, TOKENIZER, ckpt_name
 from .state import (
     OPTIMIZER,
     STATE,
+    check_state,
     is_training_checkpoint,
     prune_checkpoints,
     rng_state,
@@ -94,6 +96,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: nn.Module, optimize
         if tokenizer_json is not None:
             (staging / TOKENIZER).write_text(tokenizer_json)
         (staging / STATE).write_text(json.dumps(dict(state, step=step), indent=1) + "\n")
+        write_manifest(staging)  # last: covers every rank's shards and RNG files
         publish_dir(staging, run_dir / name)
         atomic_write_text(run_dir / LATEST, name + "\n")
         prune_checkpoints(run_dir, keep_last, protect=name)
@@ -101,13 +104,16 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: nn.Module, optimize
     return run_dir / name
 
 
-def load_sharded_checkpoint(ckpt: Path, model: nn.Module, optimizer, ctx: ParallelContext) -> dict:
+def load_sharded_checkpoint(ckpt: Path, model: nn.Module, optimizer, ctx: ParallelContext,
+                            verify: bool = True) -> dict:
     """Load a DCP checkpoint into this layout (any world size); returns ``state.json``."""
     import torch.distributed.checkpoint as dcp
 
     ckpt = Path(ckpt)
     if not is_sharded_checkpoint(ckpt):
         raise CheckpointError(f"{ckpt} is not a sharded checkpoint ({DCP_DIR}/.metadata is missing)")
+    if verify:  # every rank checks the same files, so all ranks fail alike
+        verify_manifest(ckpt, how=_RESUME_EARLIER.format(ckpt=ckpt))
     try:
         state = json.loads((ckpt / STATE).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -135,17 +141,23 @@ def _shard_like(local, full):
     return full
 
 
-def load_full_training_checkpoint(ckpt: Path, model: nn.Module, optimizer) -> dict:
+_RESUME_EARLIER = "resume from an earlier checkpoint (--resume RUN_DIR/ckpt-N), or move {ckpt} out of the run"
+
+
+def load_full_training_checkpoint(ckpt: Path, model: nn.Module, optimizer, verify: bool = True) -> dict:
     """A single-process checkpoint (``model.safetensors`` + ``optimizer.safetensors``, see
     ``scalelm.train.state``) into any layout: every rank reads the full tensors, keeps its shard."""
     ckpt = Path(ckpt)
     if not is_training_checkpoint(ckpt):
         raise CheckpointError(f"{ckpt} is not a training checkpoint (optimizer/RNG/state files missing): to start "
                               f"a new run from its weights, use --init-from instead of resuming")
+    if verify:
+        verify_manifest(ckpt, how=_RESUME_EARLIER.format(ckpt=ckpt))
     try:
         state = json.loads((ckpt / STATE).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{ckpt / STATE} is missing or corrupt: {e}") from None
+    check_state(state, ckpt / STATE, ("optimizer_param_groups",) if optimizer is not None else ())
     canon, back = training_state_dicts(model, optimizer)
     weights = load_weights(ckpt / "model.safetensors")
     missing = sorted(set(canon["model"]) - set(weights))

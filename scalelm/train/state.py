@@ -3,7 +3,8 @@
 ``RUN_DIR/ckpt-<step>/`` is a model directory (``model.safetensors``, ``config.json``,
 ``tokenizer.json``) plus ``optimizer.safetensors`` (AdamW moments keyed by parameter name),
 ``rng.safetensors`` (torch generator states) and ``state.json`` (step, loader position,
-best validation loss, Python/NumPy RNG states, optimizer hyper-parameters). It is staged in a
+best validation loss, Python/NumPy RNG states, optimizer hyper-parameters), with a
+``manifest.json`` hashing all of them (checked before resuming). It is staged in a
 hidden directory, fsynced and renamed into place, then ``RUN_DIR/latest`` is rewritten
 atomically: a kill at any moment leaves the previous checkpoint intact. No pickle anywhere.
 """
@@ -31,6 +32,7 @@ from ..model.io import (
     read_model_config,
     save_model_dir,
 )
+from ..model.manifest import verify_manifest, write_manifest
 from ..runs import CONFIG, LATEST, TOKENIZER, ckpt_name, list_checkpoints
 
 OPTIMIZER = "optimizer.safetensors"
@@ -108,13 +110,14 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     staging = run_dir / f".staging-{name}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        save_model_dir(model, staging, tokenizer_json, extra={"step": step})
+        save_model_dir(model, staging, tokenizer_json, extra={"step": step}, manifest=False)
         opt_tensors, groups = optimizer_state(model, optimizer)
         save_file(opt_tensors, str(staging / OPTIMIZER), metadata={"format": "pt"})
         rng_tensors, rng_js = rng_state()
         save_file(rng_tensors, str(staging / RNG))
         full = dict(state, step=step, optimizer_param_groups=groups, rng=rng_js)
         (staging / STATE).write_text(json.dumps(full, indent=1) + "\n")
+        write_manifest(staging)  # last: it covers the model files and the optimizer, RNG and state files
         publish_dir(staging, run_dir / name)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -167,17 +170,46 @@ def check_tokenizer(ckpt: Path, data_dir: Path) -> None:
     check_same_tokenizer(data_dir, p.read_text() if p.is_file() else None, what=f"the checkpoint {ckpt}")
 
 
-def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
-    """Load weights (strictly), optimizer moments and RNG states; return ``state.json``."""
+# what resuming reads from state.json, and the JSON type each must have
+STATE_KEYS = {"step": int, "tokens_seen": int, "loader": dict, "optimizer_param_groups": list, "rng": dict}
+
+
+def check_state(state, path: Path, keys=tuple(STATE_KEYS)) -> dict:
+    """Refuse a ``state.json`` that lacks what resuming reads (damaged or hand-edited)."""
+    path = Path(path)
+    if not isinstance(state, dict):
+        problems = [f"it holds a JSON {type(state).__name__}, not an object"]
+    else:
+        problems = [f"'{k}' is missing" if k not in state else f"'{k}' is not a {STATE_KEYS[k].__name__}"
+                    for k in keys if not isinstance(state.get(k), STATE_KEYS[k]) or isinstance(state.get(k), bool)]
+        subkeys = {"loader": ("step", "micro"), "rng": ("numpy", "python")}
+        problems += [f"'{k}.{sub}' is missing" for k, subs in subkeys.items() if k in keys
+                     and isinstance(state.get(k), dict) for sub in subs if sub not in state[k]]
+    if problems:
+        raise CheckpointError(f"{path} is damaged: {'; '.join(problems)}. Resume from an earlier checkpoint "
+                              f"(--resume {path.parent.parent}/ckpt-N), or start a new run from its weights "
+                              f"(--init-from {path.parent} with another --out)")
+    return state
+
+
+def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                    verify: bool = True) -> dict:
+    """Load weights (strictly), optimizer moments and RNG states; return ``state.json``.
+
+    ``verify`` first checks every file against ``manifest.json`` (when there is one)."""
     ckpt = Path(ckpt)
     if not is_training_checkpoint(ckpt):
         missing = [f for f in (OPTIMIZER, RNG, STATE) if not (ckpt / f).is_file()]
         raise CheckpointError(f"{ckpt} is not a training checkpoint ({', '.join(missing)} missing): to start "
                               f"a new run from its weights, use it as an initial model instead of resuming")
+    if verify:
+        verify_manifest(ckpt, how=f"resume from an earlier checkpoint (--resume {ckpt.parent}/ckpt-N), or "
+                                  f"move {ckpt.name} out of the run to resume from the one before it")
     try:
         state = json.loads((ckpt / STATE).read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{ckpt / STATE} is corrupt: {e}") from None
+    check_state(state, ckpt / STATE, ("step", "rng") + (("optimizer_param_groups",) if optimizer is not None else ()))
     load_state_dict_into(model, load_weights(ckpt / "model.safetensors"), source=str(ckpt))
     if optimizer is not None:
         try:
@@ -185,7 +217,11 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: Optional[torch.opti
         except Exception as e:  # safetensors raises several types for a damaged file
             raise CheckpointError(f"{ckpt / OPTIMIZER} is corrupt: {e}") from None
         load_optimizer_state(model, optimizer, opt_tensors, state["optimizer_param_groups"])
-    set_rng_state(load_file(str(ckpt / RNG)), state["rng"])
+    try:
+        set_rng_state(load_file(str(ckpt / RNG)), state["rng"])
+    except Exception as e:  # a damaged rng.safetensors or a malformed state.json "rng" entry
+        raise CheckpointError(f"the RNG state of {ckpt} is damaged ({type(e).__name__}: {e}): resume from an "
+                              f"earlier checkpoint with --resume, or start anew with --init-from {ckpt}") from None
     print(f"resumed from {ckpt} at step {state['step']}", file=sys.stderr)
     return state
 

@@ -36,6 +36,7 @@ from ..distributed.mesh import (
 )
 from ..distributed.parallelize import clip_grad_norm, grad_sync, parallelize
 from ..errors import UserError
+from ..fileio import json_safe
 from ..model.gpt import GPT, flops_per_token
 from ..precision import DTYPES, autocast_context, pick_device, resolve_precision  # noqa: F401 (re-exported)
 from . import state as ts
@@ -323,6 +324,7 @@ class Trainer:
         else:
             with self._full_precision():  # fills the fp32 masters, then casts them into the model
                 st = ts.load_checkpoint(ckpt, self.raw_model, self.optimizer)
+        ts.check_state(st, ckpt / ts.STATE, ("step", "tokens_seen", "loader"))  # what is read below
         if self.ctx.distributed and self.is_main:
             print(f"resumed from {ckpt} at step {st['step']} on {self.ctx.layout.describe()}", file=sys.stderr)
         o = self.cfg.optim  # hyper-parameters follow the config (a resumed run may change them)
@@ -569,5 +571,5 @@ def run_train(args: argparse.Namespace) -> int:
             lock.release()
         destroy_parallel(ctx)
     if ctx.is_main:
-        print(json.dumps(summary))
+        print(json.dumps(json_safe(summary), allow_nan=False))  # a diverged run's NaN loss prints as null
     return 128 + trainer._signal if trainer._signal else 0

@@ -35,6 +35,30 @@ from .system import dp_check
 
 # ----------------------------------------------------------------------------- sweep
 
+PLAN_KEYS = {"request": dict, "data": dict, "family": dict, "recipe": dict, "budget": dict, "runs": list}
+
+
+def read_plan(out: Path) -> dict:
+    """``SWEEP_DIR/plan.json``, or a UserError saying it is damaged and what to do."""
+    p = Path(out) / PLAN
+    try:
+        plan = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        problem = f"is not valid JSON ({e})"
+    else:
+        if not isinstance(plan, dict):
+            problem = f"is damaged (a JSON {type(plan).__name__}, not an object)"
+        else:
+            bad = [k for k, t in PLAN_KEYS.items() if not isinstance(plan.get(k), t)]
+            if not bad and not all(isinstance(r, dict) and "name" in r for r in plan["runs"]):
+                bad = ["runs"]
+            if not bad:
+                return plan
+            problem = f"is damaged ({', '.join(bad)} missing or malformed)"
+    raise UserError(f"{p} {problem}: it is written once when the sweep is planned; restore it from a backup, "
+                    f"or plan the sweep again into a new --out (the runs in {Path(out) / 'runs'} stay usable)")
+
+
 def build_report(out: Path, bootstrap: int = 200, seed: int = 0) -> dict:
     """Fit, predict, plot and write ``fit.json`` + ``report.md``; returns {"summary", "text"}."""
     from .plots import plot_all  # matplotlib: imported only when a report is written
@@ -43,7 +67,7 @@ def build_report(out: Path, bootstrap: int = 200, seed: int = 0) -> dict:
     from .text import render
 
     out = Path(out)
-    plan = json.loads((out / PLAN).read_text())
+    plan = read_plan(out)
     records = read_jsonl(out / RECORDS)
     system = read_jsonl(out / SYSTEM)
     res = analyze(plan, records, system, bootstrap, seed)
@@ -143,7 +167,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         fresh = make_plan(req)
     with SweepLock(out) as lock:
         if plan_path.is_file():
-            plan = json.loads(plan_path.read_text())
+            plan = read_plan(out)
             if args.data is not None and _differs(plan["request"], req):
                 raise UserError(f"{out} holds a sweep planned with other settings "
                                 f"({_differs(plan['request'], req)}): rerun it with its own arguments (or just "
@@ -196,6 +220,7 @@ def run_report(args: argparse.Namespace) -> int:
     d = Path(args.sweep_dir)
     if not (d / PLAN).is_file():
         raise UserError(f"{d} is not a sweep directory ({PLAN} is missing): run `scalelm sweep --out {d}` first")
+    read_plan(d)  # a damaged plan fails before the report files are touched
     report = build_report(d, bootstrap=args.bootstrap, seed=args.seed)
     print(json.dumps(report["summary"], indent=2) if args.json else report["text"])
     return 0

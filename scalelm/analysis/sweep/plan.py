@@ -232,6 +232,17 @@ def isoflop_runs(candidates: list[Member], levels: Sequence[float], tokens_per_s
     return runs
 
 
+def check_token_counts(token_counts: Sequence[float], tokens_per_step: int, min_steps: int) -> None:
+    """Refuse explicit ``--tokens`` shorter than ``min_steps`` steps (they would be stretched silently)."""
+    smallest = min_steps * tokens_per_step
+    short = [d for d in token_counts if round(d / tokens_per_step) < min_steps]
+    if short:
+        raise PlanError(f"--tokens {human(min(short))} is {round(min(short) / tokens_per_step)} steps of "
+                        f"{tokens_per_step:,} tokens, fewer than --min-steps {min_steps}: the smallest token "
+                        f"count that works is {human(smallest)} ({smallest:,}); raise --tokens, or lower "
+                        f"--min-steps, --train.micro_batch_size or --model.block_size")
+
+
 def fixed_runs(sizes: list[Member], token_counts: Sequence[float], tokens_per_step: int, min_steps: int,
                group: str = "fixed") -> list[RunSpec]:
     runs = []

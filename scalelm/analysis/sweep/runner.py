@@ -32,6 +32,7 @@ from .plan import (
     PlanError,
     assign_schedule,
     auto_grid,
+    check_token_counts,
     fixed_runs,
     human,
     parse_count,
@@ -93,6 +94,9 @@ def make_plan(req: dict) -> dict:
 
     if req["data"] is None:
         raise UserError("pass --data DATA_DIR (made by `scalelm prepare`)")
+    minutes = req.get("minutes")
+    if minutes is not None and not 0 < minutes < float("inf"):  # before any step is timed
+        raise PlanError(f"--minutes must be a positive number of minutes, got {minutes}")
     data = TokenData(req["data"])
     cfg = base_config(req["overrides"])
     if "model.vocab_size" not in override_keys(req["overrides"]):
@@ -109,6 +113,8 @@ def make_plan(req: dict) -> dict:
     _check_grid_settings(g)
     sizes = None if req["sizes"] == "auto" else [family.parse_size(s) for s in req["sizes"].split(",") if s.strip()]
     tokens = None if req["tokens"] == "auto" else [parse_count(t, "token count") for t in req["tokens"].split(",") if t.strip()]
+    if tokens is not None:
+        check_token_counts(tokens, tokens_per_step, g.min_steps)
     budget = parse_count(req["budget"], "--budget") if req["budget"] else None
     est_seconds, calibration = None, None
     if sizes and tokens:
