@@ -61,12 +61,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model_dir: Path, max_batch: int, threads: int):
+    def __init__(self, model_dir: Path, max_batch: int, threads: int, max_queue: int = 1024):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.p = subprocess.Popen([sys.executable, "-m", "scalelm", "serve", str(model_dir), "--port", str(self.port),
-                                   "--max-batch", str(max_batch), "--max-queue", "1024", "--threads", str(threads),
+                                   "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--threads", str(threads),
                                    "--served-model-name", "bench", "--log-level", "warning"],
                                   env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
 
