@@ -7,6 +7,7 @@ version intact.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import shutil
@@ -80,3 +81,12 @@ def json_safe(obj):
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """``sha256sum`` of a file, read in chunks (any size, constant memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

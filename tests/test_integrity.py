@@ -5,7 +5,6 @@ import hashlib
 import json
 import resource
 import shutil
-import time
 from pathlib import Path
 
 import pytest
@@ -126,11 +125,10 @@ def test_a_tampered_config_is_refused_before_anything_is_allocated(model, base, 
     p.write_text(json.dumps(meta))
     rc, _, se = eval_(model, base / "data")
     assert rc == 2 and "config.json" in se and "corrupt" in se  # the manifest sees it first
-    rss0, t0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter()
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for rc, _, se in (eval_(model, base / "data", "--no-verify"), cli("generate", model, *GEN, "--no-verify")):
         assert rc == 2 and "Traceback" not in se
         assert "does not match the weights" in se and "'tok_emb.weight' is (64, 16) in the weights" in se
-    assert time.perf_counter() - t0 < 5
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0 < 512 * 1024  # KiB: nothing near 32 GB
     meta["model"].update(n_layer=1, n_embd=16, block_size=1 << 21)
     p.write_text(json.dumps(meta))

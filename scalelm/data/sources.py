@@ -28,9 +28,9 @@ from .readers import (
     read_text,
     rows_pieces,
     separator_regex,
-    sha256_file,
     utf8_len,
 )
+from ..fileio import sha256_file
 
 __all__ = ["DataWarning", "ON_INVALID", "STDLIB_MAX_BYTES", "Source", "SourceError", "Stats", "open_source",
            "stdlib_files", "stream", "utf8_len"]

@@ -7,26 +7,16 @@ without a manifest (written by an older scalelm) loads unchecked. No torch neede
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Iterable, Optional
 
 from ..errors import CheckpointError
-from ..fileio import atomic_write_text
+from ..fileio import atomic_write_text, sha256_file
 
 MANIFEST = "manifest.json"
 FORMAT = "scalelm-manifest"
 VERSION = 1
-CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _files(d: Path) -> list[str]:
