@@ -21,7 +21,7 @@ import logging
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Optional
+from typing import Iterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -60,6 +60,32 @@ class _Stream(StreamingResponse):
 
 
 # ----------------------------------------------------------------------------- the app
+def error_chunk(ev) -> str:
+    """The stream's last event when a decode step failed (the HTTP status is already sent)."""
+    return sse({"error": {"message": f"Generation failed: {ev.error}.", "type": "server_error",
+                          "param": None, "code": None}})
+
+
+def stream_end(server: Server, body, head: dict, sub: Submission, prompts: list) -> Iterator[str]:
+    """The usage chunk (when ``stream_options.include_usage``), then ``[DONE]``."""
+    if body.stream_options is not None and body.stream_options.include_usage:
+        gen_tokens = sum(len(s.tokens) for s in sub.seqs)
+        yield sse({**head, "choices": [], "usage": server.usage(prompts, gen_tokens)})
+    yield "data: [DONE]\n\n"
+
+
+async def collect_choices(sub: Submission, request: Request, n_choices: int) -> Optional[list]:
+    """Every choice of a non-streaming request, or None when the client went away."""
+    try:
+        events = await sub.collect(request)
+    except ClientGone:
+        return None
+    choices = [Choice() for _ in range(n_choices)]
+    for ev in events:
+        choices[ev.index].add(ev)
+    return choices
+
+
 def create_app(server: Server) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
@@ -160,8 +186,7 @@ def create_app(server: Server) -> FastAPI:
                 started, sent = set(), [0] * len(prompts) * n
                 async for ev in sub.events():
                     if ev.error is not None:
-                        yield sse({"error": {"message": f"Generation failed: {ev.error}.", "type": "server_error",
-                                             "param": None, "code": None}})
+                        yield error_chunk(ev)
                         break
                     text, pairs, off = ev.text, [], sent[ev.index]
                     if ev.index not in started:
@@ -179,19 +204,13 @@ def create_app(server: Server) -> FastAPI:
                         "index": ev.index, "text": text,
                         "logprobs": server.completion_logprobs(pairs, off) if want_lp else None,
                         "finish_reason": FINISH.get(ev.finish_reason)}]})
-                if body.stream_options is not None and body.stream_options.include_usage:
-                    gen_tokens = sum(len(s.tokens) for s in sub.seqs)
-                    yield sse({**head, "choices": [], "usage": server.usage(prompts, gen_tokens)})
-                yield "data: [DONE]\n\n"
+                for line in stream_end(server, body, head, sub, prompts):
+                    yield line
             return _Stream(chunks(), sub)
 
-        try:
-            events = await sub.collect(request)
-        except ClientGone:
+        choices = await collect_choices(sub, request, len(prompts) * n)
+        if choices is None:
             return Response(status_code=499)
-        choices = [Choice() for _ in range(len(prompts) * n)]
-        for ev in events:
-            choices[ev.index].add(ev)
         out = []
         for i, c in enumerate(choices):
             prefix = texts[i // n] if body.echo else ""
@@ -245,8 +264,7 @@ def create_app(server: Server) -> FastAPI:
                                                    "logprobs": None, "finish_reason": None}]})
                 async for ev in sub.events():
                     if ev.error is not None:
-                        yield sse({"error": {"message": f"Generation failed: {ev.error}.", "type": "server_error",
-                                             "param": None, "code": None}})
+                        yield error_chunk(ev)
                         break
                     lp = None
                     if k is not None and ev.token is not None:
@@ -256,19 +274,13 @@ def create_app(server: Server) -> FastAPI:
                     yield sse({**obj, "choices": [{"index": ev.index,
                                                    "delta": {"content": ev.text} if ev.text else {},
                                                    "logprobs": lp, "finish_reason": FINISH.get(ev.finish_reason)}]})
-                if body.stream_options is not None and body.stream_options.include_usage:
-                    gen_tokens = sum(len(s.tokens) for s in sub.seqs)
-                    yield sse({**obj, "choices": [], "usage": server.usage([ids], gen_tokens)})
-                yield "data: [DONE]\n\n"
+                for line in stream_end(server, body, obj, sub, [ids]):
+                    yield line
             return _Stream(chunks(), sub)
 
-        try:
-            events = await sub.collect(request)
-        except ClientGone:
+        choices = await collect_choices(sub, request, body.n)
+        if choices is None:
             return Response(status_code=499)
-        choices = [Choice() for _ in range(body.n)]
-        for ev in events:
-            choices[ev.index].add(ev)
         out = [{"index": i, "message": {"role": "assistant", "content": c.text},
                 "logprobs": server.chat_logprobs([(t, a, b) for t, (a, b) in zip(c.tokens, c.lps)])
                 if k is not None else None,
