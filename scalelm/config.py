@@ -173,6 +173,22 @@ class CheckpointConfig:
 
 
 @dataclass
+class LoRAConfig:
+    r: int = 0  # adapter rank; 0 = off (every weight trains)
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # on the adapter's input
+    targets: str = "q,k,v,o"  # comma list of q,k,v,o,gate,up,down, or the groups attn / mlp / all
+
+
+@dataclass
+class KDConfig:
+    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    temperature: float = 1.0
+    alpha: float = 0.5  # loss = alpha * KD + (1 - alpha) * next-token CE
+    hidden: float = 0.0  # weight of a hidden-state matching term (0 = off)
+
+
+@dataclass
 class LogConfig:
     progress: bool = True
     tensorboard: bool = False
@@ -187,6 +203,8 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    kd: KDConfig = field(default_factory=KDConfig)
 
     def validate(self) -> "Config":
         for section in SECTIONS:  # nan and inf pass every comparison check below: refuse them first
@@ -210,6 +228,7 @@ class Config:
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "data": DataConfig, "train": TrainConfig, "optim": OptimConfig,
     "parallel": ParallelConfig, "checkpoint": CheckpointConfig, "log": LogConfig,
+    "lora": LoRAConfig, "kd": KDConfig,
 }
 
 

@@ -185,15 +185,16 @@ def parallelize_part(model: GPT, cfg: Config, ctx: ParallelContext, *, root: Opt
     return root
 
 
-def parallelize(model: GPT, cfg: Config, ctx: ParallelContext) -> nn.Module:
+def parallelize(model: GPT, cfg: Config, ctx: ParallelContext, root: Optional[nn.Module] = None) -> nn.Module:
     """The model to train under ``ctx``. In one process only AC and compile apply; with
     ``pp > 1`` the result is a :class:`~scalelm.distributed.pipeline.PipelineModel` holding this
-    rank's stages (its ``forward_backward`` runs the schedule)."""
+    rank's stages (its ``forward_backward`` runs the schedule). ``root``: a module around
+    ``model`` (e.g. a classifier) that FSDP2's root and DDP wrap instead of the GPT alone."""
     if ctx.pp > 1:
         from .pipeline import build_pipeline
 
         return build_pipeline(model, cfg, ctx, parallelize_part)
-    return parallelize_part(model, cfg, ctx)
+    return parallelize_part(model, cfg, ctx, root=root)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

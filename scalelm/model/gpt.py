@@ -144,7 +144,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None, layer: int = 0):
+    def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None, layer: int = 0,
+                mask: Optional[torch.Tensor] = None):
         B, T, _ = x.shape
         # -1 instead of n_head: under tensor parallelism each rank sees only its local heads
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -152,7 +153,6 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        mask = None
         if kv_cache is not None:
             k, v, mask = kv_cache.update(layer, k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
             k, v = k.to(q.dtype), v.to(q.dtype)
@@ -187,8 +187,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None, layer: int = 0):
-        x = x + self.drop(self.attn(_autocast_once(self.attn_norm(x)), rope, kv_cache, layer))
+    def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None, layer: int = 0,
+                mask: Optional[torch.Tensor] = None):
+        x = x + self.drop(self.attn(_autocast_once(self.attn_norm(x)), rope, kv_cache, layer, mask))
         return x + self.drop(self.mlp(_autocast_once(self.mlp_norm(x))))
 
 
@@ -247,13 +248,30 @@ class GPT(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
                 kv_cache: Optional[KVCache] = None, pos_ids: Optional[torch.Tensor] = None,
-                last_only: bool = False):
+                last_only: bool = False, attn_mask: Optional[torch.Tensor] = None):
         """idx: (B, T) token ids (or hidden states on a later pipeline stage).
 
         Returns ``(logits, loss)``; loss is the mean cross-entropy over targets that are not
         ``IGNORE_INDEX`` (None without targets). ``last_only`` returns logits of the last
-        position only, which is all that sampling needs.
+        position only, which is all that sampling needs. ``attn_mask`` (bool, ``(B, 1, T, T)``,
+        True = may attend; see :mod:`scalelm.model.masks`) replaces the causal mask, e.g. for
+        padding or packed examples, with ``pos_ids`` to match.
         """
+        h = self.hidden_states(idx, kv_cache=kv_cache, pos_ids=pos_ids, attn_mask=attn_mask)
+        if self.lm_head is None:
+            return h, None
+        if last_only and targets is None:
+            h = h[:, -1:]
+        logits = self.lm_head(h)
+        loss = None
+        if targets is not None:
+            loss = cross_entropy(logits, targets)  # fp32, chunked: see scalelm/loss.py
+        return logits, loss
+
+    def hidden_states(self, idx: torch.Tensor, *, kv_cache: Optional[KVCache] = None,
+                      pos_ids: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None):
+        """The last block's output after the final norm, ``(B, T, n_embd)`` (what the LM head and a
+        task head read); on a pipeline stage without the head, that stage's raw output."""
         if self.tok_emb is not None:
             B, T = idx.shape
             h = self.tok_emb(idx)
@@ -274,19 +292,13 @@ class GPT(nn.Module):
         h = self.drop(h) if self.tok_emb is not None else h
         for i, key in enumerate(self.layer_keys):
             if key in self.blocks:  # a pipeline stage holds only some layers
-                h = self.blocks[key](h, rope, kv_cache, i)
+                h = self.blocks[key](h, rope, kv_cache, i, attn_mask) if attn_mask is not None \
+                    else self.blocks[key](h, rope, kv_cache, i)
         if kv_cache is not None:
             kv_cache.advance(T)
         if self.lm_head is None:
-            return h, None
-        h = self.norm_f(h)
-        if last_only and targets is None:
-            h = h[:, -1:]
-        logits = self.lm_head(h)
-        loss = None
-        if targets is not None:
-            loss = cross_entropy(logits, targets)  # fp32, chunked: see scalelm/loss.py
-        return logits, loss
+            return h
+        return self.norm_f(h)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: Optional[int] = None, training: bool = True) -> int:

@@ -58,12 +58,21 @@ def save_model_dir(model: GPT, out_dir: str | Path, tokenizer_json: Optional[str
     """Write ``out_dir`` as a model directory (atomically: a partial one is never visible).
 
     ``manifest=False`` is for a caller that adds files and writes the manifest itself."""
+    return save_state_dir(model.cfg, model.state_dict(), out_dir, tokenizer_json, extra, manifest)
+
+
+def save_state_dir(cfg: ModelConfig, state_dict: dict[str, torch.Tensor], out_dir: str | Path,
+                   tokenizer_json: Optional[str] = None, extra: Optional[dict] = None,
+                   manifest: bool = True) -> Path:
+    """:func:`save_model_dir` from a GPT's config and state dict (e.g. one gathered from shards)."""
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_file(model_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
-        meta = {"format": FORMAT, "model": dataclasses.asdict(model.cfg)}
+        sd = {k: v for k, v in state_dict.items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+        save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / WEIGHTS),
+                  metadata={"format": "pt"})
+        meta = {"format": FORMAT, "model": dataclasses.asdict(cfg)}
         if extra:
             meta.update(extra)
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")

@@ -36,7 +36,6 @@ from ..distributed.mesh import ParallelContext
 from ..distributed.parallelize import model_parts
 from ..errors import CheckpointError
 from ..fileio import atomic_write_text, publish_dir
-from ..model.io import load_weights
 from ..model.manifest import verify_manifest, write_manifest
 from ..runs import CONFIG, LATEST, TOKENIZER, ckpt_name
 from .state import (
@@ -144,7 +143,8 @@ def _shard_like(local, full):
 _RESUME_EARLIER = "resume from an earlier checkpoint (--resume RUN_DIR/ckpt-N), or move {ckpt} out of the run"
 
 
-def load_full_training_checkpoint(ckpt: Path, model: nn.Module, optimizer, verify: bool = True) -> dict:
+def load_full_training_checkpoint(ckpt: Path, model: nn.Module, optimizer, verify: bool = True,
+                                  model_io=None) -> dict:
     """A single-process checkpoint (``model.safetensors`` + ``optimizer.safetensors``, see
     ``scalelm.train.state``) into any layout: every rank reads the full tensors, keeps its shard."""
     ckpt = Path(ckpt)
@@ -159,7 +159,12 @@ def load_full_training_checkpoint(ckpt: Path, model: nn.Module, optimizer, verif
         raise CheckpointError(f"{ckpt / STATE} is missing or corrupt: {e}") from None
     check_state(state, ckpt / STATE, ("optimizer_param_groups",) if optimizer is not None else ())
     canon, back = training_state_dicts(model, optimizer)
-    weights = load_weights(ckpt / "model.safetensors")
+    from .model_io import ModelIO
+
+    model_io = model_io or ModelIO()
+    weights = model_io.weights(ckpt)
+    if model_io.partial:  # e.g. adapters only: the rest keeps the values the model was built with
+        canon["model"] = {c: v for c, v in canon["model"].items() if c in weights}
     missing = sorted(set(canon["model"]) - set(weights))
     if missing:
         raise CheckpointError(f"{ckpt} lacks tensors this model needs: {missing[:5]}")

@@ -26,12 +26,7 @@ from safetensors.torch import load_file, save_file
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..fileio import atomic_write_text, publish_dir
-from ..model.io import (
-    load_state_dict_into,
-    load_weights,
-    read_model_config,
-    save_model_dir,
-)
+from ..model.io import read_model_config
 from ..model.manifest import verify_manifest, write_manifest
 from ..runs import CONFIG, LATEST, TOKENIZER, ckpt_name, list_checkpoints
 
@@ -103,14 +98,19 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ten
 # ----------------------------------------------------------------------------- save / load
 
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    tokenizer_json: Optional[str], state: dict, keep_last: int = 3) -> Path:
-    """Write ``RUN_DIR/ckpt-<step>`` atomically, point ``latest`` at it, prune old ones."""
+                    tokenizer_json: Optional[str], state: dict, keep_last: int = 3, model_io=None) -> Path:
+    """Write ``RUN_DIR/ckpt-<step>`` atomically, point ``latest`` at it, prune old ones.
+
+    ``model_io`` (:class:`~scalelm.train.model_io.ModelIO`) writes the model files (default: a GPT)."""
+    from .model_io import ModelIO
+
+    model_io = model_io or ModelIO()
     run_dir = Path(run_dir)
     name = ckpt_name(step)
     staging = run_dir / f".staging-{name}"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        save_model_dir(model, staging, tokenizer_json, extra={"step": step}, manifest=False)
+        model_io.save(model, model.state_dict(), staging, tokenizer_json, {"step": step}, manifest=False)
         opt_tensors, groups = optimizer_state(model, optimizer)
         save_file(opt_tensors, str(staging / OPTIMIZER), metadata={"format": "pt"})
         rng_tensors, rng_js = rng_state()
@@ -193,7 +193,7 @@ def check_state(state, path: Path, keys=tuple(STATE_KEYS)) -> dict:
 
 
 def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                    verify: bool = True) -> dict:
+                    verify: bool = True, model_io=None) -> dict:
     """Load weights (strictly), optimizer moments and RNG states; return ``state.json``.
 
     ``verify`` first checks every file against ``manifest.json`` (when there is one)."""
@@ -210,7 +210,9 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: Optional[torch.opti
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{ckpt / STATE} is corrupt: {e}") from None
     check_state(state, ckpt / STATE, ("step", "rng") + (("optimizer_param_groups",) if optimizer is not None else ()))
-    load_state_dict_into(model, load_weights(ckpt / "model.safetensors"), source=str(ckpt))
+    from .model_io import ModelIO
+
+    (model_io or ModelIO()).load(model, ckpt)
     if optimizer is not None:
         try:
             opt_tensors = load_file(str(ckpt / OPTIMIZER))

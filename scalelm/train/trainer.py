@@ -40,6 +40,7 @@ from ..fileio import json_safe
 from ..model.gpt import GPT, flops_per_token
 from ..precision import DTYPES, autocast_context, pick_device, resolve_precision  # noqa: F401 (re-exported)
 from . import state as ts
+from .model_io import ModelIO
 from .metrics import MetricsLogger, Progress, env_summary, peak_flops, peak_memory_mb
 from .optim import build_optimizer, lr_at, set_lr
 
@@ -115,14 +116,22 @@ class Trainer:
     """Owns the model, optimizer, data and run directory; :meth:`fit` is the training loop."""
 
     def __init__(self, cfg: Config, data, run_dir: str | Path, *, ctx: Optional[ParallelContext] = None,
-                 model: Optional[GPT] = None, resume_from: Optional[Path] = None,
-                 batches=None, loss_fn: Callable = default_loss):
+                 model: Optional[nn.Module] = None, resume_from: Optional[Path] = None,
+                 batches=None, loss_fn: Callable = default_loss, evaluate_fn: Optional[Callable] = None,
+                 metric: str = "val_loss", higher_is_better: bool = False, model_io: Optional[ModelIO] = None,
+                 base_dir: Optional[Path] = None):
+        """``batches``/``loss_fn`` define a step (default: LM windows of ``data`` and next-token CE);
+        ``evaluate_fn(trainer) -> {name: value}`` a validation pass (default: LM loss on ``data``'s
+        val split), logged as ``val_<name>``; ``metric`` (one of those, prefixed) picks ``best/``;
+        ``model_io`` writes and reads the model (default: a GPT model directory). ``model`` may be a
+        module around a GPT (its ``gpt`` attribute), which is where parallelism is applied.
+        ``base_dir``: the model directory ``model``'s weights came from (LoRA records it and its hash)."""
         self.cfg, self.data, self.run_dir = cfg, data, Path(run_dir)
         t = cfg.train
         self.ctx = ctx or init_parallel(cfg)
         self.device = self.ctx.device
         self.is_main = self.ctx.is_main
-        if data.vocab_size > cfg.model.vocab_size:
+        if getattr(data, "vocab_size", 0) > cfg.model.vocab_size:
             raise ConfigError(f"the data's vocabulary has {data.vocab_size} tokens but the model's vocab_size is "
                               f"{cfg.model.vocab_size}: leave model.vocab_size unset (it follows the data) or "
                               f"set --model.vocab_size={data.vocab_size} or more")
@@ -137,12 +146,23 @@ class Trainer:
 
         if batches is None:
             data.check_window("train", self.seq_len)
-        if t.eval_every > 0:
+        if t.eval_every > 0 and evaluate_fn is None:
             data.check_window("val", self.seq_len)
+        self.evaluate_fn, self.metric, self.higher_is_better = evaluate_fn, metric, higher_is_better
+        self.model_io = model_io or ModelIO()
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank and layout
         self.raw_model = (model or GPT(cfg.model)).to(self.device)
-        self.model = parallelize(self.raw_model, cfg, self.ctx)
+        self.gpt = self.raw_model if isinstance(self.raw_model, GPT) else self.raw_model.gpt
+        if cfg.lora.r > 0:  # adapters from outside, like parallelism: only they (and a task head) train
+            from ..lora import LoRAFiles, apply_lora
+
+            apply_lora(self.gpt, cfg.lora)
+            self.model_io = LoRAFiles(self.model_io, self.raw_model, base_dir)
+        if self.gpt is not self.raw_model and cfg.parallel.pp > 1:
+            raise ConfigError("pipeline parallelism (--parallel.pp > 1) trains a plain language model; use "
+                              "data or tensor parallelism (--parallel.dp_shard / --parallel.tp) for this task")
+        self.model = parallelize(self.gpt, cfg, self.ctx, root=self.raw_model)
         self.master = self._master_weights() if t.master_weights else None
         self.optimizer = build_optimizer(self.model, cfg.optim, master=self.master)
         self.loss_fn = loss_fn
@@ -158,7 +178,7 @@ class Trainer:
         self.batches = batches
 
         self.step, self.tokens_seen, self.elapsed_before = 0, 0, 0.0
-        self.best_val, self.best_step, self.evals_since_best = math.inf, None, 0
+        self.best_val, self.best_step, self.evals_since_best = self._worst(), None, 0
         self.last_saved = self.last_eval = None
         self.history: dict[str, float] = {}
         self._signal: Optional[int] = None
@@ -240,7 +260,16 @@ class Trainer:
         return loss, norm
 
     # ------------------------------------------------------------------ evaluation
+    def _worst(self) -> float:
+        return -math.inf if self.higher_is_better else math.inf
+
+    def _improves(self, value: float) -> bool:
+        return value > self.best_val if self.higher_is_better else value < self.best_val
+
     def evaluate(self) -> dict:
+        """One validation pass: ``{name: value}`` (the LM's loss, perplexity, bits/byte, tokens by default)."""
+        if self.evaluate_fn is not None:
+            return self.evaluate_fn(self)
         from .validation import evaluate
 
         return evaluate(self.model, self.data, "val", self.micro_batch, self.seq_len, self.cfg.train.eval_iters,
@@ -248,17 +277,20 @@ class Trainer:
 
     def run_eval(self) -> bool:
         """Evaluate, log, keep the best model; True when early stopping says stop."""
-        res = self.evaluate()
+        res = {f"val_{k}": v for k, v in self.evaluate().items()}
+        if self.metric not in res:
+            raise ConfigError(f"the evaluation gives {sorted(res)}, not {self.metric!r} (the metric that picks best/)")
         self.last_eval = self.step
-        rec = {"step": self.step, "val_loss": res["loss"], "val_perplexity": res["perplexity"],
-               "val_bits_per_byte": res["bits_per_byte"], "val_tokens": res["tokens"]}
-        self.metrics.log(rec)
-        self.history.setdefault("initial_val_loss", res["loss"])
-        self.history.setdefault("initial_val_bits_per_byte", res["bits_per_byte"])
-        self.history.update(val_loss=res["loss"], val_bits_per_byte=res["bits_per_byte"])
-        msg = f"step {self.step}: val loss {res['loss']:.4f}, bits/byte {res['bits_per_byte']:.4f}"
-        if res["loss"] < self.best_val:
-            self.best_val, self.best_step, self.evals_since_best = res["loss"], self.step, 0
+        self.metrics.log({"step": self.step, **res})
+        scalars = {k: v for k, v in res.items() if isinstance(v, (int, float)) and k != "val_tokens"}
+        for k, v in scalars.items():
+            self.history.setdefault(f"initial_{k}", v)
+        self.history.update(scalars)
+        shown = [k for k in ("val_loss", "val_bits_per_byte", "val_accuracy", "val_macro_f1") if k in res]
+        msg = f"step {self.step}: " + ", ".join(f"{k[4:].replace('_', ' ')} {res[k]:.4f}" for k in shown)
+        value = res[self.metric]
+        if self._improves(value):
+            self.best_val, self.best_step, self.evals_since_best = value, self.step, 0
             if self.step > 0:
                 self.save_best()
                 msg += " (best)"
@@ -274,7 +306,7 @@ class Trainer:
         return {"tokens_seen": self.tokens_seen, "loader": self.batches.state_dict(),
                 "scheduler": {"schedule": self.cfg.optim.schedule, "step": self.step},
                 "best_val_loss": None if math.isinf(self.best_val) else self.best_val, "best_step": self.best_step,
-                "evals_since_best": self.evals_since_best, "last_eval_step": self.last_eval, "elapsed_s": self.elapsed(),
+                "best_metric": self.metric, "evals_since_best": self.evals_since_best, "last_eval_step": self.last_eval, "elapsed_s": self.elapsed(),
                 "history": self.history, "grad_scaler": self.scaler.state_dict() if self.scaler else None}
 
     def save_checkpoint(self) -> Path:
@@ -289,28 +321,36 @@ class Trainer:
         elif self.is_main:
             with self._full_precision():
                 path = ts.save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
-                                          self.data.tokenizer_json, self.state(), self.cfg.checkpoint.keep_last)
+                                          self.data.tokenizer_json, self.state(), self.cfg.checkpoint.keep_last,
+                                          model_io=self.model_io)
         self.last_saved = self.step
         return path
 
     def save_best(self) -> None:
-        if self.ctx.distributed:  # shards are gathered into one model directory by rank 0
+        from ..runs import BEST
+
+        extra = {"step": self.step, self.metric: self.best_val}
+        plain_lm = type(self.model_io) is ModelIO and self.gpt is self.raw_model
+        if self.ctx.distributed and plain_lm:  # shards (or pipeline stages) gathered by rank 0
             from ..distributed.dcp import save_full_model_dir
-            from ..runs import BEST
 
-            save_full_model_dir(self.model, self.run_dir / BEST, self.data.tokenizer_json,
-                                {"step": self.step, "val_loss": self.best_val}, self.ctx)
+            save_full_model_dir(self.model, self.run_dir / BEST, self.data.tokenizer_json, extra, self.ctx)
+        elif self.ctx.distributed:  # a task model under DDP/FSDP2: its full state dict, gathered on rank 0
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            sd = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if self.is_main:
+                self.model_io.save(self.raw_model, sd, self.run_dir / BEST, self.data.tokenizer_json, extra)
+            self.ctx.barrier()
         elif self.is_main:
-            from ..model.io import save_model_dir
-            from ..runs import BEST
-
             with self._full_precision():
-                save_model_dir(self.raw_model, self.run_dir / BEST, self.data.tokenizer_json,
-                               extra={"step": self.step, "val_loss": self.best_val})
+                self.model_io.save(self.raw_model, self.raw_model.state_dict(), self.run_dir / BEST,
+                                   self.data.tokenizer_json, extra)
 
     def load_checkpoint(self, ckpt: Path) -> None:
         ts.check_model_config(ckpt, self.cfg.model)
-        ts.check_tokenizer(ckpt, self.data.dir)
+        if hasattr(self.data, "dir"):
+            ts.check_tokenizer(ckpt, self.data.dir)
         from ..distributed.dcp import is_sharded_checkpoint
         from .sharded_state import (
             load_full_training_checkpoint,
@@ -320,10 +360,10 @@ class Trainer:
         if is_sharded_checkpoint(ckpt):  # written under torchrun: loads into any layout
             st = load_sharded_checkpoint(ckpt, self.model, self.optimizer, self.ctx)
         elif self.ctx.distributed:  # a single-process checkpoint, sharded onto this layout
-            st = load_full_training_checkpoint(ckpt, self.model, self.optimizer)
+            st = load_full_training_checkpoint(ckpt, self.model, self.optimizer, model_io=self.model_io)
         else:
             with self._full_precision():  # fills the fp32 masters, then casts them into the model
-                st = ts.load_checkpoint(ckpt, self.raw_model, self.optimizer)
+                st = ts.load_checkpoint(ckpt, self.raw_model, self.optimizer, model_io=self.model_io)
         ts.check_state(st, ckpt / ts.STATE, ("step", "tokens_seen", "loader"))  # what is read below
         if self.ctx.distributed and self.is_main:
             print(f"resumed from {ckpt} at step {st['step']} on {self.ctx.layout.describe()}", file=sys.stderr)
@@ -335,7 +375,7 @@ class Trainer:
         self.step, self.tokens_seen = int(st["step"]), int(st["tokens_seen"])
         self.elapsed_before = float(st.get("elapsed_s", 0.0))
         bv = st.get("best_val_loss")
-        self.best_val = math.inf if bv is None else float(bv)
+        self.best_val = self._worst() if bv is None else float(bv)
         self.best_step, self.evals_since_best = st.get("best_step"), int(st.get("evals_since_best", 0))
         self.history = dict(st.get("history") or {})
         if self.scaler and st.get("grad_scaler"):
@@ -379,7 +419,8 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def fit(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
-        n_params = self.raw_model.num_params()
+        n_params = sum(p.numel() for p in {id(p): p for p in self.raw_model.parameters()}.values())
+        n_train = sum(p.numel() for p in {id(p): p for p in self.raw_model.parameters() if p.requires_grad}.values())
         fpt = flops_per_token(cfg.model, self.seq_len)
         peak = peak_flops(self.device, DTYPES[self.precision])
         peak = peak * self.ctx.world_size if peak else peak  # tokens/s is the whole job's
@@ -388,7 +429,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             mode = " weights, fp32 masters" if self.master is not None else " autocast" if self.precision != "fp32" else ""
-            print(f"model: {n_params:,} parameters | precision: {self.precision}{mode} on {self.device} | batch: "
+            trainable = f" ({n_train:,} trainable)" if n_train != n_params else ""
+            print(f"model: {n_params:,} parameters{trainable} | precision: {self.precision}{mode} on {self.device} | batch: "
                   f"{self.micro_batch} x {self.accum} accum x {self.ctx.dp_world} ranks x {self.seq_len} = "
                   f"{self.tokens_per_step:,} tokens/step | steps {self.step} -> {t.max_steps}", file=sys.stderr)
         if self.step >= t.max_steps and self.is_main:
@@ -436,7 +478,7 @@ class Trainer:
         finally:
             self.progress.close()
             self.metrics.close()
-        return self.summary(stop or "max_steps", n_params)
+        return self.summary(stop or "max_steps", n_params, n_train)
 
     def _guard(self, fn):
         """Run a step or an evaluation, turning out-of-memory into advice."""
@@ -471,9 +513,10 @@ class Trainer:
         return (f"the training loss became {v} at step {self.step} (lr {self.cfg.optim.lr:g}): lower the "
                 f"learning rate, keep --optim.grad_clip=1.0, prefer bf16 to fp16{where}")
 
-    def summary(self, stopped: str, n_params: int) -> dict:
+    def summary(self, stopped: str, n_params: int, n_train: Optional[int] = None) -> dict:
         elapsed = self.elapsed()
         return {"run_dir": str(self.run_dir), "stopped": stopped, "step": self.step, "params": n_params,
+                "trainable_params": n_params if n_train is None else n_train, "best_metric": self.metric,
                 "precision": self.precision, "tokens": self.tokens_seen, "elapsed_s": round(elapsed, 3),
                 "best_val_loss": None if math.isinf(self.best_val) else self.best_val, "best_step": self.best_step,
                 **self.history, "checkpoint": str(self.run_dir / ts.ckpt_name(self.step)), **env_summary()}

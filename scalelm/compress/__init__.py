@@ -1,0 +1,1 @@
+"""Compression: pruning, distillation, quantization and ONNX export of a trained model."""

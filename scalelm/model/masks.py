@@ -1,0 +1,42 @@
+"""Attention masks and position ids for batches that are not one plain causal sequence.
+
+Each returns ``(attn_mask, pos_ids)`` for ``GPT(idx, attn_mask=..., pos_ids=...)``: a bool
+mask ``(B, 1, T, T)`` (True = may attend), always causal, and positions that count from 0 at
+each sequence's first real token, so a padded or packed row computes exactly what the
+sequence alone would. A query that may see nothing (padding) sees itself: a fully masked row
+would give NaN on some kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _finish(allowed: torch.Tensor) -> torch.Tensor:
+    T = allowed.shape[-1]
+    own = torch.eye(T, dtype=torch.bool, device=allowed.device)
+    return (allowed | own)[:, None]
+
+
+def padding_mask(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``valid``: (B, T) bool, True at real tokens (left or right padding, or both)."""
+    B, T = valid.shape
+    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
+    allowed = causal[None] & valid[:, None, :] & valid[:, :, None]
+    pos = (valid.long().cumsum(1) - 1).clamp(min=0)
+    return _finish(allowed), pos
+
+
+def document_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``doc_ids``: (B, T) ints, the example each position belongs to (packing several short
+    examples in one window); attention never crosses examples and positions restart at each.
+    Padding can be given its own id (it then attends only within itself)."""
+    B, T = doc_ids.shape
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids[:, None, :] == doc_ids[:, :, None]
+    allowed = causal[None] & same
+    idx = torch.arange(T, device=doc_ids.device).expand(B, T)
+    start = torch.ones_like(doc_ids, dtype=torch.bool)
+    start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(1).values  # each position's example start
+    return _finish(allowed), idx - first

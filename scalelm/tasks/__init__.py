@@ -1,0 +1,1 @@
+"""Task fine-tuning recipes (classification, instruction tuning, translation) on the one Trainer."""
