@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     md = [f"GPU suite, {meta['date']}, {meta['device']}, torch {meta['torch']}{' (smoke)' if smoke else ''}", "",
           "| row | tokens/s | vs HF | MFU | peak GiB | note |", "|---|---:|---:|---:|---:|---|"]
     for name, r in res.items():
-        def f(k, fmt):
+        def f(k, fmt, r=r):
             return fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else ""
         note = r.get("error") or r.get("skipped") or (f"plan {r['planned_peak_gib']:.2f} GiB"
                                                       if "planned_peak_gib" in r else "")
