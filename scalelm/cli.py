@@ -22,16 +22,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("scalelm.demo", "prepare a corpus, train a small model for a few minutes, generate text"),
     "prepare": ("scalelm.data.prepare", "train a tokenizer and write token shards from a corpus"),
     "train": ("scalelm.train.trainer", "train a model (one process, or many under torchrun)"),
+    "finetune": ("scalelm.tasks.finetune", "fine-tune a model for a task (classify, sft, translate), fully or with LoRA"),
     "eval": ("scalelm.evaluate.lm", "loss, perplexity and bits per byte of a checkpoint on a data split"),
     "generate": ("scalelm.generate.generator", "generate text from a checkpoint"),
+    "classify": ("scalelm.tasks.classify.cli", "label texts with a classifier (JSON lines of label and probabilities)"),
+    "translate": ("scalelm.tasks.translate.cli", "translate a file with a translation model, one line per line"),
     "chat": ("scalelm.generate.chat", "interactive multi-turn chat with a checkpoint"),
     "serve": ("scalelm.serve.cli", "an OpenAI-compatible HTTP server for a checkpoint"),
-    "convert": ("scalelm.model.hf", "convert checkpoints to and from Hugging Face transformers"),
-    "export": ("scalelm.distributed.dcp", "consolidate a sharded (DCP) checkpoint into a model directory"),
+    "convert": ("scalelm.convert", "convert checkpoints to and from Hugging Face transformers and PEFT"),
+    "merge": ("scalelm.lora.merge", "fold a LoRA run's adapters into a plain model directory"),
+    "export": ("scalelm.compress.export", "consolidate a sharded (DCP) checkpoint into a model directory, or "
+               "export a model to ONNX (--format onnx)"),
     "plot": ("scalelm.analysis.plots", "plot loss and throughput curves of a run"),
     "plan": ("scalelm.analysis.planner", "memory, FLOPs and time per layout before you train"),
     "sweep": ("scalelm.analysis.sweep.cli", "run a scaling-law sweep within a compute budget"),
     "report": ("scalelm.analysis.sweep.cli", "fit scaling laws and plot a sweep's results"),
+    "prune": ("scalelm.compress.prune", "prune a model: magnitude, Wanda, SparseGPT (N:M too) or structured"),
+    "distill": ("scalelm.compress.distill", "train a student on a teacher's next-token distributions"),
+    "quantize": ("scalelm.compress.quantize", "weight-only int8/int4 quantization (round-to-nearest or GPTQ)"),
     "presets": ("scalelm.cli", "list the named model presets with their parameter counts"),
 }
 
@@ -46,14 +54,14 @@ def run_presets(args: argparse.Namespace) -> int:
     import torch
 
     from .config import Config, apply_preset
-    from .model.gpt import GPT
+    from .model.build import build_model
     from .presets import PRESETS
 
     rows = []
     for name in PRESETS:
         cfg = apply_preset(Config(), name).model
         with torch.device("meta"):  # shapes only: no memory, no init cost
-            m = GPT(cfg)
+            m = build_model(cfg)
         rows.append(dict(preset=name, params=m.num_params(), non_embedding=m.num_params(False),
                          n_layer=cfg.n_layer, n_head=cfg.n_head, n_kv_head=cfg.kv_heads,
                          n_embd=cfg.n_embd, block_size=cfg.block_size, vocab_size=cfg.vocab_size))

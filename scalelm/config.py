@@ -45,6 +45,11 @@ class ModelConfig:
     tie_embeddings: bool = True
     n_shared_blocks: Optional[int] = None  # ALBERT-style: n_layer layers built from K distinct blocks
     init_std: float = 0.02
+    # "encoder-decoder": the seq2seq Transformer of "Attention Is All You Need" (scalelm/model/encdec.py)
+    arch: Literal["gpt", "encoder-decoder"] = "gpt"
+    n_encoder_layer: Optional[int] = None  # encoder-decoder only; None -> n_layer
+    n_decoder_layer: Optional[int] = None  # encoder-decoder only; None -> n_layer
+    head_size: Optional[int] = None  # width of one head; None -> n_embd / n_head (set by structured pruning)
 
     @property
     def kv_heads(self) -> int:
@@ -52,7 +57,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
     @property
     def ffn_dim(self) -> int:
@@ -69,7 +74,9 @@ class ModelConfig:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 bad(f"{name} must be positive, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
+        if self.head_size is not None and self.head_size <= 0:
+            bad(f"head_size must be positive, got {self.head_size}")
+        if self.head_size is None and self.n_embd % self.n_head:
             bad(f"n_head={self.n_head} does not divide n_embd={self.n_embd}; "
                 f"choose n_head among {[h for h in range(1, 65) if self.n_embd % h == 0]}")
         if self.n_kv_head is not None and (self.n_kv_head <= 0 or self.n_head % self.n_kv_head):
@@ -78,6 +85,11 @@ class ModelConfig:
             bad(f"RoPE needs an even head_dim, got {self.head_dim}")
         if not 0.0 <= self.dropout < 1.0:
             bad(f"dropout must be in [0, 1), got {self.dropout}")
+        for name in ("n_encoder_layer", "n_decoder_layer"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                bad(f"{name} must be positive, got {getattr(self, name)}")
+        if self.arch == "encoder-decoder" and self.n_shared_blocks is not None:
+            bad("n_shared_blocks is for arch=gpt")
         if self.n_shared_blocks is not None and (
             self.n_shared_blocks <= 0 or self.n_layer % self.n_shared_blocks
         ):

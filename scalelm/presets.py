@@ -31,6 +31,15 @@ PRESETS: dict[str, dict] = {
         "optim": dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99, weight_decay=0.1,
                       grad_clip=1.0, schedule="cosine"),
     },
+    # "Attention Is All You Need"'s base model: 6 + 6 layers, d 512, 8 heads, FFN 2048, dropout 0.1,
+    # one shared source/target vocabulary (37k BPE there) tied to the output layer
+    "transformer-base": {"model": dict(_GPT2, arch="encoder-decoder", vocab_size=37000, block_size=256,
+                                       n_layer=6, n_encoder_layer=6, n_decoder_layer=6, n_head=8, n_embd=512,
+                                       intermediate_size=2048, dropout=0.1)},
+    # the same design at a size that trains on 2 CPU cores (Multi30k-sized data)
+    "transformer-small": {"model": dict(_GPT2, arch="encoder-decoder", vocab_size=8192, block_size=128,
+                                        n_layer=3, n_encoder_layer=3, n_decoder_layer=3, n_head=4, n_embd=256,
+                                        intermediate_size=1024, dropout=0.1)},
     # nanoGPT's shakespeare-char config
     "char-shakespeare": {
         "model": dict(_GPT2, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),

@@ -8,6 +8,7 @@ writes checkpoints), so it lives at the bottom and imports no torch::
             ckpt-00000400/     a model directory (+ optimizer, RNG, state for resuming)
             best/              a model directory of the best validation loss so far
     MODEL_DIR/model.safetensors + config.json (+ tokenizer.json)
+    LORA_DIR/adapter.safetensors + config.json naming its base model dir (a LoRA run's checkpoints)
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Callable, Iterable, Optional
 from .errors import CheckpointError, UserError
 
 WEIGHTS = "model.safetensors"
+ADAPTER = "adapter.safetensors"  # a LoRA dir: only the trained tensors (the base lives elsewhere)
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
 DCP_METADATA = Path("dcp") / ".metadata"  # a sharded (torchrun) checkpoint instead of WEIGHTS
@@ -61,7 +63,7 @@ def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
 
 def is_model_dir(path: str | Path) -> bool:
     p = Path(path)
-    return (p / CONFIG).is_file() and ((p / WEIGHTS).is_file() or (p / DCP_METADATA).is_file())
+    return (p / CONFIG).is_file() and any((p / f).is_file() for f in (WEIGHTS, ADAPTER, DCP_METADATA))
 
 
 RUN_MARKERS = (LATEST, "metrics.jsonl", "run.json")

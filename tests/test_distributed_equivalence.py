@@ -21,6 +21,8 @@ CHECKS_2 = [
     "pp_interleaved:gpt2:fp64:pp=2,pp_schedule=interleaved_1f1b",
     "fsdp_ac:gpt2:fp64:train.activation_checkpointing=true",
     "fsdp_fp32:llama:fp32",
+    "ddp_lora:gpt2:fp64:dp_replicate=2,dp_shard=1,lora.r=4,lora.targets=all",
+    "fsdp_lora:llama:fp64:lora.r=4,lora.targets=q;v;gate",
 ]
 
 CHECKS_4 = [

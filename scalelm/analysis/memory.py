@@ -76,6 +76,21 @@ class ParamSplit:
         return self.tok_emb + self.pos_emb + self.n_blocks * self.block + self.norm_f + self.head
 
 
+def planning_config(cfg: ModelConfig) -> ModelConfig:
+    """The GPT the planner models for ``cfg``. An encoder-decoder is planned as a GPT of its
+    encoder layers plus 4/3 of its decoder layers (a decoder layer adds cross-attention: 4d^2 of
+    weights to the 12d^2 of self-attention and MLP, with activations to match), with the source
+    as long as the target: parameters, FLOPs and activations come out within a few percent."""
+    if cfg.arch != "encoder-decoder":
+        return cfg
+    import dataclasses
+
+    from ..model.encdec import n_dec, n_enc
+
+    return dataclasses.replace(cfg, arch="gpt", n_layer=n_enc(cfg) + round(4 * n_dec(cfg) / 3),
+                               n_encoder_layer=None, n_decoder_layer=None)
+
+
 def param_split(cfg: ModelConfig) -> ParamSplit:
     from ..model.gpt import GPT
 

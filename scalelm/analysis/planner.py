@@ -21,7 +21,14 @@ from typing import Optional
 from ..config import Config, ModelConfig, resolve
 from ..errors import UserError
 from ..hardware import DeviceSpec, device_spec
-from .memory import Layout, MemoryEstimate, ParamSplit, estimate_memory, param_split
+from .memory import (
+    Layout,
+    MemoryEstimate,
+    ParamSplit,
+    estimate_memory,
+    param_split,
+    planning_config,
+)
 
 PHASE = {"loss backward": "loss-bwd", "layer backward": "layer-bwd", "first layer backward": "layer0-bwd",
          "backward end": "bwd-end",
@@ -437,7 +444,7 @@ def setup_from_args(args) -> Setup:
     eff = args.efficiency if args.efficiency is not None else (0.6 if kind == "cpu" else 0.5)
     if not 0 < eff <= 1:
         raise UserError(f"--efficiency must be in (0, 1], got {eff}")
-    return Setup(cfg=cfg.model, devices=args.devices, device=spec, memory=memory, per_node=per_node,
+    return Setup(cfg=planning_config(cfg.model), devices=args.devices, device=spec, memory=memory, per_node=per_node,
                  seq_len=seq, micro_batch=micro, global_batch=glob, precision=precision, efficiency=eff,
                  schedule=cfg.parallel.pp_schedule, seq_parallel=cfg.parallel.sequence_parallel,
                  device_type="cpu" if kind == "cpu" else "cuda", fixed=_fixed_dims(cfg, args))

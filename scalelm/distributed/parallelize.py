@@ -242,8 +242,8 @@ def grad_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
 
 def _tied_copy(part: nn.Module) -> Optional[nn.Parameter]:
     """On a pipeline's last stage, the LM head's copy of a tied embedding (counted once)."""
-    if getattr(part, "cfg", None) is not None and part.cfg.tie_embeddings and part.tok_emb is None \
-            and part.lm_head is not None:
+    if getattr(part, "cfg", None) is not None and part.cfg.tie_embeddings and hasattr(part, "tok_emb") \
+            and part.tok_emb is None and part.lm_head is not None:  # (a task model around a GPT has no tok_emb)
         return part.lm_head.weight
     return None
 

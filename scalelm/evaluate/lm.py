@@ -17,7 +17,15 @@ from ..train.validation import evaluate, loss_sums, summarize  # noqa: F401 (the
 
 def add_eval_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="a model directory, or a RUN_DIR (its latest checkpoint)")
-    p.add_argument("--data", help="a DATA_DIR written by `scalelm prepare`")
+    p.add_argument("--data", help="a DATA_DIR written by `scalelm prepare` (with --task classify: a labelled file)")
+    from ..tasks.classify.cli import add_eval_args
+
+    add_eval_args(p)  # --task
+    from ..tasks.sft.qa import add_eval_args as add_qa_args
+    from ..tasks.translate.evaluate import add_eval_args as add_translate_args
+
+    add_translate_args(p)  # --source --reference --beams
+    add_qa_args(p)  # --answer-regex --prompt-field --completion-field --max-new-tokens
     p.add_argument("--text", metavar="FILE", help="score a UTF-8 text file directly (rolling windows, no prepare)")
     p.add_argument("--stride", type=int, default=None,
                    help="with --text: how far each window advances (default: the window length; smaller = "
@@ -49,6 +57,18 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..precision import autocast_context, pick_device, resolve_precision
     from ..runs import resolve_checkpoint
 
+    if args.task == "classify":
+        from ..tasks.classify.cli import run_eval_classify
+
+        return run_eval_classify(args)
+    if args.task == "translate":
+        from ..tasks.translate.evaluate import run_eval_translate
+
+        return run_eval_translate(args)
+    if args.task == "qa":
+        from ..tasks.sft.qa import run_eval_qa
+
+        return run_eval_qa(args)
     given = [o for o, v in (("--data", args.data), ("--text", args.text), ("--harness", args.harness)) if v]
     if len(given) != 1:
         raise UserError(f"give one of --data DATA_DIR, --text FILE or --harness TASKS, not {' and '.join(given)}"

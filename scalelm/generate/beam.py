@@ -15,31 +15,13 @@ greedy decoding, token for token.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
-from ..model.gpt import KVCache
+from .outputs import Completion, GenerationError
 
-if TYPE_CHECKING:
-    from .generator import Completion, Generator, Prompt
-
-
-def _expand(small: KVCache, cfg, beams: int, device, dtype) -> KVCache:
-    """A cache for ``B * beams`` rows holding each of ``small``'s rows ``beams`` times."""
-    big = KVCache(cfg, small.batch_size * beams, max_len=small.max_len, device=device, dtype=dtype)
-    big.k.copy_(small.k.repeat_interleave(beams, dim=1))
-    big.v.copy_(small.v.repeat_interleave(beams, dim=1))
-    big.reset(small.start.repeat_interleave(beams) if small._padded else None)
-    big.pos = small.pos
-    return big
-
-
-def _reorder(cache: KVCache, order: torch.Tensor) -> None:
-    cache.k.copy_(cache.k.index_select(1, order))
-    cache.v.copy_(cache.v.index_select(1, order))
-    if cache._padded:
-        cache.start = cache.start.index_select(0, order)
+Prompt = Union[str, Sequence[int]]
 
 
 class _Hypotheses:
@@ -64,12 +46,11 @@ class _Hypotheses:
 
 
 @torch.inference_mode()
-def beam_search(gen: "Generator", prompts: Union["Prompt", list["Prompt"]], num_beams: int = 4,
+def beam_search(gen, prompts: Union[Prompt, list[Prompt]], num_beams: int = 4,
                 max_new_tokens: int = 128, length_penalty: float = 1.0, early_stopping: bool = True,
-                truncate: bool = False, ignore_eos: bool = False) -> list["Completion"]:
-    """The best-scoring continuation of each prompt (one Completion per prompt)."""
-    from .generator import Completion, GenerationError
-
+                truncate: bool = False, ignore_eos: bool = False) -> list[Completion]:
+    """The best-scoring continuation of each prompt (one Completion per prompt) of ``gen``, a
+    :class:`~scalelm.generate.generator.Generator` (its model, cache and prefill)."""
     if num_beams < 1:
         raise GenerationError(f"num_beams={num_beams} is invalid: must be >= 1")
     if max_new_tokens < 1:
@@ -83,9 +64,9 @@ def beam_search(gen: "Generator", prompts: Union["Prompt", list["Prompt"]], num_
     B, K, cfg = len(rows), num_beams, gen.cfg
     eos: Sequence[int] = () if ignore_eos else sorted(gen.eos_ids)
     capacity = min(cfg.block_size, max(map(len, rows)) + max_new_tokens)
-    small = KVCache(cfg, B, max_len=capacity, device=gen.device, dtype=gen.dtype)
-    first = gen._prefill(small, rows)  # (B, V): one prefill per prompt
-    cache = _expand(small, cfg, K, gen.device, gen.dtype)
+    cache = gen._new_cache(B, capacity)
+    first = gen._prefill(cache, rows)  # (B, V): one prefill per prompt, then K copies of it
+    cache.index_rows(torch.arange(B, device=gen.device).repeat_interleave(K))
     logits = first.repeat_interleave(K, dim=0)
     beam_lp = torch.full((B, K), float("-inf"), device=gen.device, dtype=torch.float32)
     beam_lp[:, 0] = 0.0  # at the start the K beams are one: only the first may extend
@@ -132,7 +113,7 @@ def beam_search(gen: "Generator", prompts: Union["Prompt", list["Prompt"]], num_
                 done[b] = hyps[b].done(float(new_lp[b].max()), length)
         if all(done) or step == max_new_tokens - 1 or cache.pos >= cache.max_len:
             break
-        _reorder(cache, torch.tensor(order, device=gen.device))
+        cache.index_rows(torch.tensor(order, device=gen.device))
         logits = gen._step(torch.tensor(next_tok, device=gen.device)[:, None], kv_cache=cache,
                            last_only=True)[0][:, -1]
     out = []

@@ -24,49 +24,34 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from ..errors import UserError
 from ..fileio import json_safe
 from ..model.gpt import GPT, KVCache
 from ..model.io import load_model_dir
 from ..precision import pick_device
 from ..runs import TOKENIZER, resolve_checkpoint
 from .cpu_layout import compile_decode_step, pack_linears, shallow_copy, should_pack
+from .outputs import Completion, Event, GenerationError  # defined there, imported from here too
 from .sampling import SamplingParams, next_token
+from .speculative import (
+    Speculator,
+    add_speculative_args,
+    load_draft,
+    speculative_json,
+    speculative_kwargs,
+    speculative_summary,
+)
 from .terminal import for_stdout
 from .textstream import TextStream
 
 EOT = "<|endoftext|>"
 Prompt = Union[str, Sequence[int]]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class GenerationError(UserError, ValueError):
-    """A generation request that cannot be served as asked (too long, no tokenizer, ...)."""
-
-
-@dataclass
-class Event:
-    """One step of one row: ``token`` was generated (None on a row's closing event) and
-    ``text`` became printable. ``finish_reason`` is set on the row's last event."""
-    index: int
-    token: Optional[int]
-    text: str
-    finish_reason: Optional[str] = None  # "eos", "stop" or "length"
-
-
-@dataclass
-class Completion:
-    index: int
-    prompt_tokens: list[int]
-    tokens: list[int] = field(default_factory=list)  # generated ids (end-of-text not included)
-    text: str = ""  # generated text, cut before a stop string
-    finish_reason: str = "length"
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -139,31 +124,52 @@ def _check_other_tokenizer(tok, given: Union[str, Path], ckpt: Path, model_vocab
 class Generator:
     """A model, its tokenizer and end-of-text ids, ready to generate."""
 
+    speculator: Optional[Speculator] = None  # set by draft= / prompt_lookup= (speculative decoding)
+    seq2seq = False  # True for scalelm.generate.seq2seq.Seq2SeqGenerator (an encoder-decoder model)
+
     def __init__(self, model: GPT, tokenizer=None, eos_ids: Sequence[int] = (), bos_id: Optional[int] = None,
-                 chat_template: Optional[str] = None, compile: bool = False, pack: Union[bool, str] = "auto"):
+                 chat_template: Optional[str] = None, compile: bool = False, pack: Union[bool, str] = "auto", *,
+                 draft: Optional[GPT] = None, speculate_k: int = 4, prompt_lookup: int = 0):
         p = next(model.parameters())
         # work on a copy that shares the weights: the caller's model keeps its mode and modules
         # compile packs weights itself (freezing); otherwise a CPU copy gets BLAS-friendly layouts
         packed = not compile and (pack is True or (pack == "auto" and should_pack(p.device)))
-        self.model = (pack_linears(model) if packed else shallow_copy(model)).eval()
+        if not isinstance(model, torch.nn.Module):  # another runtime's model (onnx_backend.OrtModel): as it is
+            self.model = model
+        else:
+            self.model = (pack_linears(model) if packed else shallow_copy(model)).eval()
         self.cfg = model.cfg
+        if (getattr(self.cfg, "arch", "gpt") == "encoder-decoder") != self.seq2seq:
+            raise GenerationError("this is an encoder-decoder model: it translates a source (`scalelm translate`, "
+                                  "or scalelm.generate.seq2seq.Seq2SeqGenerator in Python), it does not continue a prompt"
+                                  if self.seq2seq is False else "Seq2SeqGenerator needs an encoder-decoder model")
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.bos_id = bos_id if bos_id is not None else (min(self.eos_ids) if self.eos_ids else None)
         self.chat_template = chat_template
         self.device, self.dtype = p.device, p.dtype
         self._step = compile_decode_step(self.model) if compile else self.model
+        # speculative decoding: a draft model or prompt lookup proposes, see scalelm/generate/speculative.py
+        self.speculator = None if draft is None and not prompt_lookup else Speculator(
+            self, draft, speculate_k, prompt_lookup, compile, pack)
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_checkpoint(cls, path: Union[str, Path], tokenizer: Optional[Union[str, Path]] = None,
                         device: str = "auto", dtype: str = "auto", compile: bool = False,
-                        verify: bool = True) -> "Generator":
+                        verify: bool = True, *, draft: Optional[Union[str, Path]] = None, speculate_k: int = 4,
+                        prompt_lookup: int = 0, backend: str = "torch") -> "Generator":
+        """``backend="onnxruntime"``: ``path`` is a directory from ``scalelm export --format onnx``."""
         from ..model.hf import special_token_ids
 
-        ckpt = resolve_checkpoint(path)
-        dev = pick_device(device, option="--device")
-        model = load_model_dir(ckpt, device=dev, dtype=resolve_dtype(dtype, dev), verify=verify)
+        if backend == "onnxruntime":
+            from .onnx_backend import load_onnx_model
+
+            ckpt, model = Path(path), load_onnx_model(path, verify=verify)
+        else:
+            ckpt = resolve_checkpoint(path)
+            dev = pick_device(device, option="--device")
+            model = load_model_dir(ckpt, device=dev, dtype=resolve_dtype(dtype, dev), verify=verify)
         tok_src = Path(tokenizer) if tokenizer is not None else ckpt
         tok = load_tokenizer(tok_src) if tokenizer is not None or (ckpt / TOKENIZER).is_file() else None
         bos, eos = special_token_ids(ckpt)
@@ -172,7 +178,10 @@ class Generator:
             bos = eos = tok.token_to_id(EOT)
         eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
         template = read_chat_template(tok_src if tok_src.is_dir() else tok_src.parent)
-        return cls(model, tok, eos_ids, bos, template, compile)
+        spec = {} if draft is None and not prompt_lookup else dict(speculate_k=speculate_k, prompt_lookup=prompt_lookup)
+        if draft is not None:  # refused unless it has the target's vocabulary and tokenizer
+            spec["draft"] = load_draft(draft, model, str(tokenizer or path), tok, verify)
+        return cls(model, tok, eos_ids, bos, template, compile, **spec)
 
     # ------------------------------------------------------------------ text <-> ids
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -215,6 +224,13 @@ class Generator:
             pass
         return [out[i] for i in sorted(out)]
 
+    def beam_search(self, prompts: Union[Prompt, list[Prompt]], num_beams: int = 4, max_new_tokens: int = 128,
+                    **kw) -> list[Completion]:
+        """The best continuation of each prompt by beam search (see :mod:`scalelm.generate.beam`)."""
+        from .beam import beam_search
+
+        return beam_search(self, prompts, num_beams, max_new_tokens, **kw)
+
     def stream(self, prompts: Union[Prompt, list[Prompt]], max_new_tokens: int = 128,
                sampling: Optional[SamplingParams] = None, stop: Sequence[str] = (),
                seed: Optional[int] = None, num_samples: int = 1, truncate: bool = False,
@@ -244,8 +260,9 @@ class Generator:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
         done = completions if completions is not None else {}
-        return self._decode(rows, max_new_tokens, sampling, list(stop), gen,
-                            frozenset() if ignore_eos else self.eos_ids, done)
+        decode = self._decode if self.speculator is None else partial(self.speculator.decode, self)
+        return decode(rows, max_new_tokens, sampling, list(stop), gen,
+                      frozenset() if ignore_eos else self.eos_ids, done)
 
     @torch.inference_mode()
     def _decode(self, rows: list[list[int]], max_new: int, sampling: SamplingParams,
@@ -253,7 +270,7 @@ class Generator:
                 done: dict[int, Completion]) -> Iterator[Event]:
         B = len(rows)
         capacity = min(self.cfg.block_size, max(map(len, rows)) + max_new)
-        cache = KVCache(self.cfg, B, max_len=capacity, device=self.device, dtype=self.dtype)
+        cache = self._new_cache(B, capacity)
         seqs = [list(r) for r in rows]
         texts = [TextStream(self.tokenizer, r, stops) for r in rows]
         comps = [Completion(i, list(r)) for i, r in enumerate(rows)]
@@ -294,6 +311,13 @@ class Generator:
                 logits = self._step(tok[:, None], kv_cache=cache, last_only=True)[0][:, -1]
         for b in live:
             yield self._finish(comps[b], texts[b], "length", done)
+
+    def _new_cache(self, batch_size: int, capacity: int):
+        """The cache one ``_decode`` fills (another runtime's model brings its own, see onnx_backend)."""
+        own = getattr(self.model, "new_cache", None)
+        if own is not None:
+            return own(batch_size, capacity)
+        return KVCache(self.cfg, batch_size, max_len=capacity, device=self.device, dtype=self.dtype)
 
     def _prefill(self, cache: KVCache, seqs: list[list[int]]) -> torch.Tensor:
         """Left-pad rows to one length, reset the cache and run them; last-position logits."""
@@ -366,11 +390,20 @@ def generator_from_args(args) -> Generator:
             raise GenerationError(f"--threads={args.threads} is invalid: must be >= 1")
         torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    gen = Generator.from_checkpoint(args.ckpt, args.tokenizer, args.device, args.dtype, args.compile,
-                                    verify=not getattr(args, "no_verify", False))
+    spec = speculative_kwargs(args)  # --draft / --prompt-lookup (generate, torch backend)
+    backend = getattr(args, "backend", "torch")
+    if backend == "onnxruntime":  # an ONNX export (scalelm export --format onnx)
+        from .onnx_backend import check_ort_args
+
+        check_ort_args(args)
+    gen = Generator.from_checkpoint(
+        args.ckpt, args.tokenizer, args.device, args.dtype, args.compile,
+        verify=not getattr(args, "no_verify", False), backend=backend, **spec)
     print(f"loaded {gen.cfg.n_layer}-layer model ({sum(p.numel() for p in gen.model.parameters()) / 1e6:.1f}M "
           f"params, {str(gen.dtype).removeprefix('torch.')}, {gen.device}) in {time.perf_counter() - t:.1f}s",
           file=sys.stderr)
+    if gen.speculator is not None:
+        print(gen.speculator.describe(), file=sys.stderr)
     return gen
 
 
@@ -391,6 +424,8 @@ def unescape(s: str) -> str:
 
 def add_generate_parser(p) -> None:
     add_model_args(p)
+    p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
+                   help="onnxruntime: run a directory from `scalelm export --format onnx` (CPU, float32)")
     src = p.add_argument_group("prompt (none: start from end-of-text)")
     src.add_argument("--prompt", action="append", help="prompt text; repeat for a batch of prompts")
     src.add_argument("--prompt-file", metavar="F", help="read the prompt from a file ('-' = stdin)")
@@ -407,6 +442,7 @@ def add_generate_parser(p) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per sample (tokens, text, finish reason)")
     p.add_argument("--raw", action="store_true", help="write control characters as they are even to a terminal "
                    "(by default a terminal gets them escaped, e.g. \\x1b; pipes always get the plain text)")
+    add_speculative_args(p)
 
 
 def _read_prompts(args) -> list[Prompt]:
@@ -520,7 +556,8 @@ def run_generate(args) -> int:
         for c in comps:
             print(json.dumps(json_safe({"index": c.index, "prompt_index": c.index // args.num_samples,
                                         "prompt_tokens": len(c.prompt_tokens), "tokens": c.tokens,
-                                        "text": c.text, "finish_reason": c.finish_reason}), allow_nan=False))
+                                        "text": c.text, "finish_reason": c.finish_reason,
+                                        **speculative_json(c)}), allow_nan=False))
     elif printer:
         print()
     else:
@@ -530,4 +567,6 @@ def run_generate(args) -> int:
     ttft = f", first token after {1e3 * (t_first - t0):.0f} ms" if t_first else ""
     print(f"generated {n_tok} tokens in {elapsed:.2f}s ({n_tok / elapsed:.1f} tok/s{ttft}); "
           f"finish: {', '.join(c.finish_reason for c in comps)}", file=sys.stderr)
+    if speculative_summary(comps):
+        print(speculative_summary(comps), file=sys.stderr)
     return 0

@@ -133,6 +133,12 @@ class KVCache:
     def advance(self, T: int) -> None:
         self.pos += T
 
+    def index_rows(self, order: torch.Tensor) -> None:
+        """Keep rows ``order`` (may repeat or reorder rows, e.g. beams following their parents)."""
+        self.k = self.k.index_select(1, order)
+        self.v = self.v.index_select(1, order)
+        self.start = self.start.index_select(0, order)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
@@ -189,7 +195,10 @@ class Block(nn.Module):
 
     def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None, layer: int = 0,
                 mask: Optional[torch.Tensor] = None):
-        x = x + self.drop(self.attn(_autocast_once(self.attn_norm(x)), rope, kv_cache, layer, mask))
+        h = _autocast_once(self.attn_norm(x))
+        # the mask only when there is one: tensor parallelism's input plan names four inputs
+        h = self.attn(h, rope, kv_cache, layer) if mask is None else self.attn(h, rope, kv_cache, layer, mask)
+        x = x + self.drop(h)
         return x + self.drop(self.mlp(_autocast_once(self.mlp_norm(x))))
 
 
@@ -306,9 +315,26 @@ def flops_per_token(cfg: ModelConfig, seq_len: Optional[int] = None, training: b
     scores and values (2 * 2 * n_layer * T * d_attn forward, full T as in PaLM/nanoGPT).
     Training is 3x forward (backward costs twice the forward)."""
     T = seq_len or cfg.block_size
+    if cfg.arch == "encoder-decoder":
+        return encdec_flops_per_token(cfg, T, training)
     d, L, hd = cfg.n_embd, cfg.n_layer, cfg.head_dim
     attn_w = d * hd * (cfg.n_head * 2 + cfg.kv_heads * 2)  # q, o and k, v projections
     mlp_w = d * cfg.ffn_dim * (3 if cfg.mlp == "swiglu" else 2)
     head_w = d * cfg.vocab_size
     fwd = 2 * (L * (attn_w + mlp_w) + head_w) + 2 * 2 * L * T * cfg.n_head * hd
+    return 3 * fwd if training else fwd
+
+
+def encdec_flops_per_token(cfg: ModelConfig, seq_len: Optional[int] = None, training: bool = True) -> int:
+    """The same count for ``arch = "encoder-decoder"`` (scalelm/model/encdec.py), per target token,
+    taking the source as long as the target: encoder layers, decoder layers with cross-attention
+    (q/o on the target, k/v on the source), the output layer."""
+    T = seq_len or cfg.block_size
+    d, hd = cfg.n_embd, cfg.head_dim
+    attn_w = d * hd * (cfg.n_head * 2 + cfg.kv_heads * 2)
+    mlp_w = d * cfg.ffn_dim * (3 if cfg.mlp == "swiglu" else 2)
+    n_enc, n_dec = cfg.n_encoder_layer or cfg.n_layer, cfg.n_decoder_layer or cfg.n_layer
+    enc = n_enc * (2 * (attn_w + mlp_w) + 4 * T * cfg.n_head * hd)
+    dec = n_dec * (2 * (2 * attn_w + mlp_w) + 2 * 4 * T * cfg.n_head * hd)
+    fwd = enc + dec + 2 * d * cfg.vocab_size
     return 3 * fwd if training else fwd

@@ -8,16 +8,15 @@ Weight names map one-to-one except GPT-2's ``Conv1D`` (stored transposed, q/k/v 
 Tokenizer files (``tokenizer.json``, ``tokenizer_config.json`` with its chat template,
 ``chat_template.jinja``) are carried across in both directions.
 
-CLI: ``scalelm convert --from-hf HF_DIR --out CKPT_DIR`` and ``scalelm convert CKPT --to-hf OUT``.
+CLI (in ``scalelm.convert``): ``scalelm convert --from-hf HF_DIR --out CKPT_DIR`` and
+``scalelm convert CKPT --to-hf OUT``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Union
@@ -27,7 +26,7 @@ import torch
 from ..config import ConfigError, ModelConfig, _coerce, _field_types
 from ..errors import CheckpointError
 from ..fileio import publish_dir
-from ..runs import TOKENIZER, check_output_dir, is_scalelm_model_dir, resolve_checkpoint
+from ..runs import TOKENIZER, resolve_checkpoint
 from .gpt import GPT
 from .io import (
     load_model_dir,
@@ -73,6 +72,10 @@ def hf_family(cfg: ModelConfig) -> str:
             raise ConversionError(
                 f"model.n_kv_head={cfg.n_kv_head} cannot be exported: GPT2LMHeadModel has no "
                 f"grouped-query attention (needs n_kv_head = n_head = {cfg.n_head})")
+        if cfg.head_dim * cfg.n_head != cfg.n_embd:
+            raise ConversionError(
+                f"model.head_size={cfg.head_size} cannot be exported: GPT2LMHeadModel's heads are n_embd / n_head "
+                f"= {cfg.n_embd / cfg.n_head:g} wide")
         return "gpt2"
     why = "RoPE means Llama"
     _check(cfg, "LlamaForCausalLM", "norm", "rmsnorm", why)
@@ -168,8 +171,9 @@ def _model_config_from_hf(hf: dict) -> ModelConfig:
             raise _unsupported(mt, "rope_type", rope_type, "plain RoPE (rope_type 'default')")
         theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
         d, h = hf.get("hidden_size", 4096), hf.get("num_attention_heads", 32)
-        if hf.get("head_dim") not in (None, d // h):
-            raise _unsupported(mt, "head_dim", hf["head_dim"], f"head_dim = hidden_size / heads = {d // h}")
+        head_dim = hf.get("head_dim")
+        if head_dim is not None and (not isinstance(head_dim, int) or head_dim <= 0):
+            raise _unsupported(mt, "head_dim", head_dim, "a positive integer head_dim")
         attn_bias, mlp_bias = hf.get("attention_bias", False), hf.get("mlp_bias", False)
         if attn_bias != mlp_bias:
             raise _unsupported(mt, "mlp_bias", mlp_bias, f"mlp_bias equal to attention_bias={attn_bias}")
@@ -181,7 +185,8 @@ def _model_config_from_hf(hf: dict) -> ModelConfig:
             rope_theta=float(theta), norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6),
             mlp="swiglu", bias=bool(attn_bias), dropout=0.0,
             tie_embeddings=hf.get("tie_word_embeddings", False),
-            init_std=hf.get("initializer_range", 0.02))
+            init_std=hf.get("initializer_range", 0.02),
+            head_size=None if head_dim in (None, d // h) and d % h == 0 else head_dim)
     else:
         raise ConversionError(f"Hugging Face model_type {mt!r} is not supported: scalelm converts "
                               "'gpt2' (GPT2LMHeadModel) and 'llama' (LlamaForCausalLM)")
@@ -401,7 +406,7 @@ def export_hf_dir(ckpt: Union[str, Path], out_dir: Union[str, Path],
     cfg = read_model_config(src)
     hf_family(cfg)  # fail on an unrepresentable config before loading any weights
     bos, eos = special_token_ids(src)
-    hf = to_hf(load_model_dir(src, dtype=dtype).eval(), eos_id=eos, bos_id=bos)
+    hf = to_hf(load_model_dir(src, dtype=dtype, allow_quantized=False).eval(), eos_id=eos, bos_id=bos)
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -423,7 +428,7 @@ def export_hf_dir(ckpt: Union[str, Path], out_dir: Union[str, Path],
     return out
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- output check
 
 def is_hf_model_dir(path: Path) -> bool:
     """A directory ``save_pretrained`` wrote: a config.json with a model_type (and no scalelm format)."""
@@ -432,40 +437,3 @@ def is_hf_model_dir(path: Path) -> bool:
     except (OSError, ValueError):
         return False
     return isinstance(cfg, dict) and "model_type" in cfg and cfg.get("format") != "scalelm"
-
-
-def add_convert_parser(p: argparse.ArgumentParser) -> None:
-    p.epilog = ("examples:\n  scalelm convert --from-hf ./gpt2 --out ckpt/gpt2\n"
-                "  scalelm convert runs/baby --to-hf export/baby")
-    p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("ckpt", nargs="?", help="scalelm model directory or RUN_DIR to export (with --to-hf)")
-    p.add_argument("--from-hf", metavar="HF_DIR", help="import this Hugging Face model directory")
-    p.add_argument("--out", metavar="CKPT_DIR", help="where the imported scalelm model directory goes")
-    p.add_argument("--to-hf", metavar="OUT_DIR", help="export CKPT to this Hugging Face directory")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                   help="dtype of the written weights (default float32)")
-    p.add_argument("--overwrite", action="store_true", help="replace the output directory if it holds an "
-                   "earlier output of the same kind (never a run directory, the source or another folder)")
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    dtype = DTYPES[args.dtype]
-    if args.from_hf:
-        if args.to_hf or args.ckpt:
-            raise ConversionError("use either --from-hf HF_DIR --out CKPT_DIR or CKPT --to-hf OUT_DIR")
-        if not args.out:
-            raise ConversionError("--from-hf needs --out CKPT_DIR (where the scalelm checkpoint goes)")
-        check_output_dir(args.out, "scalelm model directory", is_scalelm_model_dir, sources=[args.from_hf],
-                         overwrite=args.overwrite)
-        out = import_hf_dir(args.from_hf, args.out, dtype)
-    elif args.to_hf:
-        if not args.ckpt:
-            raise ConversionError("--to-hf OUT_DIR needs the checkpoint to export: scalelm convert CKPT --to-hf OUT_DIR")
-        check_output_dir(args.to_hf, "Hugging Face model directory", is_hf_model_dir,
-                         sources=[args.ckpt, resolve_checkpoint(args.ckpt)], overwrite=args.overwrite, option="--to-hf")
-        out = export_hf_dir(args.ckpt, args.to_hf, dtype)
-    else:
-        raise ConversionError("nothing to do: give --from-hf HF_DIR --out CKPT_DIR, or CKPT --to-hf OUT_DIR")
-    print(f"wrote {out}", file=sys.stderr)
-    print(json.dumps({"out": str(out)}))
-    return 0

@@ -24,9 +24,12 @@ from safetensors.torch import load_file, save_file
 from ..config import ConfigError, ModelConfig, _coerce, _field_types
 from ..errors import CheckpointError
 from ..fileio import publish_dir
-from ..runs import CONFIG, DCP_METADATA, TOKENIZER, WEIGHTS, resolve_checkpoint
+from ..runs import ADAPTER, CONFIG, DCP_METADATA, TOKENIZER, WEIGHTS, resolve_checkpoint
+from .adapters import check_base, dcp_trainable, lora_entry, merge_adapters
+from .build import build_model
 from .gpt import GPT
 from .manifest import verify_manifest, write_manifest
+from .quant import QuantizedModelError, check_quantized_state, prepare_kernels, quantized_gpt, read_quantization
 
 FORMAT = "scalelm"
 MAX_BLOCK_SIZE = 1 << 20  # a config above these is refused before anything is built
@@ -157,15 +160,20 @@ def check_config_sizes(cfg: ModelConfig, where: str) -> None:
                               f"scalelm loads ({MAX_BLOCK_SIZE} / {MAX_VOCAB}): the config is damaged or tampered")
 
 
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple]:
-    """The stored tensors' shapes ``cfg`` implies, from a model on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = GPT(cfg)
+def expected_shapes(cfg: ModelConfig, quant: Optional[dict] = None) -> dict[str, tuple]:
+    """The stored tensors' shapes ``cfg`` (and a ``quantization`` entry) implies, from a model on the
+    meta device (no memory)."""
+    if quant is not None:
+        model = quantized_gpt(cfg, quant, device="meta")
+    else:
+        with torch.device("meta"):
+            model = build_model(cfg)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()
             if not (cfg.tie_embeddings and k == "lm_head.weight")}
 
 
-def check_weights_header(path: str | Path, cfg: ModelConfig, where: str = CONFIG) -> None:
+def check_weights_header(path: str | Path, cfg: ModelConfig, where: str = CONFIG,
+                         quant: Optional[dict] = None) -> None:
     """Compare ``cfg`` with the safetensors header of ``path`` before anything is allocated, so a
     damaged or tampered config is an error rather than a huge allocation."""
     p = Path(path)
@@ -175,7 +183,7 @@ def check_weights_header(path: str | Path, cfg: ModelConfig, where: str = CONFIG
             saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{p} is corrupt or not a safetensors file: {e}") from None
-    expected = expected_shapes(cfg)
+    expected = expected_shapes(cfg, quant)
     problems = [f"'{k}' is {saved[k]} in the weights but {shape} by the config" if k in saved else
                 f"'{k}' {shape} is missing from the weights" for k, shape in expected.items() if saved.get(k) != shape]
     problems += [f"unexpected tensor '{k}' {saved[k]} in the weights" for k in saved if k not in expected]
@@ -187,23 +195,37 @@ def check_weights_header(path: str | Path, cfg: ModelConfig, where: str = CONFIG
 
 
 def load_model_dir(ckpt_dir: str | Path, device="cpu", dtype: Optional[torch.dtype] = None,
-                   model_cfg: Optional[ModelConfig] = None, verify: bool = True) -> GPT:
+                   model_cfg: Optional[ModelConfig] = None, verify: bool = True,
+                   allow_quantized: bool = True) -> GPT:
     """Build the model from ``config.json`` (or ``model_cfg``) and load its weights strictly.
 
-    ``verify`` checks the files against ``manifest.json`` (when there is one) first.
+    ``verify`` checks the files against ``manifest.json`` (when there is one) first. A quantized
+    directory (``scalelm quantize``) gives a GPT with :class:`~scalelm.model.quant.QuantLinear` s,
+    their kernels chosen for ``device``; ``allow_quantized=False`` refuses one (callers that need
+    float weights: training, conversion, pruning).
     """
     d = Path(ckpt_dir)
     if not (d / WEIGHTS).is_file() and (d / DCP_METADATA).is_file():  # a sharded training checkpoint (torchrun)
         return consolidated_model(d, device=device, dtype=dtype or torch.get_default_dtype(), verify=verify)
+    if not (d / WEIGHTS).is_file() and (d / ADAPTER).is_file():  # a LoRA run's: its base, adapters merged
+        return load_lora_dir(d, device=device, dtype=dtype, verify=verify)
     if verify and d.is_dir():  # what is read here and by its callers, not the optimizer state of a checkpoint
         verify_manifest(d, only=(CONFIG, WEIGHTS, TOKENIZER), optional=(TOKENIZER,))
     cfg = model_cfg or read_model_config(d)
+    quant = read_quantization(d)
+    if quant is not None and not allow_quantized:
+        raise QuantizedModelError(f"{d} is {quant['scheme']}-quantized (`scalelm quantize`): this needs float weights; "
+                                  f"use the float model it was made from")
     if (d / WEIGHTS).is_file():
-        check_weights_header(d / WEIGHTS, cfg, str(d / CONFIG) if model_cfg is None else "the model config")
+        check_weights_header(d / WEIGHTS, cfg, str(d / CONFIG) if model_cfg is None else "the model config", quant)
     sd = load_weights(d / WEIGHTS)
-    model = GPT(cfg)
+    model = build_model(cfg) if quant is None else quantized_gpt(cfg, quant)
+    if quant is not None:
+        check_quantized_state(model, sd, str(d / WEIGHTS))
     load_state_dict_into(model, sd, source=str(d / WEIGHTS))
     model.to(device=device, dtype=dtype) if dtype else model.to(device)
+    if quant is not None:
+        prepare_kernels(model)
     return model
 
 
@@ -216,28 +238,78 @@ def consolidated_model(ckpt: str | Path, device="cpu", dtype: Optional[torch.dty
         verify_manifest(ckpt)
     cfg = read_model_config(ckpt)
     check_config_sizes(cfg, str(ckpt / CONFIG))
+    lora = lora_entry(ckpt)  # a LoRA run's checkpoint: the base and the adapters, merged below
+    pre = str(lora.get("prefix", "")) if lora else ""
     try:
         meta = dcp.FileSystemReader(str(ckpt / DCP_METADATA.parent)).read_metadata().state_dict_metadata
-        saved_dtype = meta["model.tok_emb.weight"].properties.dtype  # build the model as it was saved
+        saved_dtype = meta[f"model.{pre}tok_emb.weight"].properties.dtype  # build the model as it was saved
     except Exception as e:
         raise CheckpointError(f"{ckpt / DCP_METADATA.parent} is corrupt or incomplete: {str(e).splitlines()[0][:300]}") from None
     wrong = [k for k, shape in expected_shapes(cfg).items()  # before to_empty allocates what the config asks
-             if tuple(getattr(meta.get(f"model.{k}"), "size", ()) or ()) != shape]
+             if tuple(getattr(meta.get(f"model.{pre}{k}"), "size", ()) or ()) != shape]
     if wrong:
         raise CheckpointError(f"{ckpt / CONFIG} does not match the weights in {ckpt / DCP_METADATA.parent} (a damaged "
                               f"or edited config?): tensors {wrong[:5]} differ in shape or are missing")
     with torch.device("meta"):
-        model = GPT(cfg).to(saved_dtype)
+        model = build_model(cfg).to(saved_dtype)  # a GPT or an encoder-decoder
     model.to_empty(device="cpu")
     with torch.no_grad():
         model.reset_parameters()  # recomputes the non-persistent RoPE tables; weights are loaded next
+        if getattr(model, "rope_cos", None) is not None and not isinstance(model, GPT):
+            # the encoder-decoder builds its tables in __init__ only
+            from .gpt import rope_tables
+
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            model.rope_cos.copy_(cos)
+            model.rope_sin.copy_(sin)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
-    sd = {k: v for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
+    sd = {pre + k: v for k, v in model.state_dict().items() if not (cfg.tie_embeddings and k == "lm_head.weight")}
     try:
         dcp.load({"model": sd}, checkpoint_id=str(ckpt / DCP_METADATA.parent), no_dist=True)
     except Exception as e:
         raise CheckpointError(f"could not read the weights in {ckpt / DCP_METADATA.parent}: {str(e).splitlines()[0][:400]}") from None
+    if lora:
+        merge_adapters(model, read_adapters(ckpt, verify=False)[1], lora, str(ckpt))
+    return model.to(device=device, dtype=dtype) if dtype else model.to(device)
+
+
+# ----------------------------------------------------------------------------- LoRA dirs (format: adapters.py)
+
+def read_adapters(ckpt_dir: str | Path, verify: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(lora entry, trained tensors)`` of a LoRA directory or of a LoRA run's sharded checkpoint."""
+    d = Path(ckpt_dir)
+    entry = lora_entry(d)
+    if entry is None:
+        raise CheckpointError(f"{d} is not a LoRA checkpoint ({CONFIG} has no lora entry)")
+    if (d / ADAPTER).is_file():
+        if verify:
+            verify_manifest(d, only=(CONFIG, ADAPTER, TOKENIZER), optional=(TOKENIZER,))
+        return entry, load_weights(d / ADAPTER)
+    if not (d / DCP_METADATA).is_file():
+        raise CheckpointError(f"{d} has neither {ADAPTER} nor a sharded checkpoint ({DCP_METADATA})")
+    import torch.distributed.checkpoint as dcp
+
+    if verify:
+        verify_manifest(d)
+    tensors = dcp_trainable(d, str(entry.get("prefix", "")))
+    try:
+        dcp.load({"model": tensors}, checkpoint_id=str(d / DCP_METADATA.parent), no_dist=True)
+    except Exception as e:  # DCP wraps read failures in CheckpointException
+        raise CheckpointError(f"could not read the adapters in {d / DCP_METADATA.parent}: "
+                              f"{str(e).splitlines()[0][:400]}") from None
+    return entry, tensors
+
+
+def load_lora_dir(ckpt_dir: str | Path, device="cpu", dtype: Optional[torch.dtype] = None,
+                  verify: bool = True) -> GPT:
+    """The plain ``GPT`` of a LoRA directory: its base (hash checked) with the adapters merged."""
+    d = Path(ckpt_dir)
+    cfg = read_model_config(d)
+    entry, tensors = read_adapters(d, verify=verify)
+    base = check_base(entry, d)
+    model = load_model_dir(base, model_cfg=cfg, verify=verify, allow_quantized=False)  # the run's config
+    merge_adapters(model, tensors, entry, str(d / ADAPTER))
     return model.to(device=device, dtype=dtype) if dtype else model.to(device)
 
 

@@ -29,16 +29,16 @@ class MasterWeights:
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
         seen: set[int] = set()
         self.model_params: list[nn.Parameter] = []
+        frozen: list[nn.Parameter] = []  # e.g. a LoRA base: cast to bf16 too, but no fp32 copy to keep
         for p in model.parameters():  # tied weights appear once
             if id(p) not in seen and p.is_floating_point():
                 seen.add(id(p))
-                self.model_params.append(p)
-        self.params = [nn.Parameter(p.detach().clone().float(), requires_grad=p.requires_grad)
-                       for p in self.model_params]
+                (self.model_params if p.requires_grad else frozen).append(p)
+        self.params = [nn.Parameter(p.detach().clone().float()) for p in self.model_params]
         self.dtype = dtype
         self._master_of = {id(p): m for p, m in zip(self.model_params, self.params)}
         with torch.no_grad():
-            for p in self.model_params:
+            for p in self.model_params + frozen:
                 p.data = p.data.to(dtype)
 
     @torch.no_grad()

@@ -49,7 +49,9 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, master=None) -> torch.op
     """AdamW over :func:`param_groups`; fused kernels where available (5x faster than foreach
     on this CPU for a 4-layer 256-wide model), else the multi-tensor ``foreach`` path. With
     ``master`` (:class:`~scalelm.master_weights.MasterWeights`) it updates the fp32 masters."""
-    groups = param_groups(model, cfg.weight_decay)
+    # an empty group (e.g. no decayed weights when only LoRA adapters train) breaks DCP's
+    # flattened optimizer state dicts, which the sharded checkpoints use
+    groups = [g for g in param_groups(model, cfg.weight_decay) if g["params"]]
     if master is not None:
         for g in groups:
             g["params"] = [master.master_of(p) for p in g["params"]]

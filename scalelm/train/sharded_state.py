@@ -71,9 +71,11 @@ def _load_rng(dir_: Path, rank: int) -> bool:
 # ----------------------------------------------------------------------------- save / load
 
 def save_sharded_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, tokenizer_json: Optional[str],
-                            state: dict, ctx: ParallelContext, keep_last: int = 3) -> Path:
+                            state: dict, ctx: ParallelContext, keep_last: int = 3,
+                            extra: Optional[dict] = None) -> Path:
     """Every rank writes its shards into a staging directory; rank 0 publishes it atomically
-    as ``ckpt-<step>``, then points ``latest`` at it. A kill leaves the last one intact."""
+    as ``ckpt-<step>``, then points ``latest`` at it. A kill leaves the last one intact.
+    ``extra``: config.json entries describing the model (``model_io.metadata``, e.g. LoRA's base)."""
     import torch.distributed.checkpoint as dcp
 
     run_dir = Path(run_dir)
@@ -89,7 +91,7 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: nn.Module, optimize
     barrier(ctx)
     if ctx.is_main:
         cfg = model_parts(model)[0].cfg
-        meta = {"format": "scalelm", "model": dataclasses.asdict(cfg), "step": step, "sharded": True,
+        meta = {"format": "scalelm", "model": dataclasses.asdict(cfg), **(extra or {}), "step": step, "sharded": True,
                 "world_size": ctx.world_size, "layout": ctx.layout.describe()}
         (staging / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         if tokenizer_json is not None:

@@ -89,7 +89,8 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ten
         state.setdefault(fqn, {})[k] = t
     groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
     expected = {fqn for g in groups for fqn in g["params"]}
-    current = {n for n, _ in model.named_parameters()}
+    # activation checkpointing's wrapper shows in named_parameters, not in the state dicts' names
+    current = {n.replace("_checkpoint_wrapped_module.", "") for n, _ in model.named_parameters()}
     if not expected <= current:
         raise CheckpointError(f"optimizer state names parameters the model lacks: {sorted(expected - current)[:5]}")
     set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups})

@@ -37,7 +37,8 @@ from ..distributed.mesh import (
 from ..distributed.parallelize import clip_grad_norm, grad_sync, parallelize
 from ..errors import UserError
 from ..fileio import json_safe
-from ..model.gpt import GPT, flops_per_token
+from ..model.build import build_model
+from ..model.gpt import flops_per_token
 from ..precision import DTYPES, autocast_context, pick_device, resolve_precision  # noqa: F401 (re-exported)
 from . import state as ts
 from .model_io import ModelIO
@@ -152,13 +153,19 @@ class Trainer:
         self.model_io = model_io or ModelIO()
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank and layout
-        self.raw_model = (model or GPT(cfg.model)).to(self.device)
-        self.gpt = self.raw_model if isinstance(self.raw_model, GPT) else self.raw_model.gpt
+        self.raw_model = (model or build_model(cfg.model)).to(self.device)
+        self.gpt = getattr(self.raw_model, "gpt", self.raw_model)  # a task model's backbone, or the model
         if cfg.lora.r > 0:  # adapters from outside, like parallelism: only they (and a task head) train
             from ..lora import LoRAFiles, apply_lora
 
+            if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
+                raise ConfigError("LoRA trains under data parallelism (DDP, FSDP2: --parallel.dp_shard / "
+                                  "--parallel.dp_replicate); drop --parallel.tp / --parallel.pp")
             apply_lora(self.gpt, cfg.lora)
             self.model_io = LoRAFiles(self.model_io, self.raw_model, base_dir)
+        if cfg.model.arch == "encoder-decoder" and (cfg.parallel.pp > 1 or cfg.parallel.tp > 1):
+            raise ConfigError("the encoder-decoder trains with data parallelism (DDP / FSDP2: --parallel.dp_shard, "
+                              "--parallel.dp_replicate); tensor and pipeline parallelism are built for the GPT only")
         if self.gpt is not self.raw_model and cfg.parallel.pp > 1:
             raise ConfigError("pipeline parallelism (--parallel.pp > 1) trains a plain language model; use "
                               "data or tensor parallelism (--parallel.dp_shard / --parallel.tp) for this task")
@@ -317,7 +324,7 @@ class Trainer:
 
             path = save_sharded_checkpoint(self.run_dir, self.step, self.model, self.optimizer,
                                            self.data.tokenizer_json, self.state(), self.ctx,
-                                           self.cfg.checkpoint.keep_last)
+                                           self.cfg.checkpoint.keep_last, extra=self.model_io.metadata(self.raw_model))
         elif self.is_main:
             with self._full_precision():
                 path = ts.save_checkpoint(self.run_dir, self.step, self.raw_model, self.optimizer,
@@ -569,6 +576,32 @@ def lock_run_dir(run_dir: Path, ctx: ParallelContext, command: str):
     return lock
 
 
+@contextlib.contextmanager
+def open_run(out: Path, cfg: Config, data, saved: Optional[Config], command: str = "train"):
+    """What every training command does around its ``Trainer``: start the process group, refuse a
+    wrong ``--out``, lock RUN_DIR (one writer), clean it and find the checkpoint to resume.
+    Yields ``(ctx, resume_from)``; the lock and the process group are released at the end."""
+    ctx = init_parallel(cfg)
+    lock = None
+    try:
+        ts.prepare_run_dir(out, cfg, data, saved, write=False)  # refuse a wrong --out before locking it
+        lock = lock_run_dir(out, ctx, command)
+        resume_from = ts.prepare_run_dir(out, cfg, data, saved, write=ctx.is_main)
+        ctx.barrier()
+        yield ctx, resume_from
+    finally:
+        if lock is not None:
+            lock.release()
+        destroy_parallel(ctx)
+
+
+def report_run(trainer: Trainer, summary: dict) -> int:
+    """Print the run's JSON summary (main rank); the exit code (128 + signal when stopped by one)."""
+    if trainer.is_main:
+        print(json.dumps(json_safe(summary), allow_nan=False))  # a diverged run's NaN loss prints as null
+    return 128 + trainer._signal if trainer._signal else 0
+
+
 def run_train(args: argparse.Namespace) -> int:
     from ..config import resolve
     from ..data.loader import TokenData
@@ -589,30 +622,24 @@ def run_train(args: argparse.Namespace) -> int:
     if base is None and not _vocab_is_explicit(args):
         cfg.model.vocab_size = data.vocab_size
     cfg.validate()
-    ctx = init_parallel(cfg)
-    lock = None
-    try:
-        ts.prepare_run_dir(out, cfg, data, saved, write=False)  # refuse a wrong --out before locking it
-        lock = lock_run_dir(out, ctx, "train")
-        resume_from = ts.prepare_run_dir(out, cfg, data, saved, write=ctx.is_main)
-        ctx.barrier()
-        model = None
+    with open_run(out, cfg, data, saved, "train") as (ctx, resume_from):
+        model = base_dir = None
         if args.init_from:
             if resume_from is not None:
                 raise UserError(f"{out} already holds a run to resume; --init-from starts a new one: "
                                 f"use another --out")
-            src = resolve_checkpoint(args.init_from)
+            src = base_dir = resolve_checkpoint(args.init_from)
             ts.check_model_config(src, cfg.model)
             ts.check_tokenizer(src, data.dir)
-            model = load_model_dir(src)
-        trainer = Trainer(cfg, data, out, ctx=ctx, model=model, resume_from=resume_from)
+            model = load_model_dir(src, allow_quantized=False)
+        if cfg.lora.r > 0 or resume_from is not None:  # a LoRA run resumes on its recorded base (hash checked)
+            from ..lora import lora_base_dir
+
+            base_dir = lora_base_dir(cfg.lora, resume_from, base_dir)
+            if resume_from is not None and base_dir is not None:
+                model = load_model_dir(base_dir, allow_quantized=False)
+        trainer = Trainer(cfg, data, out, ctx=ctx, model=model, resume_from=resume_from, base_dir=base_dir)
         if trainer.is_main:
             ts.write_run_config(out, cfg, data)
         summary = trainer.fit()
-    finally:
-        if lock is not None:
-            lock.release()
-        destroy_parallel(ctx)
-    if ctx.is_main:
-        print(json.dumps(json_safe(summary), allow_nan=False))  # a diverged run's NaN loss prints as null
-    return 128 + trainer._signal if trainer._signal else 0
+    return report_run(trainer, summary)

@@ -1,7 +1,7 @@
 """torchrun worker: train K steps under several layouts, compare with one process.
 
 Usage: torchrun --nproc_per_node=N tests/dist/equivalence.py CHECK [CHECK ...]
-CHECK = name:style:dtype:key=value,key=value  (keys are ParallelConfig / TrainConfig fields)
+CHECK = name:style:dtype:key=value,key=value  (keys are ParallelConfig fields, train.* and lora.*)
 Rank 0 prints one ``RESULT {json}`` line per check: max parameter and loss differences.
 """
 
@@ -30,9 +30,12 @@ def run_check(spec: str) -> None:
     name, style, dtype, opts = parse(spec)
     torch.set_default_dtype(torch.float64 if dtype == "fp64" else torch.float32)
     train_opts = {k[6:]: opts.pop(k) for k in list(opts) if k.startswith("train.")}
+    lora_opts = {k[5:]: opts.pop(k) for k in list(opts) if k.startswith("lora.")}
     cfg = make_cfg(style, **opts)
     for k, v in train_opts.items():
         setattr(cfg.train, k, v)
+    for k, v in lora_opts.items():  # lora.targets=q;v -> "q,v" (commas separate the check's keys)
+        setattr(cfg.lora, k, v.replace(";", ",") if isinstance(v, str) else v)
     t0 = time.perf_counter()
     ctx, model, opt, loader, accum = setup(cfg)
     losses = train_steps(model, opt, loader, ctx, STEPS, accum)

@@ -44,7 +44,12 @@ def make_cfg(style: str = "gpt2", **parallel) -> Config:
 
 def fresh_model(cfg: Config) -> GPT:
     torch.manual_seed(0)
-    return GPT(cfg.model)
+    model = GPT(cfg.model)
+    if cfg.lora.r > 0:  # adapters on a frozen base (seeded: the same A on every rank and in the reference)
+        from scalelm.lora import apply_lora
+
+        apply_lora(model, cfg.lora)
+    return model
 
 
 def train_steps(model, opt, loader, ctx, steps: int, accum: int) -> list[float]:

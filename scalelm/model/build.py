@@ -1,0 +1,18 @@
+"""One constructor for every architecture a config can name (``model.arch``)."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..config import ModelConfig
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """A ``GPT`` (``arch = "gpt"``) or an ``EncoderDecoder`` (``arch = "encoder-decoder"``)."""
+    if cfg.arch == "encoder-decoder":
+        from .encdec import EncoderDecoder
+
+        return EncoderDecoder(cfg)
+    from .gpt import GPT
+
+    return GPT(cfg)
