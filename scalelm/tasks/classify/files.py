@@ -1,0 +1,172 @@
+"""A classifier's model directory, and loading one for inference.
+
+    MODEL_DIR/model.safetensors   the GPT (plain GPT names: generate/eval/convert read it as an LM)
+              head.safetensors    the head (``weight``)
+              config.json         {"format": "scalelm", "model": {...}, "task": {"name": "classify",
+                                   "labels": [...], "pooling", "append_eos", "eos_id", "pad_id", ...}}
+              tokenizer.json, manifest.json
+
+A LoRA run's directories hold ``adapter.safetensors`` instead (the LoRA helper's ``LoRAFiles``
+wraps :class:`ClassifierFiles`; the head is its ``head.*`` tensors) and still carry ``"task"``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ...errors import CheckpointError
+from ...fileio import publish_dir
+from ...model.io import (
+    load_model_dir,
+    load_state_dict_into,
+    load_weights,
+    save_state_dir,
+)
+from ...model.manifest import verify_manifest, write_manifest
+from ...runs import CONFIG, DCP_METADATA, WEIGHTS, resolve_checkpoint
+from ...train.model_io import ModelIO
+from .model import Classifier
+
+HEAD = "head.safetensors"
+ADAPTER = "adapter.safetensors"  # a LoRA run's trainable tensors (scalelm.lora)
+TASK = "classify"
+
+
+def split_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """``gpt.*`` / ``head.*`` keys of a Classifier's state dict -> (GPT's, head's), prefixes removed."""
+    gpt = {k[4:]: v for k, v in sd.items() if k.startswith("gpt.")}
+    head = {k[5:]: v for k, v in sd.items() if k.startswith("head.")}
+    return gpt, head
+
+
+class ClassifierFiles(ModelIO):
+    """The Trainer's ``model_io`` for a :class:`Classifier`; ``task`` is config.json's "task" entry
+    (labels, pooling, tokenization), written into every checkpoint and ``best/``."""
+
+    def __init__(self, task: dict):
+        self.task = {"name": TASK, **task}
+
+    def metadata(self, model: nn.Module) -> dict:
+        return {"task": {**self.task, "pooling": model.pooling, "n_labels": model.n_labels}}
+
+    def save(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path,
+             tokenizer_json: Optional[str], extra: dict, manifest: bool = True) -> None:
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        gpt_sd, head_sd = split_state_dict(state_dict)
+        stage = out.parent / f".{out.name}.cls"  # cleaned by the run's staging patterns if a kill leaves it
+        shutil.rmtree(stage, ignore_errors=True)
+        try:
+            save_state_dir(model.cfg, gpt_sd, stage, tokenizer_json, {**self.metadata(model), **extra},
+                           manifest=False)
+            save_file({k: v.detach().cpu().contiguous() for k, v in head_sd.items()}, str(stage / HEAD),
+                      metadata={"format": "pt"})
+            if manifest:
+                write_manifest(stage)
+            publish_dir(stage, out)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+
+    def weights(self, ckpt: Path) -> dict[str, torch.Tensor]:
+        ckpt = Path(ckpt)
+        gpt = load_weights(ckpt / WEIGHTS)
+        meta = json.loads((ckpt / CONFIG).read_text())
+        if meta.get("model", {}).get("tie_embeddings") and "tok_emb.weight" in gpt:
+            gpt["lm_head.weight"] = gpt["tok_emb.weight"]  # stored once; the model's state dict has both
+        return {**{f"gpt.{k}": v for k, v in gpt.items()}, **{f"head.{k}": v for k, v in read_head(ckpt).items()}}
+
+    def load(self, model: nn.Module, ckpt: Path) -> None:
+        ckpt = Path(ckpt)
+        load_state_dict_into(model.gpt, load_weights(ckpt / WEIGHTS), source=str(ckpt / WEIGHTS))
+        load_head(model, read_head(ckpt), str(ckpt / HEAD))
+
+
+def read_head(d: Path) -> dict[str, torch.Tensor]:
+    """The head's tensors: ``head.safetensors``, or the ``head.*`` entries of a LoRA ``adapter.safetensors``."""
+    d = Path(d)
+    if (d / HEAD).is_file():
+        return load_weights(d / HEAD)
+    if (d / ADAPTER).is_file():
+        return {k[5:]: v for k, v in load_weights(d / ADAPTER).items() if k.startswith("head.")}
+    raise CheckpointError(f"{d} has no {HEAD} (nor a LoRA {ADAPTER}): it is not a classifier's model directory")
+
+
+def load_head(model: Classifier, sd: dict[str, torch.Tensor], source: str) -> None:
+    want = {k: tuple(v.shape) for k, v in model.head.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    if want != got:
+        raise CheckpointError(f"{source} does not match the classifier's head: it holds {got}, the model "
+                              f"({model.n_labels} labels) needs {want}")
+    model.head.load_state_dict(sd)
+
+
+def read_task(d: Path) -> dict:
+    """config.json's "task" entry, or an error saying this is not a classifier."""
+    p = Path(d) / CONFIG
+    try:
+        meta = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{p} is missing or corrupt ({e})") from None
+    task = meta.get("task") if isinstance(meta, dict) else None
+    if not isinstance(task, dict) or task.get("name") != TASK or not isinstance(task.get("labels"), list):
+        raise CheckpointError(f"{d} is not a classifier (its config.json has no classify task): train one with "
+                              f"`scalelm finetune classify`")
+    return task
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A classifier's model directory (a LoRA one too), or a RUN_DIR's latest checkpoint."""
+    p = Path(path)
+    if (p / CONFIG).is_file() and ((p / HEAD).is_file() or (p / ADAPTER).is_file()):
+        return p
+    return resolve_checkpoint(p)
+
+
+def _consolidated(d: Path, task: dict, device, verify: bool) -> Classifier:
+    """A classifier from a sharded (torchrun) checkpoint: DCP read in this process, no process group."""
+    import torch.distributed.checkpoint as dcp
+
+    from ...model.adapters import lora_entry
+    from ...model.gpt import GPT
+    from ...model.io import read_adapters, read_model_config
+
+    n, pooling = len(task["labels"]), task.get("pooling", "last")
+    if lora_entry(d) is not None:  # a LoRA run's: the base with the adapters merged, and the head
+        model = Classifier(load_model_dir(d, verify=verify), n, pooling)
+        head = {k[5:]: v for k, v in read_adapters(d, verify=False)[1].items() if k.startswith("head.")}
+        load_head(model, head, str(d))
+        return model.to(device)
+    if verify:
+        verify_manifest(d)
+    model = Classifier(GPT(read_model_config(d)), n, pooling)
+    sd = model.state_dict()
+    try:
+        dcp.load({"model": sd}, checkpoint_id=str(d / DCP_METADATA.parent), no_dist=True)
+    except Exception as e:
+        raise CheckpointError(f"could not read the classifier in {d / DCP_METADATA.parent}: "
+                              f"{str(e).splitlines()[0][:400]}") from None
+    model.load_state_dict(sd)
+    return model.to(device)
+
+
+def load_classifier(path: str | Path, device="cpu", verify: bool = True) -> tuple[Classifier, dict, Path]:
+    """``(classifier in eval mode, its task entry, the directory)`` of a classifier model directory,
+    a LoRA classifier directory (the GPT comes merged from ``load_model_dir``) or a RUN_DIR."""
+    d = resolve_model_dir(path)
+    task = read_task(d)
+    if not (d / WEIGHTS).is_file() and (d / DCP_METADATA).is_file():
+        return _consolidated(d, task, device, verify).eval(), task, d
+    if verify and (d / HEAD).is_file():
+        verify_manifest(d, only=(HEAD,))
+    gpt = load_model_dir(d, device=device, verify=verify)
+    model = Classifier(gpt, len(task["labels"]), task.get("pooling", "last"))
+    load_head(model, read_head(d), str(d))
+    return model.to(device).eval(), task, d
