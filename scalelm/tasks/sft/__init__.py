@@ -1,0 +1,1 @@
+"""Instruction tuning (``scalelm finetune sft``): chat templates, reply-only loss, packing."""

@@ -1,0 +1,1 @@
+"""Translation (``scalelm finetune translate``, ``scalelm translate``): a model behind a small interface."""
