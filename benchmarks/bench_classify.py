@@ -154,7 +154,7 @@ def evaluate(model_dir: Path, dev: Path) -> dict:
 
     model, task, d = load_classifier(model_dir)
     enc = TextEncoder((d / "tokenizer.json").read_text(), task["max_length"], task["append_eos"], task["eos_id"],
-                      task["pad_id"])
+                      task["pad_id"], lowercase=task.get("lowercase", False))
     ex = read_examples(dev)
     logits = predict_logits(model, enc.encode([e.text for e in ex]), 64, enc.fill_id, "cpu")
     return scores(label_ids(ex, task["labels"]), logits.argmax(1).numpy(), task["labels"])

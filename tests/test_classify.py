@@ -175,11 +175,12 @@ def test_untied_lm_head_is_frozen_tied_one_trains():
     assert Classifier(GPT(ModelConfig(**GPT2_STYLE)), 2).gpt.lm_head.weight.requires_grad  # = tok_emb
 
 
-def _saved_classifier(tmp_path, shape, bpe_json, labels=("neg", "pos"), pooling="last"):
+def _saved_classifier(tmp_path, shape, bpe_json, labels=("neg", "pos"), pooling="last", lowercase=False):
     m = Classifier(_perturbed(shape), len(labels), pooling)
     with torch.no_grad():
         m.head.weight.normal_(0, 1)
-    task = {"labels": list(labels), "append_eos": True, "eos_id": 0, "pad_id": 1, "max_length": shape["block_size"]}
+    task = {"labels": list(labels), "append_eos": True, "eos_id": 0, "pad_id": 1, "max_length": shape["block_size"],
+            "lowercase": lowercase}
     ClassifierFiles(task).save(m, m.state_dict(), tmp_path / "clf", bpe_json, {"step": 3})
     return m.eval(), tmp_path / "clf"
 
@@ -224,13 +225,15 @@ def test_a_plain_model_is_not_a_classifier(tmp_path, bpe_json):
 TEXTS = ["a gripping , funny film", "dull", "the plot is a mess but the actors are superb and it moves"]
 
 
-@pytest.mark.parametrize("shape", [GPT2_STYLE, LLAMA_STYLE], ids=["gpt2", "llama"])
-def test_hf_export_matches_logits_on_the_same_raw_text(tmp_path, shape, bpe_json):
+@pytest.mark.parametrize("shape,lowercase", [(GPT2_STYLE, False), (LLAMA_STYLE, False), (GPT2_STYLE, True)],
+                         ids=["gpt2", "llama", "gpt2-lowercase"])
+def test_hf_export_matches_logits_on_the_same_raw_text(tmp_path, shape, lowercase, bpe_json):
     pytest.importorskip("transformers")
     from train_helpers import cli
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    m, d = _saved_classifier(tmp_path, shape, bpe_json)
+    texts = [t.title() for t in TEXTS] if lowercase else TEXTS  # cased text for a lowercasing classifier
+    m, d = _saved_classifier(tmp_path, shape, bpe_json, lowercase=lowercase)
     rc, out, err = cli("convert", d, "--to-hf", tmp_path / "hf")
     assert rc == 0, err
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
@@ -238,9 +241,11 @@ def test_hf_export_matches_logits_on_the_same_raw_text(tmp_path, shape, bpe_json
                                  else "LlamaForSequenceClassification")
     assert hf.config.id2label == {0: "neg", 1: "pos"} and hf.config.pad_token_id == 1
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    enc = TextEncoder(bpe_json, shape["block_size"])
-    ours_ids = enc.encode(TEXTS)
-    batch = tok(TEXTS, padding=True, return_tensors="pt")
+    enc = TextEncoder(bpe_json, shape["block_size"], lowercase=lowercase)
+    ours_ids = enc.encode(texts)
+    if lowercase:
+        assert ours_ids == TextEncoder(bpe_json, shape["block_size"]).encode([t.lower() for t in texts])
+    batch = tok(texts, padding=True, return_tensors="pt")
     for row, ids in zip(batch["input_ids"].tolist(), ours_ids):
         assert row[:len(ids)] == ids and set(row[len(ids):]) <= {1}  # same ids, <|endoftext|> appended
     with torch.no_grad():

@@ -97,6 +97,10 @@ def test_finetune_then_eval_and_classify(files, tmp_path, one_thread):
     rows = [json.loads(line) for line in so.splitlines()]
     assert len(rows) == 2 and all(r["label"] in ("0", "1") and abs(sum(r["probs"].values()) - 1) < 1e-5
                                   and r["label"] == max(r["probs"], key=r["probs"].get) for r in rows)
+    # the training text was lowercase (as SST-2's is): cased input reads as its lowercase form
+    assert best["task"]["lowercase"] is True
+    rc, so_cased, se = cli("classify", out / "best", "--text", "A GREAT Film", "--text", "The Plot Was Boring")
+    assert rc == 0 and [json.loads(line)["probs"] for line in so_cased.splitlines()] == [r["probs"] for r in rows]
     (tmp_path / "in.jsonl").write_text('{"text": "a great film"}\n{"text": "the plot was boring"}\n')
     rc, so2, _ = cli("classify", out / "best", "--input", tmp_path / "in.jsonl")
     assert rc == 0 and [json.loads(line) for line in so2.splitlines()] == rows

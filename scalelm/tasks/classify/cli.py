@@ -28,7 +28,7 @@ def _load(args):
     if not tok.is_file():
         raise UserError(f"{d} has no tokenizer.json: a classifier reads text with its tokenizer")
     enc = TextEncoder(tok.read_text(), task.get("max_length") or model.cfg.block_size, task.get("append_eos", True),
-                      eos_id=task.get("eos_id"), pad_id=task.get("pad_id"))
+                      eos_id=task.get("eos_id"), pad_id=task.get("pad_id"), lowercase=task.get("lowercase", False))
     precision = resolve_precision(args.precision, device)
     return model, task, enc, device, autocast_context(precision, device)
 

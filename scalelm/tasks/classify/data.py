@@ -213,10 +213,12 @@ def files_sha256(*paths) -> str:
 class TextEncoder:
     """Token ids of texts as the model reads them: the base's tokenizer without its own special
     tokens, truncated to ``max_length`` and (``append_eos``) ended by the end-of-text token, so
-    last-token pooling reads a position that has seen the whole text."""
+    last-token pooling reads a position that has seen the whole text. ``lowercase``: texts are
+    lowercased first (set when every training text was lowercase, e.g. SST-2: a cased sentence
+    from elsewhere then reads as the training data did)."""
 
     def __init__(self, tokenizer_json: str, max_length: int, append_eos: bool = True,
-                 eos_id: Optional[int] = None, pad_id: Optional[int] = None):
+                 eos_id: Optional[int] = None, pad_id: Optional[int] = None, lowercase: bool = False):
         from tokenizers import Tokenizer
 
         from ...data.tokenizer import special_ids, vocab_size_of
@@ -226,7 +228,7 @@ class TextEncoder:
         eos, pad = special_ids(self.tokenizer)
         self.eos_id = eos if eos_id is None else eos_id
         self.pad_id = pad if pad_id is None else pad_id
-        self.max_length, self.append_eos = max_length, append_eos
+        self.max_length, self.append_eos, self.lowercase = max_length, append_eos, lowercase
         if max_length < 1 + append_eos:
             raise ClassifyDataError(f"--max-length {max_length} leaves no room for text")
         if append_eos and self.eos_id is None:
@@ -235,7 +237,8 @@ class TextEncoder:
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         room = self.max_length - int(self.append_eos)
-        encs = self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        texts = [t.lower() for t in texts] if self.lowercase else list(texts)
+        encs = self.tokenizer.encode_batch(texts, add_special_tokens=False)
         tail = [self.eos_id] if self.append_eos else []
         return [e.ids[:room] + tail if e.ids or tail else [self.pad_id or 0] for e in encs]
 

@@ -39,9 +39,11 @@ def is_classifier_dir(path) -> bool:
 
 def exported_tokenizer_json(tokenizer_json: str, task: dict) -> str:
     """The tokenizer HF uses: ours, whose post-processor appends the end token when the model does."""
-    from tokenizers import Tokenizer, processors
+    from tokenizers import Tokenizer, normalizers, processors
 
     tok = Tokenizer.from_str(tokenizer_json)
+    if task.get("lowercase"):  # the classifier lowercases its input: so does the exported tokenizer
+        tok.normalizer = normalizers.Sequence([normalizers.Lowercase()] + ([tok.normalizer] if tok.normalizer else []))
     if task.get("append_eos", True):
         eos = tok.id_to_token(task["eos_id"])
         tok.post_processor = processors.TemplateProcessing(single=f"$A {eos}", pair=f"$A {eos} $B:1 {eos}:1",

@@ -176,7 +176,9 @@ def load_data(s: dict, tokenizer_json: str, max_length: int) -> ClassifyData:
     val = read_examples(s["val"], fmt_val, s["text_field"], s["label_field"])
     names = label_names(train, s["train"])
     y_train, y_val = label_ids(train, names, "--train"), label_ids(val, names, f"--train {s['train']}")
-    enc = TextEncoder(tokenizer_json, max_length, s["append_eos"])
+    # lowercase training text (SST-2): read every later text lowercased too, so cased input is not a new domain
+    lower = all(e.text == e.text.lower() for e in train)
+    enc = TextEncoder(tokenizer_json, max_length, s["append_eos"], lowercase=lower)
     return ClassifyData(tokenizer_json, enc.vocab_size, names, enc.encode([e.text for e in train]), y_train,
                         enc.encode([e.text for e in val]), y_val, enc)
 
@@ -231,7 +233,8 @@ def run_classify(args: argparse.Namespace) -> int:
                         f"{data.names}: resume with the same label set, or use another --out")
     record = RunRecord(s["train"], tokenizer_sha256(tokenizer_json), vocab,
                        {"inputs_sha256": files_sha256(s["train"], s["val"])})
-    task = {"labels": data.names, "append_eos": bool(s["append_eos"]), "eos_id": data.encoder.eos_id,
+    task = {"labels": data.names, "append_eos": bool(s["append_eos"]), "lowercase": data.encoder.lowercase,
+            "eos_id": data.encoder.eos_id,
             "pad_id": data.encoder.pad_id, "max_length": max_length, "text_field": s["text_field"],
             "label_field": s["label_field"], "format": s["format"]}
     with open_run(out, cfg, record, saved, "finetune classify") as (ctx, resume_from):
