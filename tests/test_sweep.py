@@ -306,3 +306,22 @@ def test_tiny_sweep_runs_resumes_after_kill_and_reports(shakespeare, tmp_path):
     for png in ("loss_vs_compute.png", "loss_vs_n_d.png", "system.png"):
         assert (out / png).stat().st_size > 10_000
     assert "L(N, D) =" in p.stdout and (out / "report.md").read_text().strip() == p.stdout.strip()
+
+
+@pytest.mark.parametrize("startup", [2.0, 9.6, 15.0])
+def test_minutes_plan_fits_whatever_the_measured_step_times(shakespeare, tmp_path, monkeypatch, capsys, startup):
+    """The step times a busy machine measured once (they made the old proportional search jump
+    over the target forever) must still give a plan that fills the budget: the search brackets."""
+    from scalelm.analysis.sweep import calibrate
+    from scalelm.cli import main
+
+    table = {128: 0.089, 32: 0.015, 64: 0.024, 96: 0.056, 160: 0.134}
+    monkeypatch.setattr(calibrate.StepTimer, "step_seconds",
+                        lambda self, m: table.get(m.width, 0.089 * (m.width / 128) ** 2 * m.n_layer / 4))
+    monkeypatch.setattr(calibrate.StepTimer, "startup_seconds", lambda self: startup)
+    rc = main(["sweep", "--data", str(shakespeare), "--out", str(tmp_path / "sw"), "--minutes", "60",
+               "--threads", "1", "--no-dp-check", "--dry-run", *TINY])
+    out = capsys.readouterr().out
+    assert rc == 0
+    plan = json.loads(out[out.index("{"):])
+    assert 0.9 * 3600 <= plan["budget"]["est_seconds"] <= 3600

@@ -10,6 +10,7 @@ is then scaled until the predicted total fits the minutes.
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import subprocess
@@ -123,24 +124,34 @@ def plan_for_seconds(family: Family, seconds: float, tokens_per_step: int, g: Gr
     rate = probe.flops_per_token * tokens_per_step / timer.step_seconds(probe)  # FLOP/s, a first guess
     budget = 0.7 * seconds * rate
     best: Optional[tuple[list[RunSpec], float]] = None
-    for _ in range(8):
+    below, above = 0.0, math.inf  # FLOP budgets known to plan too little (or nothing) / too much time
+    for _ in range(24):
         try:
             runs = auto_grid(family, budget, tokens_per_step, g, sizes, tokens)
-        except PlanError:
-            budget *= 2
+        except PlanError:  # too small a budget for the grid's minimum runs
+            below = max(below, budget)
+            budget = math.sqrt(budget * above) if math.isfinite(above) else budget * 2
             continue
         est = [timer.run_seconds(r) for r in runs]
         total = sum(est)
         for r, e in zip(runs, est):
             r.est_seconds = round(e, 1)
-        if total <= seconds and (best is None or total > best[1]):
-            best = (runs, total)
-        if abs(total - seconds) <= 0.03 * seconds and total <= seconds:
-            break
+        if total <= seconds:
+            below = max(below, budget)
+            if best is None or total > best[1]:
+                best = (runs, total)
+            if total >= 0.97 * seconds:
+                break
+        else:
+            above = min(above, budget)
         fixed = len(runs) * timer.startup_seconds()
-        budget *= max(0.1, min(10.0, (seconds - fixed) / max(total - fixed, 1e-9)))
-        if seconds <= fixed:
+        if seconds <= fixed and best is None and not below:
             break
+        guess = budget * max(0.1, min(10.0, (seconds - fixed) / max(total - fixed, 1e-9)))
+        # a bracketed guess stays inside the bracket (the grid is discrete: proportional steps can
+        # jump back and forth over the target); otherwise follow the proportional estimate
+        budget = guess if below < guess < above else (math.sqrt(max(below, 1e-30) * above)
+                                                       if below and math.isfinite(above) else guess)
     if best is None:
         raise PlanError(f"{seconds / 60:.1f} minutes of training cannot fit a sweep here: each run costs at least "
                         f"{timer.startup_seconds():.0f} s to start and needs {g.min_steps} steps; "
