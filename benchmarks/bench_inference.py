@@ -185,7 +185,9 @@ def bench_model(name: str, args, work: Path) -> list[dict]:
     loaded = {r: load_row(r, dirs[r], float_dtype) for r in rows}
     if args.speculative:  # speculative decoding (scalelm.generate.speculative): prompt lookup, or --draft
         fp32 = loaded.get("fp32") or load_row("fp32", dirs["fp32"], float_dtype)
-        spec = dict(draft=load_model_dir(args.draft).eval()) if args.draft else dict(prompt_lookup=3)
+        from scalelm.runs import resolve_checkpoint
+
+        spec = dict(draft=load_model_dir(resolve_checkpoint(args.draft)).eval()) if args.draft else dict(prompt_lookup=3)
         loaded["fp32+speculative"] = (Generator(fp32[2], **spec), fp32[1], fp32[2])
     fp32_model = load_model_dir(dirs["fp32"]).eval()  # for HF, and the byte counts of HF and onnxruntime
     hf = to_hf(fp32_model)
