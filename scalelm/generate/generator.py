@@ -140,9 +140,9 @@ class Generator:
             self.model = (pack_linears(model) if packed else shallow_copy(model)).eval()
         self.cfg = model.cfg
         if (getattr(self.cfg, "arch", "gpt") == "encoder-decoder") != self.seq2seq:
-            raise GenerationError("this is an encoder-decoder model: it translates a source (`scalelm translate`, "
-                                  "or scalelm.generate.seq2seq.Seq2SeqGenerator in Python), it does not continue a prompt"
-                                  if self.seq2seq is False else "Seq2SeqGenerator needs an encoder-decoder model")
+            raise GenerationError("Seq2SeqGenerator needs an encoder-decoder model" if self.seq2seq else
+                                  "this is an encoder-decoder model: it translates a source (`scalelm translate`, or "
+                                  "scalelm.generate.seq2seq.Seq2SeqGenerator in Python), it does not continue a prompt")
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(int(i) for i in eos_ids)
         self.bos_id = bos_id if bos_id is not None else (min(self.eos_ids) if self.eos_ids else None)
@@ -321,13 +321,17 @@ class Generator:
 
     def _prefill(self, cache: KVCache, seqs: list[list[int]]) -> torch.Tensor:
         """Left-pad rows to one length, reset the cache and run them; last-position logits."""
+        return self.model(self._left_padded(cache, seqs), kv_cache=cache, last_only=True)[0][:, -1]
+
+    def _left_padded(self, cache: KVCache, seqs: list[list[int]]) -> torch.Tensor:
+        """``seqs`` left-padded to one length (on the device), the cache reset to skip the padding."""
         T = max(map(len, seqs))
         idx = torch.zeros(len(seqs), T, dtype=torch.long)
         for b, s in enumerate(seqs):
             idx[b, T - len(s):] = torch.tensor(s)
         start = torch.tensor([T - len(s) for s in seqs])
         cache.reset(start if int(start.max()) > 0 else None)
-        return self.model(idx.to(self.device), kv_cache=cache, last_only=True)[0][:, -1]
+        return idx.to(self.device)
 
     @staticmethod
     def _finish(c: Completion, text: TextStream, reason: str, done: dict) -> Event:

@@ -72,10 +72,4 @@ class Seq2SeqGenerator(Generator):
             return self.model.start(src.to(self.device), valid.to(self.device), capacity, dtype=self.dtype)
 
     def _prefill(self, cache: Seq2SeqCache, seqs: list[list[int]]) -> torch.Tensor:
-        T = max(map(len, seqs))
-        idx = torch.zeros(len(seqs), T, dtype=torch.long)
-        for b, s in enumerate(seqs):
-            idx[b, T - len(s):] = torch.tensor(s)
-        start = torch.tensor([T - len(s) for s in seqs])
-        cache.reset(start if int(start.max()) > 0 else None)
-        return self.model.step(idx.to(self.device), cache)[:, -1]
+        return self.model.step(self._left_padded(cache, seqs), cache)[:, -1]

@@ -22,7 +22,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .gpt import MLP, Attention, Block, KVCache, _autocast_once, encdec_flops_per_token, make_norm, rope_tables
+from .gpt import (
+    MLP,
+    Attention,
+    Block,
+    KVCache,
+    _autocast_once,
+    encdec_flops_per_token,
+    gpt2_init_,
+    make_norm,
+    rope_tables,
+)
 from .loss import IGNORE_INDEX, cross_entropy
 
 
@@ -125,17 +135,7 @@ class EncoderDecoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, init_std), residual projections scaled by 1/sqrt(2 * layers)."""
-        std, depth = self.cfg.init_std, n_enc(self.cfg) + n_dec(self.cfg)
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif "norm" in name:
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down.weight")):
-                nn.init.normal_(p, 0.0, std / (2 * depth) ** 0.5)
-            else:
-                nn.init.normal_(p, 0.0, std)
+        gpt2_init_(self, self.cfg, n_enc(self.cfg) + n_dec(self.cfg))
 
     def num_params(self, embeddings: bool = True) -> int:
         n = sum(p.numel() for p in self.parameters())

@@ -202,6 +202,25 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(_autocast_once(self.mlp_norm(x))))
 
 
+def gpt2_init_(model: nn.Module, cfg: ModelConfig, depth: int) -> None:
+    """GPT-2 init: N(0, init_std), residual projections scaled by 1/sqrt(2 * depth); RoPE tables
+    recomputed (they are buffers: e.g. after meta-device init)."""
+    std = cfg.init_std
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif "norm" in name:
+            nn.init.ones_(p)
+        elif name.endswith(("o_proj.weight", "down.weight")):
+            nn.init.normal_(p, 0.0, std / math.sqrt(2 * depth))
+        else:
+            nn.init.normal_(p, 0.0, std)
+    if cfg.pos_embedding == "rope":
+        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+        model.rope_cos.copy_(cos)
+        model.rope_sin.copy_(sin)
+
+
 class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -227,21 +246,7 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ init and counts
     def reset_parameters(self) -> None:
-        """GPT-2 init: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
-        std = self.cfg.init_std
-        for name, p in self.named_parameters():
-            if name.endswith("bias"):
-                nn.init.zeros_(p)
-            elif "norm" in name:
-                nn.init.ones_(p)
-            elif name.endswith(("o_proj.weight", "down.weight")):
-                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.cfg.n_layer))
-            else:
-                nn.init.normal_(p, 0.0, std)
-        if self.cfg.pos_embedding == "rope":  # buffers are recomputed, e.g. after meta-device init
-            cos, sin = rope_tables(self.cfg.head_dim, self.cfg.block_size, self.cfg.rope_theta)
-            self.rope_cos.copy_(cos)
-            self.rope_sin.copy_(sin)
+        gpt2_init_(self, self.cfg, self.cfg.n_layer)
 
     def num_params(self, embeddings: bool = True) -> int:
         """Unique parameters; without embeddings drops token/position tables (not an untied head)."""
