@@ -21,7 +21,7 @@ from .errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("scalelm.demo", "prepare a corpus, train a small model for a few minutes, generate text"),
     "prepare": ("scalelm.data.prepare", "train a tokenizer and write token shards from a corpus"),
-    "train": ("scalelm.train.trainer", "train a model (one process, or many under torchrun)"),
+    "train": ("scalelm.train.run", "train a model (one process, or many under torchrun)"),
     "finetune": ("scalelm.tasks.finetune", "fine-tune a model for a task (classify, sft, translate), fully or with LoRA"),
     "eval": ("scalelm.evaluate.lm", "loss, perplexity and bits per byte of a checkpoint on a data split"),
     "generate": ("scalelm.generate.generator", "generate text from a checkpoint"),

@@ -278,7 +278,8 @@ def run_distill(args: argparse.Namespace) -> int:
     from ..precision import resolve_precision
     from ..runs import resolve_checkpoint
     from ..train import state as ts
-    from ..train.trainer import Trainer, open_run, report_run
+    from ..train.run import open_run, report_run
+    from ..train.trainer import Trainer
 
     out = Path(args.out)
     saved = ts.read_run_config(out)

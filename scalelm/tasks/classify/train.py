@@ -117,7 +117,7 @@ def _settings(args: argparse.Namespace, saved_task: Optional[dict]) -> dict:
 
 def _resolve_config(args, s: dict, saved: Optional[Config], base_cfg, vocab_size: int) -> Config:
     from ...config import resolve
-    from ...train.trainer import _vocab_is_explicit
+    from ...train.run import vocab_is_explicit
 
     if saved is not None and not (args.preset or args.config):
         cfg = resolve(overrides=args.overrides, base=saved)
@@ -127,7 +127,7 @@ def _resolve_config(args, s: dict, saved: Optional[Config], base_cfg, vocab_size
         cfg = resolve(config_file=args.config, overrides=args.overrides, base=start)
     else:
         cfg = resolve(preset=s["preset"], config_file=args.config, overrides=args.overrides)
-        if not _vocab_is_explicit(args):
+        if not vocab_is_explicit(args):
             cfg.model.vocab_size = vocab_size
     if base_cfg is not None:  # the base fixes the shape; only dropout may change
         diffs = [f"model.{k} is {getattr(base_cfg, k)!r} in the base, {getattr(cfg.model, k)!r} here"
@@ -204,7 +204,8 @@ def _tokenizer_json(spec: str) -> str:
 def run_classify(args: argparse.Namespace) -> int:
     from ...lora import lora_base_dir
     from ...model.io import load_model_dir
-    from ...train.trainer import Trainer, batch_geometry, open_run, report_run
+    from ...train.run import open_run, report_run
+    from ...train.trainer import Trainer, batch_geometry
     from .metrics import classify_loss, make_evaluate_fn
 
     out = Path(args.out)

@@ -160,7 +160,7 @@ def resolve_config(args, s: dict, saved: Config | None, base: Base, vocab_size: 
     """The saved config when resuming, else the base's shape (its vocabulary grown to
     ``vocab_size``) with fine-tuning defaults, or the preset; the overrides on top."""
     from ...config import merge_dict, resolve
-    from ...train.trainer import _vocab_is_explicit
+    from ...train.run import vocab_is_explicit
 
     base_cfg = None
     if base.cfg is not None:
@@ -173,7 +173,7 @@ def resolve_config(args, s: dict, saved: Config | None, base: Base, vocab_size: 
         cfg = resolve(config_file=args.config, overrides=args.overrides, base=start)
     else:
         cfg = resolve(preset=s["preset"], config_file=args.config, overrides=args.overrides)
-        if not _vocab_is_explicit(args):
+        if not vocab_is_explicit(args):
             cfg.model.vocab_size = vocab_size
     if base_cfg is not None:
         diffs = [f"model.{k} is {getattr(base_cfg, k)!r} in the base, {getattr(cfg.model, k)!r} here"
@@ -273,7 +273,8 @@ def train_lm_task(args, command: str, s: dict, cfg: Config, saved: Config | None
 
     from ...data.tokenizer import vocab_size_of
     from ...train.model_io import ModelIO
-    from ...train.trainer import Trainer, batch_geometry, open_run, report_run
+    from ...train.run import open_run, report_run
+    from ...train.trainer import Trainer, batch_geometry
     from .batches import make_batches
     from .files import TemplateFiles
     from .objective import count_tokens_in_metrics, make_evaluate_fn, sft_loss

@@ -38,7 +38,8 @@ def train_encdec(args, s: dict, cfg: Config, saved: Config | None, base: Base, m
     from ...data.tokenizer import vocab_size_of
     from ...model.io import load_model_dir
     from ...train.model_io import ModelIO
-    from ...train.trainer import Trainer, batch_geometry, open_run, report_run
+    from ...train.run import open_run, report_run
+    from ...train.trainer import Trainer, batch_geometry
     from ..sft.files import TemplateFiles
     from ..sft.objective import count_tokens_in_metrics
 
