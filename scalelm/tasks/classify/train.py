@@ -26,6 +26,7 @@ from ...fileio import atomic_write_text
 from ...model.gpt import GPT
 from ...runs import TOKENIZER
 from ...train import state as ts
+from ..settings import TASK_FILE, read_task_file, settings
 from .data import (
     ClassifyBatches,
     TextEncoder,
@@ -38,7 +39,6 @@ from .data import (
 from .files import ClassifierFiles
 from .model import POOLINGS, Classifier
 
-TASK_FILE = "task.json"  # the task's settings, so a run resumes from its --out alone
 # settings that shape the model or its inputs: a run resumes only with the same ones
 FIXED = ("base", "preset", "pooling", "max_length", "append_eos", "format", "text_field", "label_field")
 DEFAULTS = {"text_field": "text", "label_field": "label", "pooling": "last", "append_eos": True}
@@ -71,41 +71,10 @@ def add_classify_parser(p: argparse.ArgumentParser) -> None:
 
 # ----------------------------------------------------------------------------- settings
 
-def _read_task_file(out: Path) -> Optional[dict]:
-    p = out / TASK_FILE
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p} is corrupt ({e}): delete the run, or use another --out") from None
-
-
 def _settings(args: argparse.Namespace, saved_task: Optional[dict]) -> dict:
     """The task's settings: this command line, else the run's task.json, else the defaults."""
-    keys = ("base", "preset", "tokenizer", "train", "val", "format", "text_field", "label_field", "pooling",
-            "max_length", "append_eos")
-    given = {k: getattr(args, k) for k in keys}
-    for k in ("base", "tokenizer", "train", "val"):
-        if given[k] is not None:
-            given[k] = str(Path(given[k]).resolve())
-    s = dict(given)
-    if saved_task is not None:
-        for k in FIXED:
-            if given[k] is not None and saved_task.get(k) is not None and given[k] != saved_task[k]:
-                raise UserError(f"{args.out} holds a classification run with {k}={saved_task[k]!r}, not "
-                                f"{given[k]!r}: resume it with its own settings (`scalelm finetune classify --out "
-                                f"{args.out}` reuses them), or use another --out")
-        s = {k: saved_task.get(k) if v is None else v for k, v in given.items()}
-        if given["base"] is not None:
-            s["preset"] = None
-    s = {k: DEFAULTS.get(k) if v is None else v for k, v in s.items()}
-    if bool(s["base"]) == bool(s["preset"]):
-        raise UserError("give the model to train: --base MODEL_DIR (fine-tune) or --preset NAME (from scratch), "
-                        "not both" if s["base"] else "give the model to train: --base MODEL_DIR (fine-tune) or "
-                        "--preset NAME --tokenizer FILE (from scratch)")
-    if s["base"] and given["tokenizer"]:
-        raise UserError("--tokenizer is for --preset: a fine-tuned model keeps its base's tokenizer")
+    s = settings(args, saved_task, FIXED, ("base", "tokenizer", "train", "val"), DEFAULTS, "classify",
+                 free=("tokenizer", "train", "val"))
     if s["preset"] and not s["tokenizer"]:
         raise UserError(f"--preset {s['preset']} trains from scratch and needs a tokenizer: --tokenizer FILE (a "
                         f"tokenizer.json) or a DATA_DIR / model directory holding one")
@@ -210,7 +179,7 @@ def run_classify(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     saved = ts.read_run_config(out)
-    saved_task = _read_task_file(out)
+    saved_task = read_task_file(out)
     s = _settings(args, saved_task)
     base_dir, base_cfg = None, None
     if s["base"]:

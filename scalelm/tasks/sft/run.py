@@ -24,8 +24,8 @@ from ...errors import UserError
 from ...fileio import atomic_write_text
 from ...runs import TOKENIZER
 from ...train import state as ts
+from ..settings import TASK_FILE, read_task_file, settings  # noqa: F401 (re-exported to sft/translate)
 
-TASK_FILE = "task.json"
 FINETUNE_DEFAULTS = {"optim": {"lr": 1e-4, "min_lr": 1e-5, "warmup_steps": 20},  # from --base (not --preset)
                      "train": {"max_steps": 500, "eval_every": 50, "save_every": 100}}
 
@@ -48,44 +48,6 @@ def add_model_source_args(p: argparse.ArgumentParser, tokenizer_help: str) -> No
 
 
 # ----------------------------------------------------------------------------- settings
-
-def read_task_file(out: Path) -> dict | None:
-    p = Path(out) / TASK_FILE
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{p} is corrupt ({e}): delete the run, or use another --out") from None
-
-
-def settings(args: argparse.Namespace, saved_task: dict | None, fixed: tuple, paths: tuple, defaults: dict,
-             command: str) -> dict:
-    """The task's settings ``fixed``: this command line, else the run's task.json, else ``defaults``;
-    a resumed run may not change them (they shape the model or its data)."""
-    given = {k: getattr(args, k, None) for k in fixed}
-    for k in paths:
-        if given.get(k) is not None and not (k == "tokenizer" and given[k] == "byte"):
-            given[k] = str(Path(given[k]).resolve())
-    s = dict(given)
-    if saved_task is not None:
-        for k in fixed:
-            if given[k] is not None and saved_task.get(k) is not None and given[k] != saved_task[k]:
-                raise UserError(f"{args.out} holds a run with {k}={saved_task[k]!r}, not {given[k]!r}: resume it "
-                                f"with its own settings (`scalelm finetune {command} --out {args.out}` reuses "
-                                f"them), or use another --out")
-        s = {k: saved_task.get(k) if v is None else v for k, v in given.items()}
-        if given.get("base") is not None:
-            s["preset"] = None
-    s = {k: defaults.get(k) if v is None else v for k, v in s.items()}
-    if bool(s.get("base")) == bool(s.get("preset")):
-        raise UserError("give the model to train: --base MODEL_DIR (fine-tune) or --preset NAME (from scratch), "
-                        "not both" if s.get("base") else "give the model to train: --base MODEL_DIR (fine-tune) "
-                        "or --preset NAME (from scratch)")
-    if s.get("base") and given.get("tokenizer"):
-        raise UserError("--tokenizer is for --preset: a fine-tuned model keeps (and extends) its base's tokenizer")
-    return s
-
 
 def files_sha256(*paths) -> str:
     import hashlib
