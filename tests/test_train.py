@@ -144,6 +144,21 @@ def test_early_stopping_time_budget_and_sigint_free_exit(tmp_path, data, one_thr
     assert s["stopped"] == "time_budget" and s["step"] == 1 and (tmp_path / "tb" / "ckpt-00000001").is_dir()
 
 
+def test_time_budget_schedule_decays_by_the_time_left(tmp_path, data, one_thread):
+    from scalelm.train.optim import lr_at
+
+    t = _trainer(TokenData(data), tmp_path / "s", max_steps=100_000, eval_every=0, max_minutes=1.0)
+    assert t.schedule_steps(0.0) == 100_000  # no step yet: nothing to project from
+    t.step = 100
+    assert t.schedule_steps(30.0) == 200  # half the minute for 100 steps: the budget ends near step 200
+    assert t.schedule_steps(60.0) == 101  # out of time: the next step is the last
+    assert t.schedule_steps(1e-4) == 100_000  # faster than max_steps needs: max_steps decides
+    t.cfg.optim.schedule, t.cfg.optim.warmup_steps = "cosine", 0
+    assert lr_at(100, t.cfg.optim, t.schedule_steps(59.9)) < 0.01 * t.cfg.optim.lr + t.cfg.optim.min_lr
+    t.cfg.train.max_minutes = None
+    assert t.schedule_steps(30.0) == 100_000
+
+
 def test_activation_checkpointing_changes_nothing_but_memory(tmp_path, data, one_thread):
     d = TokenData(data)
     a = _trainer(d, tmp_path / "a", max_steps=3, eval_every=0).fit()

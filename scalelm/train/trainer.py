@@ -116,13 +116,16 @@ class Trainer:
                  model: Optional[nn.Module] = None, resume_from: Optional[Path] = None,
                  batches=None, loss_fn: Callable = default_loss, evaluate_fn: Optional[Callable] = None,
                  metric: str = "val_loss", higher_is_better: bool = False, model_io: Optional[ModelIO] = None,
-                 base_dir: Optional[Path] = None):
+                 base_dir: Optional[Path] = None, wrap_model_io: Optional[Callable[[ModelIO], ModelIO]] = None):
         """``batches``/``loss_fn`` define a step (default: LM windows of ``data`` and next-token CE);
         ``evaluate_fn(trainer) -> {name: value}`` a validation pass (default: LM loss on ``data``'s
         val split), logged as ``val_<name>``; ``metric`` (one of those, prefixed) picks ``best/``;
         ``model_io`` writes and reads the model (default: a GPT model directory). ``model`` may be a
         module around a GPT (its ``gpt`` attribute), which is where parallelism is applied.
-        ``base_dir``: the model directory ``model``'s weights came from (LoRA records it and its hash)."""
+        ``base_dir``: the model directory ``model``'s weights came from (LoRA records it and its hash).
+        ``wrap_model_io(io) -> io`` wraps the final one (after LoRA's adapter files), to add files to
+        every saved model. ``batches`` that count the ``tokens`` (non-padding) and ``supervised_tokens``
+        they served get both, and their rates, in each training record."""
         self.cfg, self.data, self.run_dir = cfg, data, Path(run_dir)
         t = cfg.train
         self.ctx = ctx or init_parallel(cfg)
@@ -159,6 +162,8 @@ class Trainer:
                                   "--parallel.dp_replicate); drop --parallel.tp / --parallel.pp")
             apply_lora(self.gpt, cfg.lora)
             self.model_io = LoRAFiles(self.model_io, self.raw_model, base_dir)
+        if wrap_model_io is not None:
+            self.model_io = wrap_model_io(self.model_io)
         if cfg.model.arch == "encoder-decoder" and (cfg.parallel.pp > 1 or cfg.parallel.tp > 1):
             raise ConfigError("the encoder-decoder trains with data parallelism (DDP / FSDP2: --parallel.dp_shard, "
                               "--parallel.dp_replicate); tensor and pipeline parallelism are built for the GPT only")
@@ -393,13 +398,35 @@ class Trainer:
     def elapsed(self) -> float:
         return self.elapsed_before + (time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0)
 
-    def _agree(self, flag: bool) -> bool:
-        """Every rank must stop at the same step: any rank's reason stops all."""
+    def _agree_clock(self, flag: bool) -> tuple[bool, float]:
+        """(any rank's ``flag``, the largest elapsed seconds of any rank): one all-reduce, so every rank
+        stops at the same step and sets the same learning rate."""
+        elapsed = self.elapsed()
         if not self.ctx.distributed:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            return flag, elapsed
+        t = torch.tensor([1.0 if flag else 0.0, elapsed], dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return bool(t[0].item()), float(t[1].item())
+
+    def _served(self) -> Optional[tuple[int, int]]:
+        b = self.batches
+        if not (hasattr(b, "tokens") and hasattr(b, "supervised_tokens")):
+            return None
+        return int(b.tokens), int(b.supervised_tokens)
+
+    def schedule_steps(self, elapsed: float) -> int:
+        """The step count the learning-rate schedule decays over.
+
+        ``max_steps``, unless a ``max_minutes`` budget ends the run sooner: then the step that the
+        budget will stop at, projected from the steps per second so far, so that cosine and wsd reach
+        ``min_lr`` when the time runs out instead of staying near the peak of a far-off ``max_steps``."""
+        t = self.cfg.train
+        if t.max_minutes is None or self.step == 0 or elapsed <= 0:
+            return t.max_steps
+        time_frac = elapsed / (60 * t.max_minutes)
+        if time_frac <= self.step / t.max_steps:
+            return t.max_steps
+        return max(self.step + 1, min(t.max_steps, math.ceil(self.step / time_frac)))
 
     def _on_signal(self, signum, frame) -> None:
         if self._signal is not None:  # a second Ctrl-C: stop now (the last checkpoint is intact)
@@ -448,8 +475,10 @@ class Trainer:
                 if self.step == 0 and t.eval_every > 0:
                     self._guard(self.run_eval)
                 mark, excluded, tokens_mark = time.perf_counter(), 0.0, self.tokens_seen
+                served_mark = self._served()
+                elapsed = self.elapsed()
                 while self.step < t.max_steps and stop is None:
-                    lr = lr_at(self.step, cfg.optim, t.max_steps)
+                    lr = lr_at(self.step, cfg.optim, self.schedule_steps(elapsed))
                     set_lr(self.optimizer, lr)
                     loss, norm = self._guard(self.train_step)
                     self.step += 1
@@ -462,21 +491,30 @@ class Trainer:
                                "tokens": self.tokens_seen, "tokens_per_s": tps,
                                "mfu": tps * fpt / peak if tps and peak and peak == peak else None,
                                "peak_mem_mb": peak_memory_mb(self.device), "elapsed_s": self.elapsed()}
+                        served = self._served()
+                        if served is not None:  # padded batches: what was real, and what had a loss
+                            rec.update({k: n for k, n in zip(("real_tokens", "supervised_tokens"), served)})
+                            rec.update({f"{k}_per_s": (n - n0) / dt if dt > 0 else None for k, n, n0 in
+                                        zip(("real_tokens", "supervised_tokens"), served, served_mark)})
+                            rtps = rec["real_tokens_per_s"]  # padding does no useful work: MFU counts real tokens
+                            rec["mfu"] = rtps * fpt / peak if rtps and peak and peak == peak else None
                         if not math.isfinite(loss_v):
                             raise Diverged(self._diverged_msg(loss_v))
                         self.metrics.log(rec)
                         self.history["train_loss"] = loss_v
                         self.progress.update(self.step, rec)
                         mark, excluded, tokens_mark = time.perf_counter(), 0.0, self.tokens_seen
+                        served_mark = served
                     t0 = time.perf_counter()
                     if t.eval_every > 0 and self.step % t.eval_every == 0 and self._guard(self.run_eval):
                         stop = "early_stop"
                     if self.step % t.save_every == 0 and self.step < t.max_steps:
                         self.save_checkpoint()
                     excluded += time.perf_counter() - t0
-                    over_time = t.max_minutes is not None and self.elapsed() >= 60 * t.max_minutes
-                    if stop is None and self._agree(self._signal is not None or over_time):
-                        stop = "signal" if self._signal is not None else "time_budget"
+                    signalled, elapsed = self._agree_clock(self._signal is not None)
+                    over_time = t.max_minutes is not None and elapsed >= 60 * t.max_minutes
+                    if stop is None and (signalled or over_time):
+                        stop = "signal" if signalled else "time_budget"
                 if stop != "signal" and t.eval_every > 0 and self.last_eval != self.step:
                     self._guard(self.run_eval)
                 if self.last_saved != self.step:

@@ -49,23 +49,3 @@ def make_evaluate_fn(val: list[Encoded], batch_size: int, fill: int = 0):
         return completion_loss(trainer.model, val, batch_size, trainer.device, trainer.autocast, fill,
                                trainer.ctx.dp_rank, trainer.ctx.dp_world)
     return evaluate_fn
-
-
-def count_tokens_in_metrics(trainer, batches) -> None:
-    """Training records also get the real (non-padding) and supervised tokens trained on, and their
-    rates: the Trainer's ``tokens_per_s`` counts every window slot, padding included."""
-    log = trainer.metrics.log
-    last = {"tokens": trainer.tokens_seen, "real": batches.tokens, "sup": batches.supervised_tokens}
-
-    def logged(rec: dict) -> None:
-        if "loss" in rec and "tokens" in rec:
-            d_slots = rec["tokens"] - last["tokens"]
-            d_real, d_sup = batches.tokens - last["real"], batches.supervised_tokens - last["sup"]
-            tps = rec.get("tokens_per_s")
-            rec = {**rec, "real_tokens": batches.tokens, "supervised_tokens": batches.supervised_tokens,
-                   "real_tokens_per_s": tps * d_real / d_slots if tps and d_slots else None,
-                   "supervised_tokens_per_s": tps * d_sup / d_slots if tps and d_slots else None}
-            last.update(tokens=rec["tokens"], real=batches.tokens, sup=batches.supervised_tokens)
-        log(rec)
-
-    trainer.metrics.log = logged

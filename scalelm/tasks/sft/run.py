@@ -239,7 +239,7 @@ def train_lm_task(args, command: str, s: dict, cfg: Config, saved: Config | None
     from ...train.trainer import Trainer, batch_geometry
     from .batches import make_batches
     from .files import TemplateFiles
-    from .objective import count_tokens_in_metrics, make_evaluate_fn, sft_loss
+    from .objective import make_evaluate_fn, sft_loss
 
     out = Path(args.out)
     max_length = max_length_of(s, cfg)
@@ -263,10 +263,8 @@ def train_lm_task(args, command: str, s: dict, cfg: Config, saved: Config | None
                                seed=cfg.train.seed, fill=fill, device=ctx.device)
         trainer = Trainer(cfg, data, out, ctx=ctx, model=gpt, resume_from=resume_from, batches=batches,
                           loss_fn=sft_loss, evaluate_fn=make_evaluate_fn(val, B, fill), model_io=ModelIO(),
-                          base_dir=base_dir)
-        # outermost, so LoRA's adapter files get the template and task entries too
-        trainer.model_io = TemplateFiles(trainer.model_io, mf.files, mf.meta)
-        count_tokens_in_metrics(trainer, batches)
+                          base_dir=base_dir,  # outermost, so LoRA's adapter files get the template files too
+                          wrap_model_io=lambda io: TemplateFiles(io, mf.files, mf.meta))
         if trainer.is_main:
             fill_note = f", {batches.fill_ratio():.0%} of each window filled" if packing else ""
             print(f"{command}: {len(train)} training examples, {len(val)} validation{describe}; packing "

@@ -41,7 +41,6 @@ def train_encdec(args, s: dict, cfg: Config, saved: Config | None, base: Base, m
     from ...train.run import open_run, report_run
     from ...train.trainer import Trainer, batch_geometry
     from ..sft.files import TemplateFiles
-    from ..sft.objective import count_tokens_in_metrics
 
     check_encdec(cfg, base, mf)
     out = Path(args.out)
@@ -65,7 +64,6 @@ def train_encdec(args, s: dict, cfg: Config, saved: Config | None, base: Base, m
         trainer = Trainer(cfg, data, out, ctx=ctx, model=model, resume_from=resume_from, batches=batches,
                           loss_fn=translator.loss, evaluate_fn=make_evaluate_fn(val, B, eot, fill),
                           model_io=TemplateFiles(ModelIO(), mf.files, mf.meta), base_dir=base.dir)
-        count_tokens_in_metrics(trainer, batches)
         if trainer.is_main:
             print(f"translate (encoder-decoder): {len(train)} training pairs, {len(val)} validation; label "
                   f"smoothing {translator.label_smoothing}", file=sys.stderr)
