@@ -242,6 +242,10 @@ def consolidated_model(ckpt: str | Path, device="cpu", dtype: Optional[torch.dty
     pre = str(lora.get("prefix", "")) if lora else ""
     try:
         meta = dcp.FileSystemReader(str(ckpt / DCP_METADATA.parent)).read_metadata().state_dict_metadata
+        if not lora and "model.tok_emb.weight" not in meta:  # a model inside a training wrapper (e.g. "gpt.")
+            found = [k[len("model."):-len("tok_emb.weight")] for k in meta
+                     if k.startswith("model.") and k.endswith(".tok_emb.weight")]
+            pre = found[0] if len(found) == 1 else pre
         saved_dtype = meta[f"model.{pre}tok_emb.weight"].properties.dtype  # build the model as it was saved
     except Exception as e:
         raise CheckpointError(f"{ckpt / DCP_METADATA.parent} is corrupt or incomplete: {str(e).splitlines()[0][:300]}") from None
