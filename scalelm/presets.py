@@ -31,6 +31,15 @@ PRESETS: dict[str, dict] = {
         "optim": dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99, weight_decay=0.1,
                       grad_clip=1.0, schedule="cosine"),
     },
+    # the best Tiny Shakespeare (characters) model that 3 minutes of wall time buys on 2 CPU cores: the
+    # baby shape, trained for a time budget rather than a step count (the cosine schedule decays over the
+    # minutes, so it ends at min_lr whatever the machine's speed); 2.75 min leaves room for start-up
+    "shakespeare-3min": {
+        "model": dict(_GPT2, block_size=64, n_layer=4, n_head=4, n_embd=128, dropout=0.0),
+        "train": dict(micro_batch_size=12, max_steps=1_000_000, max_minutes=2.75, eval_every=250, eval_iters=20),
+        "optim": dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.99, weight_decay=0.1,
+                      grad_clip=1.0, schedule="cosine"),
+    },
     # "Attention Is All You Need"'s base model: 6 + 6 layers, d 512, 8 heads, FFN 2048, dropout 0.1,
     # one shared source/target vocabulary (37k BPE there) tied to the output layer
     "transformer-base": {"model": dict(_GPT2, arch="encoder-decoder", vocab_size=37000, block_size=256,

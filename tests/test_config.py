@@ -64,3 +64,13 @@ def test_config_roundtrip_json(tmp_path):
     cfg = resolve(preset="llama-60m", overrides=["--optim.lr=3e-4"])
     save_config(cfg, tmp_path / "config.json")
     assert load_config_json(tmp_path / "config.json") == cfg
+
+
+def test_every_preset_resolves_and_the_3_minute_one_trains_by_time():
+    from scalelm.presets import PRESETS
+
+    for name in PRESETS:
+        resolve(preset=name)  # validated
+    cfg = resolve(preset="shakespeare-3min")
+    assert cfg.train.max_minutes is not None and cfg.train.max_minutes < 3  # start-up and the last eval fit in 3 min
+    assert cfg.train.max_steps >= 100_000 and cfg.optim.schedule == "cosine"  # the time decides, and the schedule
