@@ -198,32 +198,33 @@ def run_demo(args: argparse.Namespace) -> int:
     run_dir = out / "run"
     from .runs import RunLock
 
-    lock = RunLock(out, "demo").acquire()  # noqa: F841 (held until run_demo returns): one demo per --out
-    _fresh_run_dir(run_dir)
-    trainer = Trainer(cfg, data, run_dir)
-    from .train.state import write_run_config
+    # one demo per --out; released when this returns, not whenever the garbage collector gets to it
+    with RunLock(out, "demo"):
+        _fresh_run_dir(run_dir)
+        trainer = Trainer(cfg, data, run_dir)
+        from .train.state import write_run_config
 
-    write_run_config(run_dir, cfg, data)
-    summary = trainer.fit()
-    plots = plot_runs([run_dir], run_dir)
+        write_run_config(run_dir, cfg, data)
+        summary = trainer.fit()
+        plots = plot_runs([run_dir], run_dir)
 
-    best = run_dir / BEST if (run_dir / BEST).is_dir() else Path(summary["checkpoint"])
-    model = load_model_dir(best, device=device)
-    prompt = args.prompt if args.prompt is not None else default_prompt(args.input, data)
-    text = sample(model, data.tokenizer(), prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+        best = run_dir / BEST if (run_dir / BEST).is_dir() else Path(summary["checkpoint"])
+        model = load_model_dir(best, device=device)
+        prompt = args.prompt if args.prompt is not None else default_prompt(args.input, data)
+        text = sample(model, data.tokenizer(), prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed)
 
-    first, last = summary.get("initial_val_loss"), summary.get("best_val_loss") or summary.get("val_loss")
-    report = {"input": args.input, "data_dir": str(data.dir), "run_dir": str(run_dir), "params": summary["params"],
-              "precision": summary["precision"], "steps": summary["step"], "tokens": summary["tokens"],
-              "train_seconds": summary["elapsed_s"], "step_ms_measured": round(1000 * step_s, 1),
-              "threads": torch.get_num_threads(),
-              "initial_val_loss": first, "final_val_loss": last,
-              "initial_bits_per_byte": summary.get("initial_val_bits_per_byte"),
-              "final_bits_per_byte": summary.get("val_bits_per_byte"), "stopped": summary["stopped"],
-              "prompt": prompt, "sample": text, "plots": plots}
-    atomic_write_text(out / "demo.json", json.dumps(report, indent=2) + "\n")
-    print_report(report)
-    return 0
+        first, last = summary.get("initial_val_loss"), summary.get("best_val_loss") or summary.get("val_loss")
+        report = {"input": args.input, "data_dir": str(data.dir), "run_dir": str(run_dir), "params": summary["params"],
+                  "precision": summary["precision"], "steps": summary["step"], "tokens": summary["tokens"],
+                  "train_seconds": summary["elapsed_s"], "step_ms_measured": round(1000 * step_s, 1),
+                  "threads": torch.get_num_threads(),
+                  "initial_val_loss": first, "final_val_loss": last,
+                  "initial_bits_per_byte": summary.get("initial_val_bits_per_byte"),
+                  "final_bits_per_byte": summary.get("val_bits_per_byte"), "stopped": summary["stopped"],
+                  "prompt": prompt, "sample": text, "plots": plots}
+        atomic_write_text(out / "demo.json", json.dumps(report, indent=2) + "\n")
+        print_report(report)
+        return 0
 
 
 def print_report(r: dict) -> None:
