@@ -1,7 +1,7 @@
 """Instruction tuning and translation benchmarks (issue 14), each a real CLI run in a subprocess.
 
     python benchmarks/bench_tasks.py --quick            # every section at toy scale (< 2 min): the plumbing works
-    python benchmarks/bench_tasks.py                    # the full runs (about 1.5 h on 2 cores)
+    python benchmarks/bench_tasks.py                    # the full runs (1 h 40 min on 2 cores)
     python benchmarks/bench_tasks.py --sections packing # one section
 
 Sections:
@@ -9,8 +9,9 @@ Sections:
              same tokens per step: wall time, real and supervised tokens/s, final held-out reply loss.
   sft        a small base pretrained on TinyStories, then Alpaca-1k SFT: held-out reply loss before (the
              step-0 evaluation) and after; loss on replies only vs on every token; LoRA (r=8) vs full.
-  translate  Multi30k en->de, a decoder-only model trained from scratch within --minutes (2 threads):
-             the validation-loss curve, then val BLEU/chrF greedy and with 4 beams.
+  translate  Multi30k en->de from scratch, the encoder-decoder and a decoder-only model of about equal
+             parameters, each trained within --minutes on 2 threads: the validation-loss curve, training
+             and decoding tokens/s, peak memory (max RSS), val BLEU/chrF greedy and with 4 beams.
 
 Others' share of the CPU during each run is recorded (``LoadMeter``): on a busy machine the times are
 not comparable. Writes ``benchmarks/results/tasks[_quick].json``.
@@ -44,16 +45,21 @@ def log(*a) -> None:
 
 
 def scalelm(*args, threads: int = 2, check: bool = True) -> tuple[dict, dict]:
-    """Run ``scalelm ARGS``: (the JSON it printed last, {"wall_s", "others_load"})."""
+    """Run ``scalelm ARGS``: (the JSON it printed last, {"wall_s", "others_load", "max_rss_mb"})."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     t0 = time.perf_counter()
-    with LoadMeter() as lm:
-        p = subprocess.run([sys.executable, "-m", "scalelm", *map(str, args)], capture_output=True, text=True,
-                           env=env, cwd=ROOT, check=False)
-    info = {"wall_s": round(time.perf_counter() - t0, 2), "others_load": round(lm.other, 3)}
+    with LoadMeter() as lm, tempfile.TemporaryFile("w+") as so, tempfile.TemporaryFile("w+") as se:
+        p = subprocess.Popen([sys.executable, "-m", "scalelm", *map(str, args)], stdout=so, stderr=se, text=True,
+                             env=env, cwd=ROOT)
+        _, status, usage = os.wait4(p.pid, 0)  # this child's own peak memory, not the largest child's so far
+        p.returncode = os.waitstatus_to_exitcode(status)
+        so.seek(0), se.seek(0)
+        stdout, stderr = so.read(), se.read()
+    info = {"wall_s": round(time.perf_counter() - t0, 2), "others_load": round(lm.other, 3),
+            "max_rss_mb": round(usage.ru_maxrss / 1024)}
     if p.returncode and check:
-        sys.exit(f"scalelm {' '.join(map(str, args[:3]))} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-    last = next((line for line in reversed(p.stdout.splitlines()) if line.startswith("{")), "{}")
+        sys.exit(f"scalelm {' '.join(map(str, args[:3]))} failed ({p.returncode}):\n{stderr[-3000:]}")
+    last = next((line for line in reversed(stdout.splitlines()) if line.startswith("{")), "{}")
     return json.loads(last), info
 
 
@@ -177,7 +183,27 @@ def bench_sft(work: Path, quick: bool, minutes: float) -> dict:
 
 # ----------------------------------------------------------------------------- translate
 
-def bench_translate(work: Path, quick: bool, minutes: float) -> dict:
+# the decoder-only model and the encoder-decoder at (about) equal parameters: 7 GPT blocks vs 3 encoder
+# blocks + 3 decoder blocks with cross-attention, all 256 wide with 4x MLPs, one shared 8000-token BPE
+TRANSLATE_SHAPES = {
+    "decoder-only": ["--preset", "baby", "--model.n_layer=7", "--model.n_head=4", "--model.n_embd=256",
+                     "--model.intermediate_size=1024", "--model.block_size=128", "--model.dropout=0.1",
+                     "--train.micro_batch_size=16"],  # packed 128-token windows: about 2,000 tokens a step
+    "encoder-decoder": ["--preset", "transformer-small", "--train.micro_batch_size=64"],  # 64 pairs: the same
+}
+QUICK_SHAPE = ["--model.n_layer=2", "--model.n_encoder_layer=1", "--model.n_decoder_layer=1", "--model.n_head=2",
+               "--model.n_embd=64", "--model.intermediate_size=256", "--model.block_size=96",
+               "--train.micro_batch_size=16"]
+
+
+def tokens_of(run: Path, lines: list[str]) -> int:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(run / "tokenizer.json"))
+    return sum(len(e.ids) for e in tok.encode_batch(lines))
+
+
+def bench_translate(work: Path, quick: bool, minutes: float, archs: list[str]) -> dict:
     n = 500 if quick else None
     d = work / "m30k"
     d.mkdir(exist_ok=True)
@@ -185,25 +211,35 @@ def bench_translate(work: Path, quick: bool, minutes: float) -> dict:
         for lang in ("en", "de"):
             lines = (M30K / f"{split}.{lang}").read_text(encoding="utf-8").splitlines()
             (d / f"{split}.{lang}").write_text("\n".join(lines[:k]) + "\n", encoding="utf-8")
-    shape = (["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64", "--model.block_size=96"] if quick else
-             ["--model.n_layer=4", "--model.n_head=4", "--model.n_embd=256", "--model.block_size=128",
-              "--model.dropout=0.1"])
-    run = work / "translate"
-    steps = 10 if quick else 100_000
-    budget = [] if quick else [f"--train.max_minutes={minutes}", "--optim.schedule=wsd"]
-    s, info = scalelm("finetune", "translate", "--preset", "baby", "--vocab-size", 1000 if quick else 8000,
-                      "--source", d / "train.en", "--target", d / "train.de", "--val-source", d / "val.en",
-                      "--val-target", d / "val.de", "--out", run, *shape, f"--train.max_steps={steps}",
-                      f"--train.eval_every={5 if quick else 500}", "--train.micro_batch_size=16",
-                      "--optim.lr=1e-3", *budget, *COMMON)
-    out = {"shape": " ".join(shape), "train": {"steps": s["step"], "train_s": s["elapsed_s"], "stopped": s["stopped"],
-                                              "best_val_loss": s["best_val_loss"], **info},
-           "val_loss_curve": val_curve(run)}
-    for beams in (1, 4):
-        res, info = scalelm("eval", run / "best", "--task", "translate", "--source", d / "val.en", "--reference",
-                            d / "val.de", "--beams", beams, "--batch-size", 32)
-        out[f"beams_{beams}"] = {**res, **info}
-        log(f"translate beams={beams}: bleu {res['bleu']:.2f} chrf {res['chrf']:.2f}")
+    out = {"budget_minutes": None if quick else minutes, "threads": 2}
+    for arch in archs:
+        shape = TRANSLATE_SHAPES[arch][:3] + QUICK_SHAPE if quick else TRANSLATE_SHAPES[arch]
+        run = work / f"translate_{arch}"
+        steps = 10 if quick else 1_000_000
+        # the schedule decays over the time budget (cosine to min_lr when the minutes run out)
+        budget = [] if quick else [f"--train.max_minutes={minutes}"]
+        s, info = scalelm("finetune", "translate", "--vocab-size", 1000 if quick else 8000,
+                          "--source", d / "train.en", "--target", d / "train.de", "--val-source", d / "val.en",
+                          "--val-target", d / "val.de", "--out", run, *shape, f"--train.max_steps={steps}",
+                          f"--train.eval_every={5 if quick else 500}", "--optim.lr=1e-3", "--optim.min_lr=1e-4",
+                          "--optim.warmup_steps=200", "--optim.schedule=cosine", *budget, *COMMON)
+        curve = val_curve(run)
+        r = {"shape": " ".join(shape), "params": s["params"],
+             "train": {"steps": s["step"], "train_s": s["elapsed_s"], "stopped": s["stopped"],
+                       "epochs": s.get("epochs"), "best_val_loss": round(s["best_val_loss"], 4),
+                       "real_tokens_per_s": round(s["real_tokens"] / s["elapsed_s"]),
+                       "target_tokens_per_s": round(s["supervised_tokens"] / s["elapsed_s"]), **info},
+             "val_loss_curve": curve}
+        log(f"translate {arch}: {r['train']}")
+        for beams in (1, 4):
+            res, info = scalelm("eval", run / "best", "--task", "translate", "--source", d / "val.en", "--reference",
+                                d / "val.de", "--beams", beams, "--batch-size", 32, "--save-hypotheses",
+                                work / f"{arch}_beams{beams}.de")
+            hyps = (work / f"{arch}_beams{beams}.de").read_text(encoding="utf-8").splitlines()
+            res["target_tokens_per_s"] = round(tokens_of(run, hyps) / res["seconds"])
+            r[f"beams_{beams}"] = {**res, **info}
+            log(f"translate {arch} beams={beams}: bleu {res['bleu']:.2f} chrf {res['chrf']:.2f}")
+        out[arch] = r
     return out
 
 
@@ -213,6 +249,7 @@ def main() -> int:
     ap.add_argument("--minutes", type=float, default=45.0, help="translation training budget (full mode)")
     ap.add_argument("--base-minutes", type=float, default=10.0, help="the SFT base's pretraining budget (full mode)")
     ap.add_argument("--sections", default="packing,sft,translate")
+    ap.add_argument("--archs", default="encoder-decoder,decoder-only", help="translate: the models to compare")
     ap.add_argument("--work", help="keep the runs here (default: a temporary directory)")
     args = ap.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_tasks_"))
@@ -228,12 +265,15 @@ def main() -> int:
             (work / "sft").mkdir(exist_ok=True)
             res["sft"] = bench_sft(work / "sft", args.quick, args.base_minutes)
         elif sec == "translate":
-            res["translate"] = bench_translate(work, args.quick, args.minutes)
+            res["translate"] = bench_translate(work, args.quick, args.minutes, args.archs.split(","))
         else:
             sys.exit(f"unknown section {sec!r}")
     res["total_s"] = round(time.perf_counter() - t0, 1)
-    name = "tasks_quick.json" if args.quick else "tasks.json"
-    atomic_write_text(ROOT / "benchmarks" / "results" / name, json.dumps(res, indent=2) + "\n")
+    path = ROOT / "benchmarks" / "results" / ("tasks_quick.json" if args.quick else "tasks.json")
+    if path.is_file():  # keep the sections this run did not redo
+        kept = json.loads(path.read_text())
+        res = {**{k: v for k, v in kept.items() if k in ("packing", "sft", "translate")}, **res}
+    atomic_write_text(path, json.dumps(res, indent=2) + "\n")
     print(json.dumps(res, indent=2))
     return 0
 

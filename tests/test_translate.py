@@ -111,12 +111,20 @@ def test_scalelm_translate_writes_one_line_per_input_line(run, multi30k, tmp_pat
     assert len((tmp_path / "o.de").read_text().split("\n")) == 8
 
 
-def test_eval_task_translate_prints_bleu_and_chrf(run, multi30k):
+def test_eval_task_translate_prints_bleu_and_chrf(run, multi30k, tmp_path):
+    hyp = tmp_path / "hyp.de"
     rc, so, se = cli("eval", run[0], "--task", "translate", "--source", multi30k / "val.en", "--reference",
-                     multi30k / "val.de", "--batch-size", "8", "--limit", "8")
+                     multi30k / "val.de", "--batch-size", "8", "--limit", "8", "--save-hypotheses", hyp)
     assert rc == 0, se
     res = json.loads(so)
     assert res["n"] == 8 and res["beams"] == 1 and 0 <= res["bleu"] <= 100 and 0 <= res["chrf"] <= 100
+    assert res["sentences_per_s"] > 0
+    from sacrebleu.metrics import CHRF
+
+    hyps = hyp.read_text(encoding="utf-8").split("\n")
+    assert len(hyps) == 9 and hyps[-1] == ""  # the 8 scored translations, one a line
+    refs = (multi30k / "val.de").read_text(encoding="utf-8").splitlines()[:8]
+    assert abs(CHRF().corpus_score(hyps[:8], [refs]).score - res["chrf"]) < 1e-9  # the lines that were scored
     assert res["bleu_signature"].startswith("nrefs:1|") and "tok:13a" in res["bleu_signature"]
     assert res["chrf_signature"].startswith("nrefs:1|")
     rc, _, se = cli("eval", run[0], "--task", "translate", "--source", multi30k / "val.en")

@@ -17,6 +17,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--source", metavar="FILE", help="sentences to translate, one per line")
     g.add_argument("--reference", metavar="FILE", help="their reference translations, line-aligned")
     g.add_argument("--beams", type=int, default=1, help="beam width (1: greedy)")
+    g.add_argument("--save-hypotheses", metavar="FILE", help="also write the translations, one line per source line")
 
 
 def bleu_chrf(hyps: list[str], refs: list[str]) -> dict:
@@ -51,7 +52,13 @@ def run_eval_translate(args: argparse.Namespace) -> int:
     model = load_translator(args.ckpt, device=pick_device(args.device), verify=not args.no_verify)
     t0 = time.perf_counter()
     hyps = model.translate(sources, beams=args.beams, batch_size=max(args.batch_size, 1))
-    res = {**bleu_chrf(hyps, refs), "beams": args.beams, "seconds": round(time.perf_counter() - t0, 3)}
+    seconds = time.perf_counter() - t0
+    res = {**bleu_chrf(hyps, refs), "beams": args.beams, "seconds": round(seconds, 3),
+           "sentences_per_s": round(len(hyps) / seconds, 2) if seconds > 0 else None}
+    if args.save_hypotheses:
+        from ...fileio import atomic_write_text
+
+        atomic_write_text(args.save_hypotheses, "".join(h.replace("\n", " ") + "\n" for h in hyps))
     print(f"translated {len(sources)} sentences of {args.source} in {res['seconds']}s", file=sys.stderr)
     print(json.dumps(json_safe(res), allow_nan=False))
     return 0
