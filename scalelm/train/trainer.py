@@ -476,7 +476,7 @@ class Trainer:
                     self._guard(self.run_eval)
                 mark, excluded, tokens_mark = time.perf_counter(), 0.0, self.tokens_seen
                 served_mark = self._served()
-                elapsed = self.elapsed()
+                elapsed = self._agree_clock(False)[1]  # on resume too, every rank starts from the same clock
                 while self.step < t.max_steps and stop is None:
                     lr = lr_at(self.step, cfg.optim, self.schedule_steps(elapsed))
                     set_lr(self.optimizer, lr)
@@ -493,9 +493,10 @@ class Trainer:
                                "peak_mem_mb": peak_memory_mb(self.device), "elapsed_s": self.elapsed()}
                         served = self._served()
                         if served is not None:  # padded batches: what was real, and what had a loss
-                            rec.update({k: n for k, n in zip(("real_tokens", "supervised_tokens"), served)})
-                            rec.update({f"{k}_per_s": (n - n0) / dt if dt > 0 else None for k, n, n0 in
-                                        zip(("real_tokens", "supervised_tokens"), served, served_mark)})
+                            names = ("real_tokens", "supervised_tokens")
+                            rec.update(zip(names, served))
+                            rec.update({f"{k}_per_s": (n - n0) / dt if dt > 0 else None
+                                        for k, n, n0 in zip(names, served, served_mark)})
                             rtps = rec["real_tokens_per_s"]  # padding does no useful work: MFU counts real tokens
                             rec["mfu"] = rtps * fpt / peak if rtps and peak and peak == peak else None
                         if not math.isfinite(loss_v):
