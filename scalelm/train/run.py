@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +28,8 @@ from .trainer import Trainer
 
 def add_train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a TOML config file (same keys as the dotted overrides)")
-    p.add_argument("--preset", help="a named preset (see `scalelm presets`)")
+    p.add_argument("--preset", help="a named preset (see `scalelm presets`), or auto: the shape, batch, lr and "
+                   "regularization for --train.max_minutes on this data and machine (scalelm/train/auto.py)")
     p.add_argument("--data", help="a DATA_DIR written by `scalelm prepare` (or data.path in the config)")
     p.add_argument("--out", required=True, help="the run directory (checkpoints, metrics.jsonl, best/)")
     p.add_argument("--resume", help="resume from this checkpoint or RUN_DIR instead of --out's latest")
@@ -104,8 +106,11 @@ def run_train(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     saved = ts.read_run_config(out)
-    base = saved if saved is not None and not (args.preset or args.config) else None
-    cfg = resolve(preset=args.preset, config_file=args.config, overrides=args.overrides, base=base)
+    auto = args.preset == "auto"
+    if auto and saved is not None:  # resuming an auto run: its choice is in its recorded config
+        print(f"auto: resuming with the recipe recorded in {out}", file=sys.stderr)
+    base = saved if saved is not None and (auto or not (args.preset or args.config)) else None
+    cfg = resolve(preset=None if auto else args.preset, config_file=args.config, overrides=args.overrides, base=base)
     if args.data:
         cfg.data.path = args.data
     if args.resume:
@@ -116,7 +121,16 @@ def run_train(args: argparse.Namespace) -> int:
     if base is None and not vocab_is_explicit(args):
         cfg.model.vocab_size = data.vocab_size
     cfg.validate()
+    record = None
+    if auto and saved is None:
+        from .auto import choose
+
+        cfg, record = choose(cfg, data, args.overrides)
     with open_run(out, cfg, data, saved, "train") as (ctx, resume_from):
+        if record is not None and ctx.is_main:
+            from ..fileio import atomic_write_text
+
+            atomic_write_text(out / "auto.json", json.dumps(json_safe(record), indent=2) + "\n")
         model = base_dir = None
         if args.init_from:
             if resume_from is not None:
