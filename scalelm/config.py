@@ -117,8 +117,11 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware has it
     compile: bool = False
     # bf16 weights, fp32 master copies in the optimizer, no autocast: the fastest CPU setting
-    # (README "Performance"); single process, bf16 only (FSDP2 has its own: --parallel.fsdp_param_dtype)
-    master_weights: bool = False
+    # (README "Performance"). None (the default, also `auto`): on where it applies, i.e. bf16
+    # precision on a CPU in one process, without LoRA or pipeline stages; true: on (an error where
+    # it cannot be: not bf16, or under torchrun, where FSDP2 has its own: --parallel.fsdp_param_dtype);
+    # false: fp32 weights with bf16 autocast. The summary's "master_weights" says which was used.
+    master_weights: Optional[bool] = None
     # CPU with glibc: keep freed memory for reuse instead of returning it to the OS (each step's
     # big tensors then skip the page faults: -21% step time on a 6x384 batch-64 run, ~15% more RSS)
     keep_freed_memory: bool = True
@@ -272,6 +275,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is typing.Union:  # Optional[X]
         if value is None:
             return None
+        if value == "auto" and bool in args:  # TOML has no null: `auto` is an Optional[bool]'s None
+            return None
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], key)
     if origin is Literal:
@@ -347,6 +352,9 @@ def load_toml(path: str | Path, cfg: Optional[Config] = None) -> Config:
 def apply_preset(cfg: Config, name: str) -> Config:
     from .presets import PRESETS
 
+    if name == "auto":  # not a fixed config: scalelm/train/auto.py measures and chooses one
+        raise ConfigError("--preset auto is for `scalelm train` (it chooses the model for --train.max_minutes); "
+                          "pass a named preset here (see `scalelm presets`)")
     if name not in PRESETS:
         close = difflib.get_close_matches(name, list(PRESETS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -368,25 +376,33 @@ def check_override_keys(args: list[str]) -> None:
 
 
 _BOOL_WORDS = {"true": "True", "false": "False", "yes": "True", "no": "False", "1": "True", "0": "False"}
+_NONE_WORDS = {"auto": "None", "none": "None", "null": "None"}  # an Optional[bool]'s unset value
 
 
 def _normalize_bools(args: list[str]) -> list[str]:
-    """Accept TOML-style ``--log.progress=false`` (tyro wants ``True``/``False``)."""
-    bool_keys = {f"{s}.{f.name}" for s, cls in SECTIONS.items() for f, t in
-                 ((f, _field_types(cls)[f.name]) for f in dataclasses.fields(cls)) if t is bool}
-    out, expect_value = [], False
+    """Accept TOML-style ``--log.progress=false`` (tyro wants ``True``/``False``), and for an
+    ``Optional[bool]`` (``--train.master_weights``) also ``auto``/``none``/``null`` for None."""
+    kinds = {f"{s}.{f.name}": t for s, cls in SECTIONS.items() for f, t in
+             ((f, _field_types(cls)[f.name]) for f in dataclasses.fields(cls)) if t in (bool, Optional[bool])}
+    out, expect = [], None
     for a in args:
-        if expect_value:
-            a, expect_value = _BOOL_WORDS.get(a.lower(), a), False
+        if expect is not None:
+            a, expect = _bool_word(a, expect), None
         elif a.startswith("--"):
             key, eq, val = a[2:].partition("=")
-            if key.replace("-", "_") in bool_keys:
+            tp = kinds.get(key.replace("-", "_"))
+            if tp is not None:
                 if eq:
-                    a = f"--{key}={_BOOL_WORDS.get(val.lower(), val)}"
+                    a = f"--{key}={_bool_word(val, tp)}"
                 else:
-                    expect_value = True
+                    expect = tp
         out.append(a)
     return out
+
+
+def _bool_word(val: str, tp: Any) -> str:
+    words = _BOOL_WORDS if tp is bool else {**_BOOL_WORDS, **_NONE_WORDS}
+    return words.get(val.lower(), val)
 
 
 def apply_overrides(cfg: Config, args: list[str]) -> Config:

@@ -215,7 +215,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
         first, last = summary.get("initial_val_loss"), summary.get("best_val_loss") or summary.get("val_loss")
         report = {"input": args.input, "data_dir": str(data.dir), "run_dir": str(run_dir), "params": summary["params"],
-                  "precision": summary["precision"], "steps": summary["step"], "tokens": summary["tokens"],
+                  "precision": summary["precision"],
+                  "master_weights": summary.get("master_weights"), "steps": summary["step"], "tokens": summary["tokens"],
                   "train_seconds": summary["elapsed_s"], "step_ms_measured": round(1000 * step_s, 1),
                   "threads": torch.get_num_threads(),
                   "initial_val_loss": first, "final_val_loss": last,

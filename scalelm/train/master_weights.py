@@ -5,9 +5,13 @@ forward, and keeps the residual stream, norms and their gradients in fp32. Stori
 in bf16 instead makes the whole forward and backward bf16 (norm statistics and the loss's
 log-softmax are still computed in fp32 inside the model), so there are no per-step casts and
 half the memory traffic; the optimizer owns fp32 copies, so small updates are not rounded
-away. On this project's CPU it trains at about bf16 autocast's speed with less memory traffic
-(README "Performance"); ``--train.master_weights=true`` turns it on in the trainer, which
-saves and loads checkpoints through :meth:`MasterWeights.fp32_view`.
+away. On this project's CPU it is the fastest setting (README "Performance"). The trainer uses
+it by default where it applies: bf16 precision on a CPU, one process, no LoRA, no pipeline stages
+(``Trainer._wants_master_weights``; the run's summary says ``"master_weights": true``).
+``--train.master_weights=true`` asks for it anywhere it can run (an error where it cannot:
+not bf16, or under torchrun), ``false`` keeps fp32 weights with bf16 autocast. The trainer saves
+and loads checkpoints through :meth:`MasterWeights.fp32_view`, so they hold the fp32 masters and
+a resumed run continues bit for bit.
 
     mw = MasterWeights(model)                 # casts the model's floating-point params to bf16
     opt = torch.optim.AdamW(mw.params, ...)   # the optimizer sees the fp32 masters

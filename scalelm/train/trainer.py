@@ -171,7 +171,7 @@ class Trainer:
             raise ConfigError("pipeline parallelism (--parallel.pp > 1) trains a plain language model; use "
                               "data or tensor parallelism (--parallel.dp_shard / --parallel.tp) for this task")
         self.model = parallelize(self.gpt, cfg, self.ctx, root=self.raw_model)
-        self.master = self._master_weights() if t.master_weights else None
+        self.master = self._master_weights() if self._wants_master_weights() else None
         self.optimizer = build_optimizer(self.model, cfg.optim, master=self.master)
         self.loss_fn = loss_fn
         if self.ctx.dp_rank:  # dropout masks differ across data-parallel ranks
@@ -195,6 +195,20 @@ class Trainer:
             self.load_checkpoint(Path(resume_from))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+
+    def _wants_master_weights(self) -> bool:
+        """``--train.master_weights``: true/false as given; unset (auto): on where it applies and is
+        as exact as autocast, i.e. all of: bf16 precision, a CPU (on GPUs autocast stays the default),
+        one process (under torchrun FSDP2 keeps fp32 masters itself), no LoRA (the frozen base has no
+        fp32 copy and would be held and run in bf16; its adapters are a sliver of the work anyway) and no
+        pipeline stages (a torchrun layout). Task models, encoder-decoders, distillation students (the
+        teacher is outside the model, bf16 already), compile and activation checkpointing train with it."""
+        want = self.cfg.train.master_weights
+        if want is not None:
+            return want
+        c = self.cfg
+        return (self.precision == "bf16" and self.device.type == "cpu" and not self.ctx.distributed
+                and c.lora.r == 0 and c.parallel.pp == 1 and not hasattr(self.model, "forward_backward"))
 
     def _master_weights(self):
         """bf16 weights with fp32 masters (``--train.master_weights``): checks, then casts the model."""
@@ -369,7 +383,8 @@ class Trainer:
         )
 
         if is_sharded_checkpoint(ckpt):  # written under torchrun: loads into any layout
-            st = load_sharded_checkpoint(ckpt, self.model, self.optimizer, self.ctx)
+            with self._full_precision():  # one process with master weights: DCP fills the fp32 masters
+                st = load_sharded_checkpoint(ckpt, self.model, self.optimizer, self.ctx)
         elif self.ctx.distributed:  # a single-process checkpoint, sharded onto this layout
             st = load_full_training_checkpoint(ckpt, self.model, self.optimizer, model_io=self.model_io)
         else:
@@ -562,6 +577,7 @@ class Trainer:
         elapsed = self.elapsed()
         return {"run_dir": str(self.run_dir), "stopped": stopped, "step": self.step, "params": n_params,
                 "trainable_params": n_params if n_train is None else n_train, "best_metric": self.metric,
-                "precision": self.precision, "tokens": self.tokens_seen, "elapsed_s": round(elapsed, 3),
+                "precision": self.precision, "master_weights": self.master is not None,  # bf16 weights, fp32 masters
+                "tokens": self.tokens_seen, "elapsed_s": round(elapsed, 3),
                 "best_val_loss": None if math.isinf(self.best_val) else self.best_val, "best_step": self.best_step,
                 **self.history, "checkpoint": str(self.run_dir / ts.ckpt_name(self.step)), **env_summary()}
