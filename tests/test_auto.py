@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from conftest import run_cli
 from scalelm.config import ConfigError, resolve
@@ -107,3 +108,26 @@ def test_cli_trains_records_and_resumes(shared_data, tmp_path):
     assert "recorded" in p2.stderr and "timing candidates" not in p2.stderr
     bad = run_cli("train", "--preset", "auto", "--data", data, "--out", tmp_path / "r2", check=False)
     assert bad.returncode == 2 and "--train.max_minutes" in bad.stderr
+
+
+@pytest.mark.parametrize("precision,master,expect", [("bf16", None, True), ("bf16", False, False),
+                                                     ("fp32", None, False)])
+def test_the_probe_times_the_weights_the_trainer_will_use(monkeypatch, precision, master, expect):
+    """bf16 weights with fp32 masters are the default on a bf16 CPU: the probe must time those."""
+    from scalelm.train import master_weights
+
+    built = []
+
+    class Spy(master_weights.MasterWeights):
+        def __init__(self, model, *a, **k):
+            built.append(model)
+            super().__init__(model, *a, **k)
+
+    monkeypatch.setattr(master_weights, "MasterWeights", Spy)
+    cfg = resolve(overrides=[f"--train.precision={precision}", "--train.device=cpu", "--model.vocab_size=64",
+                             "--model.block_size=16"] + ([f"--train.master_weights={str(master).lower()}"]
+                                                         if master is not None else []))
+    seconds = auto.time_step(cfg, auto.shape_config(cfg.model, 64), micro_batch=2)
+    assert seconds > 0 and bool(built) == expect
+    if expect:
+        assert next(built[0].parameters()).dtype == torch.bfloat16

@@ -8,8 +8,9 @@ The user fixes the minutes and the data; everything else follows from them:
    ``max(2, round(w / 32))`` (nanoGPT's CPU baby is 4x128). The user's style keys (norm, mlp,
    positions, ...) are kept; only the shape changes.
 2. **Speed, measured**: every candidate trains ``PROBE_STEPS`` real steps here (forward, backward,
-   AdamW, in the run's precision), so the tokens it can see in the minutes left, ``D``, come from
-   this machine, not from a FLOP rate (small models are far from the matmul peak).
+   AdamW, with the run's precision and weights: bf16 with fp32 masters where that is the default),
+   so the tokens it can see in the minutes left, ``D``, come from this machine, not from a FLOP
+   rate (small models are far from the matmul peak).
 3. **Predicted loss**: ``L = E + A / N^alpha + B / D'^beta`` with Chinchilla's fit (Hoffmann et al.
    2022, approach 3), N the non-embedding parameters. ``D'`` is the effective data of Muennighoff
    et al. (2023, "Scaling Data-Constrained Language Models"): epochs after the first are worth less
@@ -57,7 +58,7 @@ CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
 R_STAR = 15.4
 BATCH_KEYS = {"train.micro_batch_size", "train.global_batch_size", "train.global_batch_tokens",
               "train.grad_accum_steps"}
-EVAL_SHARE = 0.05  # of the time, for the ~30 validation passes (eval_iters is sized to fit)
+EVAL_SHARE = 0.05  # of the time, for the ~20 validation passes (eval_iters is sized to fit)
 
 
 def kaplan_lr(n_params: float) -> float:
@@ -112,14 +113,18 @@ def time_step(cfg: Config, model_cfg, micro_batch: int, steps: int = PROBE_STEPS
     """Median seconds of one real optimizer step (forward, backward, AdamW) after a warm-up step."""
     from ..model.gpt import GPT
     from ..precision import autocast_context, pick_device, resolve_precision
+    from .master_weights import MasterWeights, wants_master_weights
     from .optim import build_optimizer
 
     device = pick_device(cfg.train.device)
-    autocast = autocast_context(resolve_precision(cfg.train.precision, device), device)
+    precision = resolve_precision(cfg.train.precision, device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = GPT(model_cfg).to(device)
-        opt = build_optimizer(model, cfg.optim)
+        # as the trainer will run it: bf16 weights with fp32 masters where those are the default
+        master = MasterWeights(model) if wants_master_weights(cfg, precision, device) else None
+        autocast = autocast_context("fp32" if master else precision, device)
+        opt = build_optimizer(model, cfg.optim, master=master)
         x = torch.randint(0, model_cfg.vocab_size, (micro_batch, model_cfg.block_size), device=device)
         times = []
         for i in range(steps + 1):  # the first is a warm-up (allocator, optimizer state)
@@ -127,8 +132,12 @@ def time_step(cfg: Config, model_cfg, micro_batch: int, steps: int = PROBE_STEPS
             with autocast():
                 loss = model(x, x)[1]
             loss.backward()
+            if master:
+                master.grads_to_master()
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if master:
+                master.master_to_model()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             if i:

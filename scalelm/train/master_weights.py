@@ -29,6 +29,20 @@ import torch
 import torch.nn as nn
 
 
+def wants_master_weights(cfg, precision: str, device: torch.device, distributed: bool = False,
+                         pipelined: bool = False) -> bool:
+    """``--train.master_weights``: true/false as given; unset (auto): on where it applies and is
+    as exact as autocast, i.e. all of: bf16 precision, a CPU (on GPUs autocast stays the default),
+    one process (under torchrun FSDP2 keeps fp32 masters itself), no LoRA (the frozen base has no
+    fp32 copy and would be held and run in bf16; its adapters are a sliver of the work anyway) and no
+    pipeline stages (a torchrun layout). Task models, encoder-decoders, distillation students (the
+    teacher is outside the model, bf16 already), compile and activation checkpointing train with it."""
+    if cfg.train.master_weights is not None:
+        return cfg.train.master_weights
+    return (precision == "bf16" and device.type == "cpu" and not distributed and cfg.lora.r == 0
+            and cfg.parallel.pp == 1 and not pipelined)
+
+
 class MasterWeights:
     def __init__(self, model: nn.Module, dtype: torch.dtype = torch.bfloat16):
         seen: set[int] = set()

@@ -197,18 +197,10 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def _wants_master_weights(self) -> bool:
-        """``--train.master_weights``: true/false as given; unset (auto): on where it applies and is
-        as exact as autocast, i.e. all of: bf16 precision, a CPU (on GPUs autocast stays the default),
-        one process (under torchrun FSDP2 keeps fp32 masters itself), no LoRA (the frozen base has no
-        fp32 copy and would be held and run in bf16; its adapters are a sliver of the work anyway) and no
-        pipeline stages (a torchrun layout). Task models, encoder-decoders, distillation students (the
-        teacher is outside the model, bf16 already), compile and activation checkpointing train with it."""
-        want = self.cfg.train.master_weights
-        if want is not None:
-            return want
-        c = self.cfg
-        return (self.precision == "bf16" and self.device.type == "cpu" and not self.ctx.distributed
-                and c.lora.r == 0 and c.parallel.pp == 1 and not hasattr(self.model, "forward_backward"))
+        from .master_weights import wants_master_weights
+
+        return wants_master_weights(self.cfg, self.precision, self.device, self.ctx.distributed,
+                                    pipelined=hasattr(self.model, "forward_backward"))
 
     def _master_weights(self):
         """bf16 weights with fp32 masters (``--train.master_weights``): checks, then casts the model."""
