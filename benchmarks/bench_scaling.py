@@ -1,7 +1,7 @@
 """Data-parallel scaling on this machine, and communication bytes per training step per layout.
 
-    python benchmarks/bench_scaling.py                 # both parts (a few minutes on 2 cores)
-    python benchmarks/bench_scaling.py --part scaling  # or: --part comm
+    python benchmarks/bench_scaling.py                 # all three parts (a few minutes on 2 cores)
+    python benchmarks/bench_scaling.py --part scaling  # or: --part comm, --part ddp
 
 Scaling: the same global batch (8 x 256 tokens, a 4-layer 256-wide GPT, fp32) trained by
 1 process x 2 threads (2 micro-batches of 4, accumulated), by 2 processes x 1 thread (DDP, and
@@ -13,6 +13,12 @@ times (after warm-up steps) and the share of the cores other processes used mean
 Communication: one training step of each layout under ``torch.profiler`` with
 ``record_shapes``; every ``gloo:*`` collective / point-to-point record's input tensor sizes
 are summed per rank (measured, not estimated), then averaged over the ranks.
+
+DDP: where the per-core loss goes. In one ``torchrun`` of 2 processes x 1 thread, fresh DDP
+models with the same init are timed in turn (ABBA over the rounds): the default buckets, smaller
+and larger ``bucket_cap_mb``, ``gradient_as_bucket_view``, and every step under ``no_sync`` (no communication: the
+compute-only floor of this layout), plus one bare ``all_reduce`` of the gradients' size. A
+1-process 1-thread run per round gives the per-core reference.
 
 Prints tables; writes ``benchmarks/results/scaling.json``.
 """
@@ -143,6 +149,66 @@ def worker_comm(parallel: dict) -> None:
     destroy_parallel(ctx)
 
 
+DDP_VARIANTS = {"default (25 MB buckets)": {}, "1 MB buckets": dict(bucket_cap_mb=1),
+                "4 MB buckets": dict(bucket_cap_mb=4), "64 MB buckets": dict(bucket_cap_mb=64),
+                "gradient_as_bucket_view": dict(gradient_as_bucket_view=True),
+                "no_sync: no communication": dict(no_sync=True)}  # (DDP's bf16 compression hook needs NCCL)
+
+
+def worker_ddp(steps: int, warmup: int, rounds: int) -> None:
+    """Each DDP variant on a fresh model (same init), in turn; then a bare all_reduce of the grads' size."""
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from scalelm.config import ModelConfig, OptimConfig
+    from scalelm.distributed import destroy_parallel
+    from scalelm.model import GPT
+    from scalelm.train.optim import build_optimizer
+
+    ctx, _, _, loader, accum = _setup(dict(dp_replicate=2, dp_shard=1), 1)
+    cfg_model, cfg_optim = ModelConfig(**MODEL), OptimConfig()
+
+    def build(v: dict):
+        torch.manual_seed(0)
+        kw = {k: x for k, x in v.items() if k != "no_sync"}
+        model = DDP(GPT(cfg_model), process_group=ctx.group("dp_replicate"), **kw)
+        return model, build_optimizer(model, cfg_optim)
+
+    def time_variant(v: dict) -> float:
+        model, opt = build(v)
+        times = []
+        for i in range(warmup + steps):
+            dist.barrier()
+            t = time.perf_counter()
+            if v.get("no_sync"):
+                with model.no_sync():
+                    _step(ctx, model, opt, loader, accum)
+            else:
+                _step(ctx, model, opt, loader, accum)
+            dist.barrier()
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    out = {k: [] for k in DDP_VARIANTS}
+    for r in range(rounds):
+        for name in (list(DDP_VARIANTS) if r % 2 == 0 else list(DDP_VARIANTS)[::-1]):
+            out[name].append(time_variant(DDP_VARIANTS[name]))
+    n = sum(p.numel() for p in GPT(cfg_model).parameters())
+    buf, ar = torch.zeros(n), []
+    for i in range(warmup + steps):
+        dist.barrier()
+        t = time.perf_counter()
+        dist.all_reduce(buf)
+        if i >= warmup:
+            ar.append(time.perf_counter() - t)
+    if ctx.is_main:
+        print("RESULT " + json.dumps({"step_s": out, "all_reduce_s": statistics.median(ar), "grad_bytes": 4 * n}),
+              flush=True)
+    destroy_parallel(ctx)
+
+
 # ----------------------------------------------------------------------------- driver side
 
 def launch(nproc: int, args: list[str], threads: int) -> dict:
@@ -189,6 +255,28 @@ def scaling(rounds: int, steps: int, warmup: int) -> dict:
     return out
 
 
+def ddp(rounds: int, steps: int, warmup: int) -> dict:
+    from _util import log, wait_quiet
+
+    from scalelm.hardware import LoadMeter
+
+    one, loads = [], []
+    for r in range(rounds):  # the 1-thread reference, once per round around the DDP launch
+        wait_quiet(max_wait=30)
+        one.append(statistics.median(launch(1, ["--worker", "time", "--threads", "1", "--steps", str(steps),
+                                                 "--warmup", str(warmup)], 1)["step_s"]))
+        log(f"  round {r + 1} 1 proc x 1 thread: {one[-1] * 1e3:.0f} ms/step")
+    wait_quiet(max_wait=30)
+    with LoadMeter() as lm:
+        res = launch(2, ["--worker", "ddp", "--rounds", str(rounds), "--steps", str(steps), "--warmup", str(warmup)], 1)
+    loads.append(round(lm.other, 3))
+    t1 = statistics.median(one)
+    rows = {name: dict(median_step_s=statistics.median(v), step_medians=v,
+                       efficiency_per_core=t1 / (2 * statistics.median(v))) for name, v in res["step_s"].items()}
+    return dict(one_thread_step_s=t1, variants=rows, all_reduce_s=res["all_reduce_s"], grad_bytes=res["grad_bytes"],
+                others_load=loads)
+
+
 def comm() -> dict:
     out = {}
     for nproc, layouts in ((2, LAYOUTS_2), (4, LAYOUTS_4)):
@@ -200,11 +288,11 @@ def comm() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--part", choices=["all", "scaling", "comm"], default="all")
+    ap.add_argument("--part", choices=["all", "scaling", "comm", "ddp"], default="all")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--worker", choices=["time", "comm"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["time", "comm", "ddp"], help=argparse.SUPPRESS)
     ap.add_argument("--layout", default="{}", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -212,6 +300,8 @@ def main() -> None:
         return worker_time(json.loads(a.layout), a.threads, a.steps, a.warmup)
     if a.worker == "comm":
         return worker_comm(json.loads(a.layout))
+    if a.worker == "ddp":
+        return worker_ddp(a.steps, a.warmup, a.rounds)
 
     from _util import machine, write_json
 
@@ -226,6 +316,14 @@ def main() -> None:
             print(f"{name:<28}{v['median_step_s'] * 1e3:>9.0f}{v['tokens_per_s']:>10.0f}"
                   f"{v['efficiency_vs_1proc']:>16.2f}{v['efficiency_per_core']:>10.2f}"
                   f"{statistics.median(v['loads']):>12.0%}")
+    if a.part in ("all", "ddp"):
+        result["ddp"] = d = ddp(a.rounds, a.steps, a.warmup)
+        print(f"\nDDP, 2 processes x 1 thread: where the per-core loss goes (1 proc x 1 thread: "
+              f"{d['one_thread_step_s'] * 1e3:.0f} ms/step; per core = that / (2 x ms/step))")
+        print(f"{'variant':<30}{'ms/step':>9}{'per core':>10}")
+        for name, v in d["variants"].items():
+            print(f"{name:<30}{v['median_step_s'] * 1e3:>9.0f}{v['efficiency_per_core']:>10.2f}")
+        print(f"bare all_reduce of the gradients ({d['grad_bytes'] / 1e6:.1f} MB fp32): {d['all_reduce_s'] * 1e3:.1f} ms")
     if a.part in ("all", "comm"):
         result["comm"] = c = comm()
         p = next(iter(c.values()))["param_bytes"]

@@ -41,7 +41,8 @@ def _hf_results(root, task, data_file, limit):
 
     meta = {"data_file": str(data_file)}
     return simple_evaluate(model="hf", model_args=f"pretrained={root / 'hf'},dtype=float32,device=cpu",
-                           tasks=[task], task_manager=TaskManager(include_path=[str(TASKS_DIR)], metadata=meta),
+                           tasks=[task], task_manager=TaskManager(include_path=[str(TASKS_DIR)],
+                                                                    include_defaults=False, metadata=meta),
                            limit=limit, batch_size=4, log_samples=True, metadata=meta)
 
 
@@ -124,8 +125,8 @@ def test_the_harness_through_the_server_equals_the_direct_backend(model_dirs, on
         args = (f"model=m,base_url={live.url}/v1/completions,tokenizer_backend=huggingface,"
                 f"tokenizer={root / 'hf'},max_length=320,num_concurrent=1,max_retries=1")
         theirs = simple_evaluate(model="local-completions", model_args=args, tasks=["scalelm_sst2"],
-                                 task_manager=TaskManager(include_path=[str(TASKS_DIR)], metadata=meta), limit=8,
-                                 log_samples=True, metadata=meta)
+                                 task_manager=TaskManager(include_path=[str(TASKS_DIR)], include_defaults=False,
+                                                          metadata=meta), limit=8, log_samples=True, metadata=meta)
     finally:
         live.close()
     ours = run_harness(root / "m", "scalelm_sst2", None, 8, str(sst), 4, "cpu", log_samples=True)

@@ -133,7 +133,7 @@ def test_peak_is_the_loss_backward_for_small_models():
          precision="fp32", ac=False),
     dict(model=dict(vocab_size=4096, block_size=512, n_layer=4, n_head=4, n_kv_head=2, n_embd=256,
                     pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
-         batch=8, seq_len=512, precision="bf16", ac=True),
+         batch=4, seq_len=512, precision="bf16", ac=True),  # batch 4: bf16 is emulated on CPUs without it
 ])
 def test_predicted_peak_within_15_percent_of_measured_rss(case):
     from scalelm.analysis.memprobe import measure

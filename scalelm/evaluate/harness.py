@@ -147,8 +147,11 @@ def run_harness(ckpt, tasks: str, include: Optional[str], limit: Optional[float]
 
     paths = [str(TASKS_DIR)] + ([include] if include else [])
     metadata = {"data_file": str(Path(data_file).resolve())} if data_file else {}
-    tm = TaskManager(include_path=paths, metadata=metadata)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
+    # indexing lm-eval's own thousands of task files takes long on a small CPU: only when asked for one
+    tm = TaskManager(include_path=paths, include_defaults=False, metadata=metadata)
+    if any(n not in tm.all_tasks for n in names):
+        tm = TaskManager(include_path=paths, metadata=metadata)
     unknown = [n for n in names if n not in tm.all_tasks]
     if unknown:
         local = sorted(n for n in tm.all_tasks if n.startswith("scalelm_"))

@@ -56,7 +56,8 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if not self.onednn and x2.shape[0] > 1 and self.out_features >= 8 * self.in_features:
+        if (not self.onednn and x2.shape[0] > 1 and self.out_features >= 8 * self.in_features
+                and self.weight_t.dtype == torch.float32):  # (oneDNN's bf16 reorder needs AVX512 / AVX-NE-CONVERT)
             if self.packed is None and torch.backends.mkldnn.is_available():  # the LM head, batched
                 self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight_t.t(), x2.shape[0])
             if self.packed is not None:
