@@ -122,7 +122,8 @@ def time_step(cfg: Config, model_cfg, micro_batch: int, steps: int = PROBE_STEPS
         torch.manual_seed(0)
         model = GPT(model_cfg).to(device)
         # as the trainer will run it: bf16 weights with fp32 masters where those are the default
-        master = MasterWeights(model) if wants_master_weights(cfg, precision, device) else None
+        wants = precision == "bf16" and wants_master_weights(cfg, precision, device)
+        master = MasterWeights(model) if wants else None
         autocast = autocast_context("fp32" if master else precision, device)
         opt = build_optimizer(model, cfg.optim, master=master)
         x = torch.randint(0, model_cfg.vocab_size, (micro_batch, model_cfg.block_size), device=device)
