@@ -3,6 +3,7 @@
     python benchmarks/bench_auto.py                      # TinyStories sample and its first 1 MB, 10 min each
     python benchmarks/bench_auto.py --minutes 3          # a shorter budget
     python benchmarks/bench_auto.py --corpora slice      # one corpus
+    python benchmarks/bench_auto.py --arms auto,4x128    # some arms (by the start of their names)
 
 Each corpus is prepared with ``scalelm prepare`` (BPE 8192, the default split); every arm is one
 ``scalelm train`` process run alone, one after another, with the same ``--train.max_minutes``.
@@ -93,6 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--corpora", default="sample,slice", help="sample (2 MB), slice (its first 1 MB)")
+    ap.add_argument("--arms", default="", help="comma-separated name prefixes (default: all four)")
     ap.add_argument("--work", default="/tmp/scalelm-bench-auto")
     a = ap.parse_args()
     work = Path(a.work)
@@ -103,7 +105,9 @@ def main() -> None:
         data = prepare(work, name, corpora[name])
         meta = json.loads((data / "meta.json").read_text())
         rows = {}
-        for arm, extra in [("auto", ["--preset", "auto"]), *HAND.items()]:
+        arms = [("auto", ["--preset", "auto"]), *HAND.items()]
+        wanted = [w for w in a.arms.split(",") if w]
+        for arm, extra in [x for x in arms if not wanted or any(x[0].startswith(w) for w in wanted)]:
             common = [] if arm == "auto" else HAND_COMMON + ["--train.eval_every=50", "--train.eval_iters=10"]
             rows[arm] = train(data, work / "runs" / name / arm.split()[0],
                               [*extra, *common, f"--train.max_minutes={a.minutes}"])
@@ -117,7 +121,8 @@ def main() -> None:
             label = f"auto: {r['auto']['chosen']}" if r["auto"] else arm
             print(f"| {name} ({c['train_tokens']:,} tokens) | {label} | {_f(r['val_loss'])} | {_f(r['val_bits_per_byte'])} "
                   f"| {r['best_step']} | {r['steps']} | {_f(r['last_train_loss'], 3)} | {r['wall_s']:.0f} |")
-    print(write_json(f"auto_{a.minutes:g}min.json", results))
+    print(write_json(f"auto_{a.minutes:g}min" + ("_" + "_".join(a.corpora.split(",")) if a.corpora != "sample,slice" else "")
+                     + ".json", results))
 
 
 if __name__ == "__main__":
