@@ -35,11 +35,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dataclasses import dataclass
+
 from ..config import ConfigError, KDConfig
 from ..errors import UserError
 from ..model.gpt import GPT
 from ..model.loss import IGNORE_INDEX, cross_entropy
 from ..train.model_io import ModelIO
+from ..train.recipe import Plan, Recipe, resolve_run_config, run_recipe
 
 RECORD = "distill.json"  # RUN_DIR/distill.json: the teacher, so a resume needs no --teacher
 PROJECTION = "kd_projection.safetensors"  # in training checkpoints only (kd.hidden > 0)
@@ -254,100 +257,110 @@ def add_distill_parser(p: argparse.ArgumentParser) -> None:
     p.set_defaults(accepts_overrides=True)
 
 
-def _resolve(args, saved, teacher_cfg, student_cfg):
-    from ..config import Config, resolve
+@dataclass
+class DistillPlan(Plan):
+    teacher_dir: Optional[Path] = None
+    teacher_cfg: object = None
+    student_dir: Optional[Path] = None
+    teacher: Optional[GPT] = None  # loaded when the run opens, on its device
 
-    if saved is not None and not (args.preset or args.config):
-        base = saved
-    elif args.preset:
-        base = None  # the preset's model on the defaults, as for `scalelm train`
-    else:
-        base = Config()
-        base.model = copy.deepcopy(student_cfg or teacher_cfg)
-    cfg = resolve(preset=args.preset, config_file=args.config, overrides=args.overrides, base=base)
-    explicit = any(a.lstrip("-").replace("-", "_").startswith("model.vocab_size") for a in args.overrides)
-    if args.preset and not explicit:
-        cfg.model.vocab_size = teacher_cfg.vocab_size
-    return cfg
+
+class DistillRecipe(Recipe):
+    command = "distill"
+
+    def prepare(self, args, out: Path, saved) -> DistillPlan:
+        from ..data.loader import TokenData
+        from ..data.tokenizer import check_same_tokenizer
+        from ..model.io import read_model_config, read_tokenizer_json
+        from ..runs import resolve_checkpoint
+        from ..train import state as ts
+
+        record = read_record(out) if saved is not None else None
+        teacher_arg = args.teacher or (record or {}).get("teacher")
+        if not teacher_arg:
+            raise UserError("no teacher: pass --teacher MODEL_DIR (a model directory or a RUN_DIR)")
+        if args.student and args.preset:
+            raise UserError("--student starts from a model directory, --preset from a new model of that shape: "
+                            "give one")
+        teacher_dir = resolve_checkpoint(teacher_arg)
+        if record and args.teacher and Path(record.get("teacher", "")) != teacher_dir.resolve():
+            print(f"warning: {out} was distilled from {record.get('teacher')}; continuing from {teacher_dir}",
+                  file=sys.stderr)
+        teacher_cfg = read_model_config(teacher_dir)
+        student_dir = resolve_checkpoint(args.student) if args.student else None
+        student_cfg = read_model_config(student_dir) if student_dir is not None else None
+        # the student starts from --student's shape, or the teacher's with the --model.* overrides applied
+        cfg = resolve_run_config(args, saved, preset=args.preset,
+                                 model=None if args.preset else copy.deepcopy(student_cfg or teacher_cfg),
+                                 vocab_size=teacher_cfg.vocab_size, check_vocab=False)
+        if args.data:
+            cfg.data.path = args.data
+        if not cfg.data.path:
+            raise UserError("no training data: pass --data DATA_DIR (prepared with the teacher's tokenizer)")
+        cfg.validate()
+        check_kd(cfg.kd)
+        for who, c in (("teacher", teacher_cfg), ("student", cfg.model)):
+            arch = getattr(c, "arch", "gpt")
+            if arch != "gpt":
+                raise ConfigError(f"distillation here is between decoder-only language models: the {who} is {arch}")
+        if cfg.lora.r > 0:
+            raise ConfigError("distillation trains the whole student: --lora.r is not supported by `scalelm distill` "
+                              "(distill into a smaller student, e.g. a pruned one, instead)")
+        if student_dir is not None:  # its weights start the run: its shape is the run's
+            ts.check_model_config(student_dir, cfg.model)
+        data = TokenData(cfg.data.path)
+        teacher_tok = read_tokenizer_json(teacher_dir)
+        student_where, student_tok = ((f"{student_dir}", read_tokenizer_json(student_dir)) if student_dir is not None
+                                      else (f"the data {data.dir}", data.tokenizer_json))
+        check_shared_tokenizer(f"{teacher_dir}", teacher_tok, teacher_cfg.vocab_size, student_where, student_tok,
+                               cfg.model.vocab_size)
+        check_same_tokenizer(data.dir, teacher_tok, what=f"the teacher {teacher_dir}")
+        if cfg.model.block_size > teacher_cfg.block_size:
+            raise UserError(f"the student's block_size {cfg.model.block_size} exceeds the teacher's "
+                            f"{teacher_cfg.block_size}: the teacher cannot score windows that long; set "
+                            f"--model.block_size={teacher_cfg.block_size} or less")
+        return DistillPlan(cfg, data, files={RECORD: json.dumps({
+            "teacher": str(teacher_dir.resolve()), "teacher_params": _n_params(teacher_cfg),
+            "student_init": str(student_dir.resolve()) if student_dir is not None else
+            (record or {}).get("student_init"),
+            "teacher_dtype": "torch.bfloat16" if _precision(cfg) == "bf16" else "torch.float32",
+        }, indent=2) + "\n"}, teacher_dir=teacher_dir, teacher_cfg=teacher_cfg, student_dir=student_dir)
+
+    def build_model(self, plan: DistillPlan, ctx, resume_from):
+        from ..model.io import load_model_dir
+
+        plan.teacher = load_teacher(plan.teacher_dir, ctx.device, _precision(plan.cfg, ctx.device))
+        model = None
+        if plan.student_dir is not None and resume_from is None:
+            model = load_model_dir(plan.student_dir, allow_quantized=False)
+        if plan.cfg.kd.hidden > 0:
+            if model is None:
+                torch.manual_seed(plan.cfg.train.seed)  # the initial weights a plain run would have
+                model = GPT(plan.cfg.model)
+            model = KDStudent(model, plan.teacher_cfg.n_embd)
+        return model, None
+
+    def loss_fn(self, plan: DistillPlan):
+        return DistillLoss(plan.teacher, plan.cfg.kd)
+
+    def model_io(self, plan: DistillPlan):
+        return KDStudentFiles() if plan.cfg.kd.hidden > 0 else None
+
+    def summary(self, plan: DistillPlan, trainer, batches, summary: dict) -> dict:
+        return {"teacher": str(plan.teacher_dir)}
+
+
+def _precision(cfg, device=None) -> str:
+    from ..precision import pick_device, resolve_precision
+
+    return resolve_precision(cfg.train.precision, device or pick_device(cfg.train.device))
+
+
+def _n_params(model_cfg) -> int:
+    """The teacher's parameter count, from its config (a tied head counts once, as ``num_params``)."""
+    with torch.device("meta"):
+        return GPT(model_cfg).num_params()
 
 
 def run_distill(args: argparse.Namespace) -> int:
-    from ..data.loader import TokenData
-    from ..data.tokenizer import check_same_tokenizer
-    from ..model.io import load_model_dir, read_model_config, read_tokenizer_json
-    from ..precision import resolve_precision
-    from ..runs import resolve_checkpoint
-    from ..train import state as ts
-    from ..train.run import open_run, report_run
-    from ..train.trainer import Trainer
-
-    out = Path(args.out)
-    saved = ts.read_run_config(out)
-    record = read_record(out) if saved is not None else None
-    teacher_arg = args.teacher or (record or {}).get("teacher")
-    if not teacher_arg:
-        raise UserError("no teacher: pass --teacher MODEL_DIR (a model directory or a RUN_DIR)")
-    if args.student and args.preset:
-        raise UserError("--student starts from a model directory, --preset from a new model of that shape: give one")
-    teacher_dir = resolve_checkpoint(teacher_arg)
-    if record and args.teacher and Path(record.get("teacher", "")) != teacher_dir.resolve():
-        print(f"warning: {out} was distilled from {record.get('teacher')}; continuing from {teacher_dir}",
-              file=sys.stderr)
-    teacher_cfg = read_model_config(teacher_dir)
-    student_dir = resolve_checkpoint(args.student) if args.student else None
-    student_cfg = read_model_config(student_dir) if student_dir is not None else None
-    cfg = _resolve(args, saved, teacher_cfg, student_cfg)
-    if args.data:
-        cfg.data.path = args.data
-    if args.resume:
-        cfg.checkpoint.resume = args.resume
-    if not cfg.data.path:
-        raise UserError("no training data: pass --data DATA_DIR (prepared with the teacher's tokenizer)")
-    cfg.validate()
-    check_kd(cfg.kd)
-    for who, c in (("teacher", teacher_cfg), ("student", cfg.model)):
-        arch = getattr(c, "arch", "gpt")
-        if arch != "gpt":
-            raise ConfigError(f"distillation here is between decoder-only language models: the {who} is {arch}")
-    if cfg.lora.r > 0:
-        raise ConfigError("distillation trains the whole student: --lora.r is not supported by `scalelm distill` "
-                          "(distill into a smaller student, e.g. a pruned one, instead)")
-    if student_dir is not None:  # its weights start the run: its shape is the run's
-        ts.check_model_config(student_dir, cfg.model)
-    data = TokenData(cfg.data.path)
-    teacher_tok = read_tokenizer_json(teacher_dir)
-    student_where, student_tok = ((f"{student_dir}", read_tokenizer_json(student_dir)) if student_dir is not None
-                                  else (f"the data {data.dir}", data.tokenizer_json))
-    check_shared_tokenizer(f"{teacher_dir}", teacher_tok, teacher_cfg.vocab_size, student_where, student_tok,
-                           cfg.model.vocab_size)
-    check_same_tokenizer(data.dir, teacher_tok, what=f"the teacher {teacher_dir}")
-    if cfg.model.block_size > teacher_cfg.block_size:
-        raise UserError(f"the student's block_size {cfg.model.block_size} exceeds the teacher's "
-                        f"{teacher_cfg.block_size}: the teacher cannot score windows that long; set "
-                        f"--model.block_size={teacher_cfg.block_size} or less")
-
-    with open_run(out, cfg, data, saved, "distill") as (ctx, resume_from):
-        precision = resolve_precision(cfg.train.precision, ctx.device)
-        teacher = load_teacher(teacher_dir, ctx.device, precision)
-        model, model_io = None, None
-        if student_dir is not None and resume_from is None:
-            model = load_model_dir(student_dir, allow_quantized=False)
-        if cfg.kd.hidden > 0:
-            if model is None:
-                torch.manual_seed(cfg.train.seed)  # the initial weights a plain run would have
-                model = GPT(cfg.model)
-            model, model_io = KDStudent(model, teacher_cfg.n_embd), KDStudentFiles()
-        trainer = Trainer(cfg, data, out, ctx=ctx, model=model, resume_from=resume_from,
-                          loss_fn=DistillLoss(teacher, cfg.kd), model_io=model_io)
-        if trainer.is_main:
-            from ..fileio import atomic_write_text
-
-            ts.write_run_config(out, cfg, data)
-            atomic_write_text(out / RECORD, json.dumps({
-                "teacher": str(teacher_dir.resolve()), "teacher_params": teacher.num_params(),
-                "student_init": str(student_dir.resolve()) if student_dir is not None else
-                (record or {}).get("student_init"), "teacher_dtype": str(next(teacher.parameters()).dtype),
-            }, indent=2) + "\n")
-        summary = trainer.fit()
-        summary["teacher"] = str(teacher_dir)
-    return report_run(trainer, summary)
+    return run_recipe(DistillRecipe(), args)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import difflib
-import hashlib
 import io
 import json
 import re
@@ -199,13 +198,6 @@ def label_ids(examples: list[Example], names: list[str], what: str = "--train") 
             raise ClassifyDataError(f"{e.where}: unknown label {e.label!r}: the model knows {names} (the labels "
                                     f"of {what}); fix the label, or train on examples of it")
     return np.array([index[e.label] for e in examples], dtype=np.int64)
-
-
-def files_sha256(*paths) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(Path(p).read_bytes())
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- tokenization

@@ -15,38 +15,36 @@ so ``scalelm chat RUN_DIR/best`` talks the way the model was trained.
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ...config import ConfigError
+from ...data.chat_template import ChatTemplate as Template
 from ...errors import UserError
-from ...train import state as ts
+from ...train.recipe import RunRecord, TokenizerData, run_recipe
+from ..base import Base, ModelFiles, add_model_source_args, base_or_tokenizer, max_length_of, split_val, task_config
+from ..settings import TASK_FILE, read_task_file, settings
 from .encode import LOSS_ON, Encoder, require_supervision
 from .formats import read_conversations
-from .run import (
-    Base,
-    ModelFiles,
-    RunRecord,
-    add_model_source_args,
-    files_sha256,
-    max_length_of,
-    read_base,
-    read_task_file,
-    resolve_config,
-    settings,
-    split_val,
-    tokenizer_json_of,
-    train_lm_task,
-)
-from .template import BUILTIN, Template, load_template, special_tokens_of
+from .recipe import ExamplesPlan, ExamplesRecipe
+from .template import BUILTIN, load_template, special_tokens_of
 
 FIXED = ("base", "preset", "tokenizer", "data", "val", "val_fraction", "template", "special_tokens", "prompt_field",
          "completion_field", "packing", "max_length", "loss_on")
 DEFAULTS = {"packing": "on", "loss_on": "completion", "val_fraction": 0.05}
 
 
+def add_packing_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--packing", choices=["on", "off"], help="pack several examples per window with a document "
+                   "mask (on, the default: as fast or faster at a slightly lower loss in the README's measurement) "
+                   "or one example per row, length-grouped and padded (off)")
+
+
 def add_sft_parser(p: argparse.ArgumentParser) -> None:
     add_model_source_args(p, "with --preset: a tokenizer.json, a DATA_DIR / model directory holding one, or "
                              "'byte' (with --base the base's tokenizer is extended)")
+    add_packing_arg(p)
     p.add_argument("--data", metavar="FILE", help="training examples: Alpaca JSON/JSONL, prompt/completion JSONL, "
                    "chat 'messages' JSONL, or any two fields with --prompt-field/--completion-field")
     p.add_argument("--val", metavar="FILE", help="validation examples (same formats)")
@@ -123,43 +121,47 @@ def encode_splits(s: dict, enc: Encoder, seed: int):
     return train, val, rep
 
 
+class SFTRecipe(ExamplesRecipe):
+    def __init__(self):
+        super().__init__("finetune sft")
+
+    def prepare(self, args, out: Path, saved) -> ExamplesPlan:
+        from tokenizers import Tokenizer
+
+        from ...data.tokenizer import vocab_size_of
+
+        s = settings(args, read_task_file(out), FIXED, ("base", "tokenizer", "data", "val"), DEFAULTS, "sft")
+        if s["template"] is not None and s["template"] not in BUILTIN:
+            s["template"] = str(Path(s["template"]).resolve())
+        if not s["data"]:
+            raise UserError("no training data: pass --data FILE (Alpaca JSON/JSONL, prompt/completion or chat JSONL)")
+        base = base_or_tokenizer(s, "FILE (a tokenizer.json), a DATA_DIR / model directory holding one, or 'byte'")
+        chat = prepare_chat(base, s["template"], s["special_tokens"], 0)
+        vocab = vocab_size_of(chat.tokenizer)
+        cfg = task_config(args, s, saved, base, vocab)
+        if cfg.parallel.pp > 1:
+            raise ConfigError("fine-tuning trains with data or tensor parallelism; use --parallel.pp=1")
+        chat = prepare_chat(base, s["template"], s["special_tokens"], cfg.model.block_size)
+        max_length = max_length_of(s, cfg)
+        train, val, rep = encode_splits(s, Encoder(chat.tokenizer, chat.template, max_length, s["loss_on"]),
+                                        cfg.train.seed)
+        chat.files.meta["task"] = {"name": "sft", "template": chat.template.name, "special_tokens": chat.specials,
+                                   "loss_on": s["loss_on"], "prompt_field": s["prompt_field"],
+                                   "completion_field": s["completion_field"], "max_length": max_length}
+        tok_json = chat.files.tokenizer_json
+        pad = Tokenizer.from_str(tok_json).token_to_id("<|pad|>")
+        added = f" (+{len(chat.files.new_ids)} tokens)" if chat.files.new_ids else ""
+        return ExamplesPlan(
+            cfg, TokenizerData(tok_json, vocab), RunRecord.of_files(s["data"], tok_json, vocab, s["data"], s["val"]),
+            {TASK_FILE: json.dumps(s, indent=2) + "\n"}, out=out, task="sft", settings=s, base=base,
+            model_files=chat.files, train=train, val=val, max_length=max_length, packing=s["packing"] == "on",
+            fill=pad or 0,
+            about=(f" ({rep.supervised_tokens:,} reply tokens of {rep.tokens:,}, {len(rep.dropped)} dropped, "
+                   f"{rep.truncated} truncated); template {chat.template.name}{added}"),
+            extra_summary={"template": chat.template.name, "loss_on": s["loss_on"],
+                           "dropped_examples": len(rep.dropped), "truncated_examples": rep.truncated,
+                           "reply_tokens_per_epoch": rep.supervised_tokens})
+
+
 def run_sft(args: argparse.Namespace) -> int:
-    from tokenizers import Tokenizer
-
-    from ...data.tokenizer import tokenizer_sha256, vocab_size_of
-
-    out = Path(args.out)
-    saved = ts.read_run_config(out)
-    s = settings(args, read_task_file(out), FIXED, ("base", "tokenizer", "data", "val"), DEFAULTS, "sft")
-    if s["template"] is not None and s["template"] not in BUILTIN:
-        s["template"] = str(Path(s["template"]).resolve())
-    if not s["data"]:
-        raise UserError("no training data: pass --data FILE (Alpaca JSON/JSONL, prompt/completion or chat JSONL)")
-    if s["base"]:
-        base = read_base(s["base"])
-    elif s["tokenizer"]:
-        base = Base(None, None, tokenizer_json_of(s["tokenizer"]))
-    else:
-        raise UserError(f"--preset {s['preset']} trains from scratch and needs a tokenizer: --tokenizer FILE (a "
-                        f"tokenizer.json), a DATA_DIR / model directory holding one, or 'byte'")
-    chat = prepare_chat(base, s["template"], s["special_tokens"], 0)
-    vocab = vocab_size_of(chat.tokenizer)
-    cfg = resolve_config(args, s, saved, base, vocab)
-    chat = prepare_chat(base, s["template"], s["special_tokens"], cfg.model.block_size)
-    max_length = max_length_of(s, cfg)
-    train, val, rep = encode_splits(s, Encoder(chat.tokenizer, chat.template, max_length, s["loss_on"]),
-                                    cfg.train.seed)
-    chat.files.meta["task"] = {"name": "sft", "template": chat.template.name, "special_tokens": chat.specials,
-                               "loss_on": s["loss_on"], "prompt_field": s["prompt_field"],
-                               "completion_field": s["completion_field"], "max_length": max_length}
-    record = RunRecord(s["data"], tokenizer_sha256(chat.files.tokenizer_json), vocab,
-                       {"inputs_sha256": files_sha256(s["data"], s["val"])})
-    pad = Tokenizer.from_str(chat.files.tokenizer_json).token_to_id("<|pad|>")
-    added = f" (+{len(chat.files.new_ids)} tokens)" if chat.files.new_ids else ""
-    describe = (f" ({rep.supervised_tokens:,} reply tokens of {rep.tokens:,}, {len(rep.dropped)} dropped, "
-                f"{rep.truncated} truncated); template {chat.template.name}{added}")
-    return train_lm_task(args, "sft", s, cfg, saved, base, chat.files, train, val, record, s["packing"] == "on",
-                         describe, fill=pad or 0, extra_summary={
-                             "template": chat.template.name, "loss_on": s["loss_on"],
-                             "dropped_examples": len(rep.dropped), "truncated_examples": rep.truncated,
-                             "reply_tokens_per_epoch": rep.supervised_tokens})
+    return run_recipe(SFTRecipe(), args)

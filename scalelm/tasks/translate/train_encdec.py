@@ -1,24 +1,18 @@
 """``scalelm finetune translate`` of an encoder-decoder (``--preset transformer-small``, ``--model.arch=
-encoder-decoder``, or ``--base`` an encoder-decoder model directory): the run of ``train_lm_task``
-(run directory, task.json, the one Trainer, exact resume, ``best/`` by validation loss, torchrun)
-with sentence pairs (:class:`~scalelm.tasks.translate.encdec.Seq2SeqBatches`) in place of packed
-decoder examples, label-smoothed training loss and the plain target loss for validation.
+encoder-decoder``, or ``--base`` an encoder-decoder model directory): the examples recipe with
+sentence pairs (:class:`~scalelm.tasks.translate.encdec.Seq2SeqBatches`) in place of packed decoder
+examples, the label-smoothed training loss, the plain target loss for validation, and the base's
+weights as they are (no vocabulary growth, no LoRA).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
-from pathlib import Path
-
-import torch
 
 from ...config import Config, ConfigError
 from ...errors import UserError
-from ...fileio import atomic_write_text
-from ...train import state as ts
-from ..sft.run import TASK_FILE, Base, ModelFiles, RunRecord, TrainerData
+from ..base import Base, ModelFiles
+from ..sft.recipe import ExamplesPlan, ExamplesRecipe
 from .encdec import EncDecTranslator, Seq2SeqBatches, make_evaluate_fn
 
 
@@ -30,50 +24,36 @@ def check_encdec(cfg: Config, base: Base, mf: ModelFiles) -> None:
                         f"continue an encoder-decoder trained by `scalelm finetune translate`")
 
 
-def train_encdec(args, s: dict, cfg: Config, saved: Config | None, base: Base, mf: ModelFiles,
-                 translator: EncDecTranslator, train: list, val: list, record: RunRecord, fill: int = 0,
-                 before_train=None, extra_summary: dict | None = None) -> int:
-    from tokenizers import Tokenizer
+class EncDecTranslateRecipe(ExamplesRecipe):
+    def __init__(self, translator: EncDecTranslator):
+        super().__init__("finetune translate")
+        self.translator = translator
 
-    from ...data.tokenizer import vocab_size_of
-    from ...model.io import load_model_dir
-    from ...train.model_io import ModelIO
-    from ...train.run import open_run, report_run
-    from ...train.trainer import Trainer, batch_geometry
-    from ..sft.files import TemplateFiles
+    def build_model(self, plan: ExamplesPlan, ctx, resume_from):
+        from ...model.io import load_model_dir
 
-    check_encdec(cfg, base, mf)
-    out = Path(args.out)
-    data = TrainerData(mf.tokenizer_json, vocab_size_of(Tokenizer.from_str(mf.tokenizer_json)))
-    eot = translator.eot_id
-    with open_run(out, cfg, record, saved, "finetune translate") as (ctx, resume_from):
-        if ctx.is_main:  # first: what follows may write into RUN_DIR, which must then count as a run
-            ts.write_run_config(out, cfg, record)
-            atomic_write_text(out / TASK_FILE, json.dumps(s, indent=2) + "\n")
-            if before_train is not None:
-                before_train(out)
-        ctx.barrier()
-        torch.manual_seed(cfg.train.seed)
-        model = None
-        if base.dir is not None:  # continue the base (only its dropout may change)
-            model = load_model_dir(base.dir, model_cfg=dataclasses.replace(base.cfg, dropout=cfg.model.dropout),
-                                   allow_quantized=False)
-        B, accum = batch_geometry(cfg, ctx.dp_world)
-        batches = Seq2SeqBatches(train, B, accum, eot=eot, dp_rank=ctx.dp_rank, dp_world=ctx.dp_world,
-                                 seed=cfg.train.seed, fill=fill, device=ctx.device)
-        trainer = Trainer(cfg, data, out, ctx=ctx, model=model, resume_from=resume_from, batches=batches,
-                          loss_fn=translator.loss, evaluate_fn=make_evaluate_fn(val, B, eot, fill),
-                          model_io=TemplateFiles(ModelIO(), mf.files, mf.meta), base_dir=base.dir)
-        if trainer.is_main:
-            print(f"translate (encoder-decoder): {len(train)} training pairs, {len(val)} validation; label "
-                  f"smoothing {translator.label_smoothing}", file=sys.stderr)
-        summary = trainer.fit()
-        elapsed = summary.get("elapsed_s") or 0
-        sup_epoch = sum(p.n_supervised for p in train)
-        summary.update(task="translate", arch=translator.arch, label_smoothing=translator.label_smoothing,
-                       train_examples=len(train), val_examples=len(val), real_tokens=batches.tokens,
-                       supervised_tokens=batches.supervised_tokens,
-                       supervised_tokens_per_s=batches.supervised_tokens / elapsed if elapsed else None,
-                       epochs=round(batches.supervised_tokens / max(1, sup_epoch), 4),
-                       **(extra_summary or {}), best_dir=str(out / "best") if trainer.best_step else None)
-    return report_run(trainer, summary)
+        base = plan.base
+        if base.dir is None:
+            return None, None
+        # continue the base (only its dropout may change)
+        return load_model_dir(base.dir, model_cfg=dataclasses.replace(base.cfg, dropout=plan.cfg.model.dropout),
+                              allow_quantized=False), base.dir
+
+    def batches(self, plan: ExamplesPlan, ctx, micro_batch: int, accum: int):
+        return Seq2SeqBatches(plan.train, micro_batch, accum, eot=self.translator.eot_id, dp_rank=ctx.dp_rank,
+                              dp_world=ctx.dp_world, seed=plan.cfg.train.seed, fill=plan.fill, device=ctx.device)
+
+    def loss_fn(self, plan):
+        return self.translator.loss
+
+    def evaluate_fn(self, plan: ExamplesPlan, micro_batch: int):
+        return make_evaluate_fn(plan.val, micro_batch, self.translator.eot_id, plan.fill)
+
+    def describe(self, plan: ExamplesPlan, batches) -> str:
+        return (f"translate (encoder-decoder): {len(plan.train)} training pairs, {len(plan.val)} validation; label "
+                f"smoothing {self.translator.label_smoothing}")
+
+    def summary(self, plan: ExamplesPlan, trainer, batches, summary: dict) -> dict:
+        return {"task": "translate", "arch": self.translator.arch, "label_smoothing": self.translator.label_smoothing,
+                **self.token_summary(plan, batches, summary), **plan.extra_summary,
+                "best_dir": str(trainer.run_dir / "best") if trainer.best_step else None}
