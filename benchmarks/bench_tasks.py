@@ -104,11 +104,11 @@ def bench_packing(work: Path, quick: bool) -> dict:
     from scalelm.tasks.sft.batches import pack
     from scalelm.tasks.sft.encode import Encoder
     from scalelm.tasks.sft.formats import read_conversations
+    from scalelm.data.chat_template import ChatTemplate
     from scalelm.tasks.sft.template import ALPACA as ALPACA_T
-    from scalelm.tasks.sft.template import Template
 
     t = Tokenizer.from_file(str(tok))
-    enc = Encoder(t, Template(ALPACA_T, "<|endoftext|>", "<|endoftext|>"), 256)
+    enc = Encoder(t, ChatTemplate(ALPACA_T, "<|endoftext|>", "<|endoftext|>"), 256)
     ex, _, _ = enc.encode_all(read_conversations(data))
     import numpy as np
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from scalelm.config import Config, ModelConfig, apply_preset
-from scalelm.model import GPT, KVCache, flops_per_token
+from scalelm.model import GPT, PreallocatedKVCache, flops_per_token
 from scalelm.model.loss import IGNORE_INDEX
 
 GPT2ISH = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=4, n_embd=32)
@@ -109,7 +109,7 @@ def test_kv_cache_matches_full_forward(name):
     m = GPT(SHAPES[name]).eval()
     idx = torch.randint(0, 97, (2, 12))
     full, _ = m(idx)
-    cache = KVCache(m.cfg, batch_size=2)
+    cache = PreallocatedKVCache(m.cfg, batch_size=2)
     out0, _ = m(idx[:, :7], kv_cache=cache)
     steps = [m(idx[:, t:t + 1], kv_cache=cache)[0] for t in range(7, 12)]
     inc = torch.cat([out0] + steps, dim=1)
@@ -122,7 +122,7 @@ def test_kv_cache_left_padding_matches_unpadded():
     short = torch.randint(0, 97, (1, 5))
     ref, _ = m(short)
     padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), short], dim=1)
-    cache = KVCache(m.cfg, batch_size=1)
+    cache = PreallocatedKVCache(m.cfg, batch_size=1)
     cache.reset(start=torch.tensor([3]))
     out, _ = m(padded, kv_cache=cache)
     torch.testing.assert_close(out[:, 3:], ref, rtol=1e-5, atol=1e-5)

@@ -49,9 +49,9 @@ def check_parity(model_dir, onnx_dir, steps: int = 16):
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, cfg.vocab_size, (2, 9), generator=g)
     start = torch.tensor([0, 3])  # row 1 is left-padded by 3
-    from scalelm.model.gpt import KVCache
+    from scalelm.model.kv_cache import PreallocatedKVCache
 
-    cache = KVCache(cfg, 2, max_len=9 + steps)
+    cache = PreallocatedKVCache(cfg, 2, max_len=9 + steps)
     cache.reset(start)
     ocache = OrtCache(cfg, 2, 9 + steps)
     ocache.reset(start)
@@ -105,6 +105,16 @@ def test_generate_backend_onnxruntime_equals_pytorch_token_for_token(gpt2):
     b = Generator.from_checkpoint(gpt2 / "onnx", backend="onnxruntime").generate("To be", 20, sampling=sampling, seed=3,
                                                                              ignore_eos=True)
     assert a[0].tokens == b[0].tokens
+
+
+@SLOW
+def test_beam_search_on_onnxruntime_equals_pytorch(gpt2):
+    """OrtCache reorders its rows as beam search asks (index_rows), as the GPT's cache does."""
+    prompts = ["First Citizen", "To"]
+    a = Generator.from_checkpoint(gpt2 / "model").beam_search(prompts, num_beams=3, max_new_tokens=10)
+    b = Generator.from_checkpoint(gpt2 / "onnx", backend="onnxruntime").beam_search(prompts, num_beams=3,
+                                                                                    max_new_tokens=10)
+    assert [c.tokens for c in b] == [c.tokens for c in a] and all(c.tokens for c in a)
 
 
 def refused(result, phrase):

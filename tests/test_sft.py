@@ -10,6 +10,7 @@ import torch
 from train_helpers import ONE_THREAD, cli, one_thread, read_metrics  # noqa: F401
 
 from scalelm.config import ModelConfig
+from scalelm.data.chat_template import ChatTemplate
 from scalelm.model import GPT
 from scalelm.model.io import save_model_dir
 from scalelm.model.loss import IGNORE_INDEX
@@ -22,7 +23,7 @@ from scalelm.tasks.sft.batches import (
 )
 from scalelm.tasks.sft.encode import Encoded, Encoder
 from scalelm.tasks.sft.formats import to_messages
-from scalelm.tasks.sft.template import ALPACA, CHATML, PLAIN, Template
+from scalelm.tasks.sft.template import ALPACA, CHATML, PLAIN
 from scalelm.tasks.sft.vocab import extend_tokenizer, grow_vocab
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -68,7 +69,7 @@ def test_chatml_multi_turn_supervises_exactly_the_assistant_turns():
     msgs = to_messages({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
                                      {"role": "assistant", "content": "yo"}, {"role": "user", "content": "2+2?"},
                                      {"role": "assistant", "content": "4"}]}, "x")
-    e = Encoder(tok, Template(CHATML, EOT, EOT), 500).encode(msgs)
+    e = Encoder(tok, ChatTemplate(CHATML, EOT, EOT), 500).encode(msgs)
     ids, want = pieces_to_expected(tok, [
         (f"{S}system\nBe brief.{E}\n{S}user\nhi{E}\n{S}assistant\n", False), (f"yo{E}\n", True),
         (f"{S}user\n2+2?{E}\n{S}assistant\n", False), (f"4{E}\n", True)])
@@ -86,16 +87,16 @@ def test_each_format_supervises_its_reply(record, fields, prompt, reply):
     tok = char_tokenizer()
     msgs = to_messages(record, "f", *fields)
     assert msgs == [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]
-    alpaca = Template(ALPACA, EOT, EOT)
+    alpaca = ChatTemplate(ALPACA, EOT, EOT)
     e = Encoder(tok, alpaca, 500).encode(msgs)
     head = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
     ids, want = pieces_to_expected(tok, [(f"{head}\n\n### Instruction:\n{prompt}\n\n### Response:\n", False),
                                          (f"{reply}{EOT}\n\n", True)])
     assert e.ids.tolist() == ids and supervised_positions(e) == want
-    plain = Encoder(tok, Template(PLAIN, EOT, EOT), 500).encode(msgs)
+    plain = Encoder(tok, ChatTemplate(PLAIN, EOT, EOT), 500).encode(msgs)
     ids, want = pieces_to_expected(tok, [(prompt, False), (reply + EOT, True)])
     assert plain.ids.tolist() == ids and supervised_positions(plain) == want
-    every = Encoder(tok, Template(PLAIN, EOT, EOT), 500, loss_on="all").encode(msgs)
+    every = Encoder(tok, ChatTemplate(PLAIN, EOT, EOT), 500, loss_on="all").encode(msgs)
     assert supervised_positions(every) == set(range(len(ids) - 1))
 
 
@@ -112,13 +113,13 @@ def test_bad_records_name_their_line(tmp_path):
 
 
 def test_a_template_that_rewrites_history_is_refused():
-    from scalelm.tasks.sft.template import TemplateError
+    from scalelm.data.chat_template import ChatTemplateError
 
     odd = "{% for m in messages|reverse %}{{ m['content'] }}{% endfor %}"
     msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
             {"role": "user", "content": "c"}, {"role": "assistant", "content": "d"}]
-    with pytest.raises(TemplateError, match="does not render a conversation"):
-        Template(odd).segments(msgs)
+    with pytest.raises(ChatTemplateError, match="does not render a conversation"):
+        ChatTemplate(odd).segments(msgs)
 
 
 # ----------------------------------------------------------------------------- packing
@@ -250,7 +251,7 @@ def test_chat_renders_what_training_used(sft_run, alpaca):
     fmt = ChatFormat(gen, best)
     assert fmt.template and E in {gen.tokenizer.id_to_token(i) for i in gen.eos_ids}
     msgs = read_conversations(alpaca)[0][1]
-    trained = Template(CHATML, EOT, EOT)
+    trained = ChatTemplate(CHATML, EOT, EOT)
     segs = trained.segments(msgs)
     assert fmt.render(msgs[:1]) == segs[0][0] == f"{S}user\n{msgs[0]['content']}{E}\n{S}assistant\n"
     enc = Encoder(gen.tokenizer, trained, 10_000).encode(msgs)
@@ -355,7 +356,7 @@ def test_the_server_chats_with_the_saved_template(sft_run):
     live = Live(best)
     try:
         msgs = [{"role": "user", "content": "Name a color."}]
-        assert live.server.chat.render(msgs) == Template(CHATML, EOT, EOT).prompt(msgs)
+        assert live.server.chat.render(msgs) == ChatTemplate(CHATML, EOT, EOT).prompt(msgs)
         r = live.client().chat.completions.create(model="tiny", messages=msgs, max_tokens=4, temperature=0)
         assert r.choices[0].finish_reason in ("stop", "length")
         assert live.server.gen.tokenizer.token_to_id(E) in live.server.gen.eos_ids

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 import time
 import warnings
@@ -27,16 +26,19 @@ from ..errors import UserError
 from ..generate.cpu_layout import shallow_copy
 from ..generate.onnx_backend import FORMAT, INPUTS, ONNX_FILE, OUTPUTS, OrtCache, OrtModel, is_onnx_dir
 from ..model.gpt import GPT
+from ..model.kv_cache import LayerKVCache
 
 PARITY_LIMIT = 1e-3  # an export whose logits differ more from PyTorch's is refused (1e-5 is typical)
 
 
-class ConcatCache:
-    """The KVCache interface ``GPT.forward`` uses (prepare / update / advance), traceable: past
-    keys/values come in as tensors, new ones are concatenated, the mask follows ``attention_mask``."""
+class ConcatCache(LayerKVCache):
+    """A :class:`~scalelm.model.kv_cache.LayerKVCache` for one traced forward: past keys/values
+    come in as the graph's inputs (any length P >= 0), new ones are concatenated to them (and
+    collected as its outputs), the mask follows ``attention_mask`` and positions are
+    ``position_ids``. No capacity: the caller (onnxruntime's :class:`OrtCache`) holds the past."""
 
     def __init__(self, past_key, past_value, attention_mask, position_ids):
-        self.k, self.v = past_key, past_value  # Attention reads their dtype
+        self.k, self.v = past_key, past_value  # (n_layer, B, kv_heads, P, head_dim)
         self.attention_mask, self.position_ids = attention_mask, position_ids
         self.keys, self.values, self.mask = [], [], None
 
@@ -50,13 +52,14 @@ class ConcatCache:
         return self.position_ids
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        k, v = torch.cat([self.k[layer], k], dim=2), torch.cat([self.v[layer], v], dim=2)
+        k = torch.cat([self.k[layer], k.to(self.k.dtype)], dim=2)
+        v = torch.cat([self.v[layer], v.to(self.v.dtype)], dim=2)
         self.keys.append(k)
         self.values.append(v)
         return k, v, self.mask
 
     def advance(self, T: int) -> None:
-        pass
+        pass  # one forward per cache: the next step's past comes back in as the graph's inputs
 
 
 class DecodeGraph(nn.Module):
@@ -141,15 +144,16 @@ def parity(model: GPT, ort: OrtModel, prompt_len: int = 8, steps: int = 3) -> fl
 
 
 def run_onnx_export(args) -> int:
-    from ..model.hf import TOKENIZER_FILES
+    from ..checkpoint import staged_dir
+    from ..checkpoint.model_dir import copy_files, read_config, write_json
+    from ..checkpoint.names import CONFIG, TOKENIZER_FILES
+    from ..checkpoint.quantized import read_quantization
     from ..model.io import load_model_dir
-    from ..model.manifest import write_manifest
-    from ..model.quant import read_quantization
-    from ..runs import CONFIG, resolve_checkpoint
+    from ..runs import resolve_checkpoint
 
     if args.dtype not in (None, "fp32"):
         raise UserError(f"--format onnx writes float32 (onnxruntime's CPU kernels); leave out --dtype {args.dtype}")
-    src = resolve_checkpoint(args.checkpoint)
+    src = resolve_checkpoint(args.model)
     q = read_quantization(src)
     if q is not None:
         raise UserError(f"{src} is {q['scheme']}-quantized: its packed kernels have no ONNX form; export the float "
@@ -157,22 +161,18 @@ def run_onnx_export(args) -> int:
     out = Path(args.out)
     from ..runs import check_output_dir
 
-    check_output_dir(out, "ONNX export directory", is_onnx_dir, sources=[args.checkpoint, src],
+    check_output_dir(out, "ONNX export directory", is_onnx_dir, sources=[args.model, src],
                      overwrite=args.overwrite)
     model = load_model_dir(src, dtype=torch.float32).eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.onnx-staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
     t0 = time.perf_counter()
-    try:
+    with staged_dir(out) as staging:  # the graph, config and tokenizer files, manifest last, published at once
         print(f"exporting {src} to ONNX (torch.onnx.export, dynamo)", file=sys.stderr)
         export_onnx(model, staging / ONNX_FILE)
         diff = parity(model, OrtModel(staging / ONNX_FILE, model.cfg))
         if not diff <= PARITY_LIMIT:
             raise UserError(f"the exported graph's logits differ from PyTorch's by {diff:.3g} (> {PARITY_LIMIT}): "
                             f"the export is wrong for this model; please report it")
-        src_meta = json.loads((src / CONFIG).read_text())
+        src_meta = read_config(src)
         import onnx
         import onnxruntime
 
@@ -184,17 +184,8 @@ def run_onnx_export(args) -> int:
                          "opset": next((o.version for o in onnx.load(str(staging / ONNX_FILE), load_external_data=False)
                                         .opset_import if o.domain in ("", "ai.onnx")), None)}}
         meta.update({k: src_meta[k] for k in ("step", "hf") if k in src_meta})
-        (staging / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        for name in TOKENIZER_FILES:
-            if (src / name).is_file():
-                shutil.copyfile(src / name, staging / name)
-        write_manifest(staging)
-        from ..fileio import publish_dir
-
-        publish_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        write_json(staging / CONFIG, meta)
+        copy_files(src, staging, TOKENIZER_FILES)
     size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith(ONNX_FILE))
     print(json.dumps({"checkpoint": str(src), "out": str(out), "format": "onnx", "params": model.num_params(),
                       "bytes": size, "max_abs_logit_diff_vs_torch": diff,

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
+from ..checkpoint.names import CKPT_GLOB, TOKENIZER, TOKENIZER_CONFIG
 from ..errors import UserError
 
 if TYPE_CHECKING:
@@ -128,7 +129,9 @@ def _from_hf_dir(d: Path) -> "Tokenizer":
 
 def load_tokenizer(path_or_dir: str | Path) -> "Tokenizer":
     """A ``tokenizers.Tokenizer`` from a tokenizer.json file, a directory holding one (a scalelm
-    DATA_DIR or checkpoint, a Hugging Face model dir), or ``hf:owner/name`` on the Hub."""
+    DATA_DIR, checkpoint or RUN_DIR, an ONNX export, a Hugging Face model dir), or ``hf:owner/name``
+    on the Hub. The one loader of every command: ``prepare``, fine-tuning's ``--tokenizer``/``--base``,
+    and ``generate``/``chat``/``serve`` (a checkpoint's own tokenizer, or ``--tokenizer PATH``)."""
     s = str(path_or_dir)
     if s.startswith("hf:"):
         from .hub import load_hub_tokenizer
@@ -138,21 +141,21 @@ def load_tokenizer(path_or_dir: str | Path) -> "Tokenizer":
     if p.is_file():
         return _from_file(p)
     if p.is_dir():
-        if (p / "tokenizer.json").is_file():
-            return _from_file(p / "tokenizer.json")
-        hf_files = ("tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
+        if (p / TOKENIZER).is_file():
+            return _from_file(p / TOKENIZER)
+        hf_files = (TOKENIZER_CONFIG, "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
         if any((p / f).is_file() for f in hf_files):
             return _from_hf_dir(p)
-        if any(p.glob("ckpt-*/tokenizer.json")):  # a RUN_DIR: its latest checkpoint's tokenizer
-            from ..runs import latest_checkpoint
+        if any(p.glob(f"{CKPT_GLOB}/{TOKENIZER}")):  # a RUN_DIR: its latest checkpoint's tokenizer
+            from ..checkpoint.rundir import latest_checkpoint
 
             ckpt = latest_checkpoint(p)
-            if ckpt is not None and (ckpt / "tokenizer.json").is_file():
-                return _from_file(ckpt / "tokenizer.json")
+            if ckpt is not None and (ckpt / TOKENIZER).is_file():
+                return _from_file(ckpt / TOKENIZER)
         raise TokenizerError(f"{p} holds no tokenizer.json (nor a Hugging Face tokenizer): pass the file, "
                              f"a DATA_DIR, a checkpoint or a model directory")
-    raise TokenizerError(f"tokenizer not found: {p} (expected bpe, char, byte, a tokenizer.json, "
-                         f"a directory holding one, or hf:owner/name)")
+    raise TokenizerError(f"tokenizer not found: {p} (expected a tokenizer.json, a directory holding one, "
+                         f"or hf:owner/name)")
 
 
 # ----------------------------------------------------------------------------- describing
@@ -195,7 +198,7 @@ def dtype_for_vocab(vocab_size: int, requested: str = "auto") -> str:
         raise TokenizerError(f"unknown dtype {requested!r}: use auto, uint16 or uint32")
     if vocab_size > limits[requested]:
         raise TokenizerError(f"a vocabulary of {vocab_size} tokens does not fit {requested} (at most "
-                             f"{limits[requested]} ids): use --dtype uint32 (or auto)"
+                             f"{limits[requested]} ids): use --token-dtype uint32 (or auto)"
                              if requested == "uint16" else
                              f"a vocabulary of {vocab_size} tokens does not fit uint32")
     return requested
@@ -221,7 +224,7 @@ def check_same_tokenizer(data_dir: str | Path, tokenizer_json: Optional[str], wh
     d = Path(data_dir)
     try:
         meta = json.loads((d / "meta.json").read_text())
-        data_json = (d / "tokenizer.json").read_text()
+        data_json = (d / TOKENIZER).read_text()
     except (OSError, json.JSONDecodeError) as e:
         raise TokenizerError(f"{d} is not a readable prepared data directory ({e}): prepare one with "
                              f"`scalelm prepare --input SRC --out NEW_DIR` (prepare replaces only a DATA_DIR)") from None

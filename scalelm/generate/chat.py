@@ -10,11 +10,11 @@ Hugging Face), in a Jinja sandbox as ``transformers`` does; otherwise with a pla
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
+from ..data.chat_template import ChatTemplate, special_token_text, template_source
 from .terminal import for_stdout
 from .generator import (
     GenerationError,
@@ -31,69 +31,43 @@ PLAIN_STOPS = ["\nUser:"]
 
 def _special_token(gen: Generator, tokenizer_dir: Optional[Path], name: str, token_id) -> str:
     """bos/eos as text for templates: from tokenizer_config.json, else decoded from its id."""
-    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer_config.json").is_file():
-        try:
-            cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            cfg = {}  # as read_chat_template: an unreadable config holds no template either
-        v = cfg.get(name) if isinstance(cfg, dict) else None
-        if isinstance(v, dict):
-            v = v.get("content")
-        if isinstance(v, str):
-            return v
+    text = special_token_text(tokenizer_dir, name)
+    if text is not None:
+        return text
     if token_id is None or gen.tokenizer is None:
         return ""
     return gen.tokenizer.id_to_token(int(token_id)) or ""
 
 
+def checkpoint_template(gen: Generator, tokenizer_dir: Optional[Path] = None,
+                        advice: str = "") -> Optional[ChatTemplate]:
+    """The checkpoint's chat template (None if it has none), with the bos/eos strings it is rendered
+    with: ``tokenizer_dir``'s tokenizer_config.json (what SFT training wrote), else the tokens of
+    the model's bos/eos ids."""
+    if not gen.chat_template:
+        return None
+    where = "the chat template"
+    if tokenizer_dir is not None:  # where read_chat_template found it
+        where += f" in {template_source(tokenizer_dir)}"
+    bos = _special_token(gen, tokenizer_dir, "bos_token", gen.bos_id)
+    eos = _special_token(gen, tokenizer_dir, "eos_token", min(gen.eos_ids) if gen.eos_ids else None)
+    return ChatTemplate(gen.chat_template, bos, eos, "checkpoint", where=where, advice=advice)
+
+
 class ChatFormat:
-    """Renders a message list to the prompt that asks for the assistant's next reply."""
+    """Renders a message list to the prompt that asks for the assistant's next reply: with the
+    checkpoint's :class:`~scalelm.data.chat_template.ChatTemplate` (``template``; the one SFT
+    training rendered with), else as a plain ``User:``/``Assistant:`` transcript."""
 
     def __init__(self, gen: Generator, tokenizer_dir: Optional[Path] = None, plain: bool = False):
         self.gen = gen
-        self.template = None if plain else gen.chat_template
+        self.template = None if plain else checkpoint_template(gen, tokenizer_dir,
+                                                                "fix it, or chat without it with --plain")
         self.stops = [] if self.template else PLAIN_STOPS
-        if self.template:
-            try:
-                from jinja2.sandbox import ImmutableSandboxedEnvironment
-            except ImportError:
-                raise GenerationError("this checkpoint's chat template needs jinja2: pip install jinja2") from None
-
-            def raise_exception(msg):
-                raise GenerationError(f"the chat template refused the conversation: {msg}")
-
-            from jinja2 import TemplateError
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = raise_exception
-            env.globals["strftime_now"] = lambda fmt: __import__("datetime").datetime.now().strftime(fmt)
-            self._where = "the chat template"
-            if tokenizer_dir is not None:  # where read_chat_template found it
-                jinja = tokenizer_dir / "chat_template.jinja"
-                self._where += f" in {jinja if jinja.is_file() else tokenizer_dir / 'tokenizer_config.json'}"
-            try:
-                self._compiled = env.from_string(self.template)
-            except TemplateError as e:
-                line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
-                raise GenerationError(f"{self._where} is not valid Jinja{line}: {str(e).rstrip('.')}; fix it, "
-                                      "or chat without it with --plain") from None
-            eos = min(gen.eos_ids) if gen.eos_ids else None
-            self.bos = _special_token(gen, tokenizer_dir, "bos_token", gen.bos_id)
-            self.eos = _special_token(gen, tokenizer_dir, "eos_token", eos)
 
     def render(self, messages: list[dict]) -> str:
-        if self.template:
-            try:
-                return self._compiled.render(messages=messages, add_generation_prompt=True,
-                                             bos_token=self.bos, eos_token=self.eos)
-            except GenerationError:
-                raise
-            except Exception as e:  # the template is the checkpoint's code: any failure is its own
-                from jinja2.sandbox import SecurityError
-
-                what = "uses an operation the sandbox blocks" if isinstance(e, SecurityError) else "failed"
-                raise GenerationError(f"{self._where} {what}: {type(e).__name__}: {str(e).rstrip('.')}; fix it, "
-                                      "or chat without it with --plain") from None
+        if self.template is not None:
+            return self.template.prompt(messages)
         parts = [m["content"] + "\n\n" for m in messages if m["role"] == "system"]
         for m in messages:
             if m["role"] == "user":
@@ -104,7 +78,7 @@ class ChatFormat:
 
     def encode(self, messages: list[dict]) -> list[int]:
         # a template writes its own special tokens (bos); do not let the tokenizer add them again
-        return self.gen.encode(self.render(messages), add_special_tokens=not self.template)
+        return self.gen.encode(self.render(messages), add_special_tokens=self.template is None)
 
 
 def fit_context(fmt: ChatFormat, messages: list[dict], room: int) -> tuple[list[dict], list[int]]:
@@ -136,11 +110,11 @@ def run_chat(args) -> int:
     sampling = sampling_from_args(args)
     gen = generator_from_args(args)
     if gen.tokenizer is None:
-        raise GenerationError(f"{args.ckpt} has no tokenizer.json: chat needs one (pass --tokenizer PATH)")
+        raise GenerationError(f"{args.model} has no tokenizer.json: chat needs one (pass --tokenizer PATH)")
     tok_dir = Path(args.tokenizer) if args.tokenizer else None
     if tok_dir is not None and not tok_dir.is_dir():
         tok_dir = tok_dir.parent
-    fmt = ChatFormat(gen, tok_dir or _ckpt_dir(args.ckpt), plain=args.plain)
+    fmt = ChatFormat(gen, tok_dir or _ckpt_dir(args.model), plain=args.plain)
     seed = pick_seed(args, sampling)
     interactive = sys.stdin.isatty()
     print(f"chat ({'chat template' if fmt.template else 'plain User:/Assistant: format'}); "

@@ -30,11 +30,16 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from ..cliargs import TORCH_NAMES, add_dtype_arg, add_model_arg
+from ..data.chat_template import read_chat_template
+from ..data.tokenizer import load_tokenizer
 from ..fileio import json_safe
-from ..model.gpt import GPT, KVCache
+from ..model.gpt import GPT
 from ..model.io import load_model_dir
+from ..model.kv_cache import GeneratorKVCache, PreallocatedKVCache
 from ..precision import pick_device
 from ..runs import TOKENIZER, resolve_checkpoint
+from .beam import add_beam_args, check_beam_args
 from .cpu_layout import compile_decode_step, pack_linears, shallow_copy, should_pack
 from .outputs import Completion, Event, GenerationError  # defined there, imported from here too
 from .sampling import SamplingParams, next_token
@@ -64,41 +69,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "float16" and device.type == "cpu":
         raise GenerationError("float16 on CPU is very slow and has no advantage; use bfloat16 or float32")
     return DTYPES[dtype]
-
-
-def load_tokenizer(path: Union[str, Path]):
-    """A ``tokenizers.Tokenizer`` from a tokenizer.json file or a directory holding one."""
-    from tokenizers import Tokenizer
-
-    p = Path(path)
-    f = p / TOKENIZER if p.is_dir() else p
-    if not f.is_file():
-        raise GenerationError(f"tokenizer not found: {f}")
-    try:
-        return Tokenizer.from_str(f.read_text())
-    except Exception as e:  # tokenizers raises plain Exception subclasses on bad JSON
-        raise GenerationError(f"{f} is not a valid tokenizer.json: {e}") from None
-
-
-def read_chat_template(tokenizer_dir: Path) -> Optional[str]:
-    """The Jinja chat template of an HF-style tokenizer directory, if it has one."""
-    jinja = tokenizer_dir / "chat_template.jinja"
-    if jinja.is_file():
-        try:
-            return jinja.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise GenerationError(f"{jinja} is not valid UTF-8 (byte {e.start}): fix or delete it") from None
-    cfg = tokenizer_dir / "tokenizer_config.json"
-    if cfg.is_file():
-        try:
-            t = json.loads(cfg.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        t = t.get("chat_template") if isinstance(t, dict) else None
-        if isinstance(t, list):  # named templates: [{"name": "default", "template": ...}, ...]
-            t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
-        return t if isinstance(t, str) else None
-    return None
 
 
 def _check_other_tokenizer(tok, given: Union[str, Path], ckpt: Path, model_vocab: int) -> None:
@@ -177,7 +147,8 @@ class Generator:
             _check_other_tokenizer(tok, tokenizer, ckpt, model.cfg.vocab_size)
             bos = eos = tok.token_to_id(EOT)
         eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
-        template = read_chat_template(tok_src if tok_src.is_dir() else tok_src.parent)
+        tok_dir = tok_src if tok_src.is_dir() else tok_src.parent if tok_src.is_file() else None  # not hf:NAME
+        template = read_chat_template(tok_dir) if tok_dir is not None else None
         spec = {} if draft is None and not prompt_lookup else dict(speculate_k=speculate_k, prompt_lookup=prompt_lookup)
         if draft is not None:  # refused unless it has the target's vocabulary and tokenizer
             spec["draft"] = load_draft(draft, model, str(tokenizer or path), tok, verify)
@@ -312,18 +283,18 @@ class Generator:
         for b in live:
             yield self._finish(comps[b], texts[b], "length", done)
 
-    def _new_cache(self, batch_size: int, capacity: int):
+    def _new_cache(self, batch_size: int, capacity: int) -> GeneratorKVCache:
         """The cache one ``_decode`` fills (another runtime's model brings its own, see onnx_backend)."""
         own = getattr(self.model, "new_cache", None)
         if own is not None:
             return own(batch_size, capacity)
-        return KVCache(self.cfg, batch_size, max_len=capacity, device=self.device, dtype=self.dtype)
+        return PreallocatedKVCache(self.cfg, batch_size, max_len=capacity, device=self.device, dtype=self.dtype)
 
-    def _prefill(self, cache: KVCache, seqs: list[list[int]]) -> torch.Tensor:
+    def _prefill(self, cache: GeneratorKVCache, seqs: list[list[int]]) -> torch.Tensor:
         """Left-pad rows to one length, reset the cache and run them; last-position logits."""
         return self.model(self._left_padded(cache, seqs), kv_cache=cache, last_only=True)[0][:, -1]
 
-    def _left_padded(self, cache: KVCache, seqs: list[list[int]]) -> torch.Tensor:
+    def _left_padded(self, cache: GeneratorKVCache, seqs: list[list[int]]) -> torch.Tensor:
         """``seqs`` left-padded to one length (on the device), the cache reset to skip the padding."""
         T = max(map(len, seqs))
         idx = torch.zeros(len(seqs), T, dtype=torch.long)
@@ -356,13 +327,12 @@ def generate_text(model: GPT, tokenizer, prompt: str, max_new_tokens: int = 128,
 
 def add_model_args(p) -> None:
     """Options shared by ``generate`` and ``chat``: which model, where, in what precision."""
-    p.add_argument("ckpt", help="model directory, or a RUN_DIR (its latest checkpoint)")
+    add_model_arg(p)
     p.add_argument("--tokenizer", metavar="PATH", help="tokenizer.json (or a directory with one) "
                    "instead of the checkpoint's")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="weights and cache precision; auto = bfloat16 on a GPU that has it, else float32 "
-                        "(bfloat16 is faster on CPUs with avx512_bf16 or AMX)")
+    add_dtype_arg(p, help="weights and cache dtype; auto = bf16 on a GPU that has it, else fp32 (bf16 is "
+                          "faster on CPUs with avx512_bf16 or AMX)")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step (weights frozen "
                    "as constants; the first tokens wait for compilation, up to minutes on CPU)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's); on a busy machine 1 can be "
@@ -401,7 +371,7 @@ def generator_from_args(args) -> Generator:
 
         check_ort_args(args)
     gen = Generator.from_checkpoint(
-        args.ckpt, args.tokenizer, args.device, args.dtype, args.compile,
+        args.model, args.tokenizer, args.device, TORCH_NAMES.get(args.dtype, args.dtype), args.compile,
         verify=not getattr(args, "no_verify", False), backend=backend, **spec)
     print(f"loaded {gen.cfg.n_layer}-layer model ({sum(p.numel() for p in gen.model.parameters()) / 1e6:.1f}M "
           f"params, {str(gen.dtype).removeprefix('torch.')}, {gen.device}) in {time.perf_counter() - t:.1f}s",
@@ -429,7 +399,7 @@ def unescape(s: str) -> str:
 def add_generate_parser(p) -> None:
     add_model_args(p)
     p.add_argument("--backend", choices=["torch", "onnxruntime"], default="torch",
-                   help="onnxruntime: run a directory from `scalelm export --format onnx` (CPU, float32)")
+                   help="onnxruntime: run a directory from `scalelm export --format onnx` (CPU, fp32)")
     src = p.add_argument_group("prompt (none: start from end-of-text)")
     src.add_argument("--prompt", action="append", help="prompt text; repeat for a batch of prompts")
     src.add_argument("--prompt-file", metavar="F", help="read the prompt from a file ('-' = stdin)")
@@ -447,6 +417,7 @@ def add_generate_parser(p) -> None:
     p.add_argument("--raw", action="store_true", help="write control characters as they are even to a terminal "
                    "(by default a terminal gets them escaped, e.g. \\x1b; pipes always get the plain text)")
     add_speculative_args(p)
+    add_beam_args(p)  # last: it records the defaults of the options it refuses
 
 
 def _read_prompts(args) -> list[Prompt]:
@@ -536,26 +507,34 @@ def run_generate(args) -> int:
     import sys
     import time
 
+    beams = check_beam_args(args)  # before loading anything: a wrong combination fails fast
     sampling = sampling_from_args(args)
     prompts = _read_prompts(args)
     gen = generator_from_args(args)
     if gen.tokenizer is None and any(isinstance(p, str) for p in prompts):
-        raise GenerationError(f"{args.ckpt} has no tokenizer.json: pass --tokenizer PATH, or the prompt "
+        raise GenerationError(f"{args.model} has no tokenizer.json: pass --tokenizer PATH, or the prompt "
                               "as token ids with --prompt-ids")
-    seed = pick_seed(args, sampling)
-    printer = _RowPrinter(gen, prompts, args.num_samples, args.echo, args.raw) if args.stream and not args.json else None
-    out: dict[int, Completion] = {}
+    printer = None
     t0, t_first, n_tok = time.perf_counter(), None, 0
-    for ev in gen.stream(prompts, args.max_new_tokens, sampling=sampling, stop=[unescape(s) for s in args.stop],
-                         seed=seed, num_samples=args.num_samples, truncate=args.truncate,
-                         ignore_eos=args.ignore_eos, completions=out):
-        if ev.token is not None:
-            n_tok += 1
-            t_first = t_first or time.perf_counter()
-        if printer:
-            printer.event(ev)
+    if beams:  # one best continuation per prompt, known only when the search ends
+        comps = gen.beam_search(prompts, args.beams, args.max_new_tokens, truncate=args.truncate,
+                                ignore_eos=args.ignore_eos)
+        n_tok = sum(len(c.tokens) for c in comps)
+    else:
+        seed = pick_seed(args, sampling)
+        printer = (_RowPrinter(gen, prompts, args.num_samples, args.echo, args.raw)
+                   if args.stream and not args.json else None)
+        out: dict[int, Completion] = {}
+        for ev in gen.stream(prompts, args.max_new_tokens, sampling=sampling, stop=[unescape(s) for s in args.stop],
+                             seed=seed, num_samples=args.num_samples, truncate=args.truncate,
+                             ignore_eos=args.ignore_eos, completions=out):
+            if ev.token is not None:
+                n_tok += 1
+                t_first = t_first or time.perf_counter()
+            if printer:
+                printer.event(ev)
+        comps = [out[i] for i in sorted(out)]
     elapsed = time.perf_counter() - t0
-    comps = [out[i] for i in sorted(out)]
     if args.json:
         for c in comps:
             print(json.dumps(json_safe({"index": c.index, "prompt_index": c.index // args.num_samples,

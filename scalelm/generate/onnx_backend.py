@@ -27,6 +27,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import CheckpointError
+from ..model.kv_cache import GeneratorKVCache
 from ..model.manifest import verify_manifest
 from ..runs import CONFIG
 from .outputs import GenerationError
@@ -60,19 +61,39 @@ def read_onnx_config(d: Path) -> tuple[ModelConfig, dict]:
     return model_config_from_dict(meta["model"], str(d / CONFIG)), meta
 
 
-class OrtCache:
-    """What the generator needs of a KV cache (``pos``, ``max_len``, ``reset``): the past keys and
-    values are onnxruntime's own outputs, fed back in at the next step."""
+class OrtCache(GeneratorKVCache):
+    """The past keys and values of onnxruntime's graph, fed back in at the next step (its
+    ``present_key``/``present_value`` outputs). A :class:`~scalelm.model.kv_cache.GeneratorKVCache`,
+    so ``Generator`` drives it as it drives the GPT's cache: fill position, left padding, and rows
+    reordered for beam search. The graph writes keys/values inside itself (no per-layer ``update``)."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int):
         self.max_len, self.batch_size = max_len, batch_size
-        self.empty = np.zeros((cfg.n_layer, batch_size, cfg.kv_heads, 0, cfg.head_dim), np.float32)
+        self._dims = (cfg.n_layer, cfg.kv_heads, cfg.head_dim)
+        self.mask: Optional[np.ndarray] = None
         self.reset()
 
     def reset(self, start: Optional[torch.Tensor] = None) -> None:
         self.pos = 0
         self.start = np.zeros(self.batch_size, np.int64) if start is None else start.cpu().numpy().astype(np.int64)
-        self.k = self.v = self.empty
+        L, H, D = self._dims
+        self.k = self.v = np.zeros((L, self.batch_size, H, 0, D), np.float32)
+
+    def prepare(self, T: int) -> np.ndarray:
+        """The graph's ``position_ids`` for ``T`` new tokens; sets ``mask`` (its ``attention_mask``)."""
+        if self.pos + T > self.max_len:
+            raise ValueError(f"KV cache full: {self.pos} + {T} tokens exceed its {self.max_len} slots")
+        slots = np.arange(self.pos, self.pos + T, dtype=np.int64)
+        self.mask = (np.arange(self.pos + T, dtype=np.int64)[None, :] >= self.start[:, None]).astype(np.int64)
+        return np.clip(slots[None, :] - self.start[:, None], 0, None)
+
+    def advance(self, T: int) -> None:
+        self.pos += T
+
+    def index_rows(self, order: torch.Tensor) -> None:
+        o = order.cpu().numpy()
+        self.k, self.v, self.start = self.k[:, o], self.v[:, o], self.start[o]  # (copies: contiguous for the graph)
+        self.batch_size = len(o)
 
 
 class OrtModel:
@@ -105,22 +126,18 @@ class OrtModel:
         return OrtCache(self.cfg, batch_size, capacity)
 
     def run(self, ids: np.ndarray, cache: OrtCache, positions: np.ndarray) -> np.ndarray:
-        B, T = ids.shape
-        if cache.pos + T > cache.max_len:
-            raise ValueError(f"KV cache full: {cache.pos} + {T} tokens exceed its {cache.max_len} slots")
-        slots = np.arange(cache.pos, cache.pos + T, dtype=np.int64)
-        position_ids = np.clip(slots[None, :] - cache.start[:, None], 0, None)
-        mask = (np.arange(cache.pos + T, dtype=np.int64)[None, :] >= cache.start[:, None]).astype(np.int64)
+        T = ids.shape[1]
+        position_ids = cache.prepare(T)
         logits, cache.k, cache.v = self.session.run(list(OUTPUTS), {
-            "input_ids": ids, "position_ids": position_ids, "attention_mask": mask, "past_key": cache.k,
+            "input_ids": ids, "position_ids": position_ids, "attention_mask": cache.mask, "past_key": cache.k,
             "past_value": cache.v, "logit_positions": positions})
-        cache.pos += T
+        cache.advance(T)
         return logits
 
     def __call__(self, idx: torch.Tensor, kv_cache: OrtCache, last_only: bool = False, **_):
         if not isinstance(kv_cache, OrtCache):
-            raise GenerationError("the onnxruntime backend runs plain decoding only (greedy or sampled, no beam search "
-                                  "or speculative decoding): use the PyTorch backend for those")
+            raise GenerationError("the onnxruntime backend runs the Generator's decoding (greedy, sampled or beam "
+                                  "search), not speculative decoding: use the PyTorch backend for that")
         ids = np.ascontiguousarray(idx.cpu().numpy(), dtype=np.int64)
         T = ids.shape[1]
         positions = np.array([T - 1] if last_only else range(T), dtype=np.int64)
@@ -149,6 +166,6 @@ def check_ort_args(args) -> None:
                                    ("--draft", getattr(args, "draft", None)),
                                    ("--prompt-lookup", getattr(args, "prompt_lookup", 0)),
                                    (f"--device {device}", device not in ("auto", "cpu")),
-                                   (f"--dtype {dtype}", dtype not in ("auto", "float32"))) if on]
+                                   (f"--dtype {dtype}", dtype not in ("auto", "fp32"))) if on]
     if unsupported:
-        raise GenerationError(f"{', '.join(unsupported)}: not available with --backend onnxruntime (CPU, float32)")
+        raise GenerationError(f"{', '.join(unsupported)}: not available with --backend onnxruntime (CPU, fp32)")

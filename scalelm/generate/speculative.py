@@ -23,8 +23,8 @@ as plain sampling's (prompt lookup is a proposer whose q puts all mass on its to
 draws differ, so a seed reproduces speculative samples but not plain ones. End-of-text, stop
 strings, ``max_new_tokens`` and the events of ``stream`` behave as in :class:`Generator`.
 
-Batches: rows accept different numbers of drafts, but a :class:`KVCache` has one fill position
-for the batch. After each step every row's cache is shifted so that all rows end at the same
+Batches: rows accept different numbers of drafts, but a :class:`PreallocatedKVCache` has one fill
+position for the batch. After each step every row's cache is shifted so that all rows end at the same
 slot again, with left padding for the shorter ones: the cache's per-row ``start`` moves with the
 keys, so position ids and the padding mask stay right and nothing is recomputed. The cost is one
 copy per step of the kept keys and values of each row whose padding changed (the same bytes the
@@ -46,8 +46,9 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from ..model.gpt import GPT, KVCache
+from ..model.gpt import GPT
 from ..model.io import load_model_dir
+from ..model.kv_cache import PreallocatedKVCache
 from ..runs import TOKENIZER, resolve_checkpoint
 from .cpu_layout import pack_linears, shallow_copy, should_pack
 from .outputs import Completion, Event, GenerationError
@@ -109,7 +110,8 @@ class _CachedLM:
         self.model = model
         bs = model.cfg.block_size
         self.window = max(1, bs - bs // 4)  # tokens kept when the window slides, as Generator.window_keep
-        self.cache = KVCache(model.cfg, batch, max_len=min(bs, capacity), device=device, dtype=dtype)
+        self.cache = PreallocatedKVCache(model.cfg, batch, max_len=min(bs, capacity), device=device,
+                                         dtype=dtype)
         self.off, self.held, self.lo = [0] * batch, [0] * batch, [0] * batch
         self.dead: set[int] = set()
 

@@ -22,17 +22,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
-from .gpt import (
-    MLP,
-    Attention,
-    Block,
-    KVCache,
-    _autocast_once,
-    encdec_flops_per_token,
-    gpt2_init_,
-    make_norm,
-    rope_tables,
-)
+from .gpt import MLP, Attention, Block, _autocast_once, encdec_flops_per_token, gpt2_init_, make_norm, rope_tables
+from .kv_cache import LayerKVCache, PreallocatedKVCache
 from .loss import IGNORE_INDEX, cross_entropy
 
 
@@ -83,7 +74,7 @@ class DecoderBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, memory, src_mask, rope=None, kv_cache: Optional[KVCache] = None, layer: int = 0,
+    def forward(self, x, memory, src_mask, rope=None, kv_cache: Optional[LayerKVCache] = None, layer: int = 0,
                 cross_kv=None):
         x = x + self.drop(self.attn(_autocast_once(self.attn_norm(x)), rope, kv_cache, layer))
         kv = cross_kv if cross_kv is not None else self.cross.kv(memory)
@@ -96,9 +87,11 @@ def source_mask(src_valid: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if src_valid is None else src_valid[:, None, None, :]
 
 
-class Seq2SeqCache(KVCache):
+class Seq2SeqCache(PreallocatedKVCache):
     """The decoder's self-attention cache plus, per layer, the cross-attention keys/values of
-    the encoded source and its padding mask (computed once, reordered with the beams)."""
+    the encoded source and its padding mask (computed once, reordered with the beams). A
+    :class:`~scalelm.model.kv_cache.GeneratorKVCache`, so ``Generator``'s decoding and beam
+    search drive it as they drive the GPT's."""
 
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: Optional[int] = None, device=None,
                  dtype=torch.float32):

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ModelConfig
+from .kv_cache import LayerKVCache
 from .loss import IGNORE_INDEX, cross_entropy  # noqa: F401  (IGNORE_INDEX is re-exported)
 
 
@@ -76,70 +77,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (_up(x) * cos + _up(rotated) * sin).type_as(x)
 
 
-class KVCache:
-    """Pre-allocated keys/values for incremental decoding: (n_layer, B, n_kv_head, S, head_dim).
-
-    Static shape, so a decode step can be compiled or graph-captured. ``pos`` is the number of
-    slots filled. Rows of a batch may start at different slots (left padding): ``start[b]`` is
-    the first real slot of row b, and position ids count from there.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: Optional[int] = None,
-                 device=None, dtype=torch.float32):
-        self.max_len = max_len or cfg.block_size
-        shape = (cfg.n_layer, batch_size, cfg.kv_heads, self.max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.start = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.pos = 0
-        self.static = False  # True: attend over the whole buffer (fixed shapes) instead of [:pos]
-        self._padded = False  # any row starting after slot 0 (left padding)
-        self._mask: Optional[torch.Tensor] = None
-
-    @property
-    def batch_size(self) -> int:
-        return self.k.shape[1]
-
-    def reset(self, start: Optional[torch.Tensor] = None) -> None:
-        self.pos = 0
-        self.start = (start.to(self.start.device) if start is not None else torch.zeros_like(self.start))
-        self._padded = start is not None and bool((start > 0).any())
-
-    def prepare(self, T: int) -> torch.Tensor:
-        """Called once per forward: returns position ids (B or 1, T) and sets the attention mask."""
-        if self.pos + T > self.max_len:
-            raise ValueError(f"KV cache full: {self.pos} + {T} tokens exceed its {self.max_len} slots")
-        dev = self.k.device
-        q_slot = torch.arange(self.pos, self.pos + T, device=dev)
-        if not self._padded and not self.static and (T == 1 or self.pos == 0):
-            self._mask = None  # plain causal (prefill) or one new token seeing all: no mask to build
-            return q_slot[None, :]
-        k_len = self.max_len if self.static else self.pos + T
-        k_slot = torch.arange(k_len, device=dev)
-        causal = k_slot[None, :] <= q_slot[:, None]  # (T, S)
-        valid = k_slot[None, :] >= self.start[:, None]  # (B, S): skip left padding
-        # a padding query sees its own slot, so no row is fully masked (NaN on some kernels)
-        own = k_slot[None, :] == q_slot[:, None]
-        self._mask = ((causal[None] & valid[:, None, :]) | own[None])[:, None]  # (B, 1, T, S)
-        return (q_slot[None, :] - self.start[:, None]).clamp(min=0)
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        T = k.shape[2]
-        self.k[layer, :, :, self.pos:self.pos + T] = k
-        self.v[layer, :, :, self.pos:self.pos + T] = v
-        end = self.max_len if self.static else self.pos + T
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], self._mask
-
-    def advance(self, T: int) -> None:
-        self.pos += T
-
-    def index_rows(self, order: torch.Tensor) -> None:
-        """Keep rows ``order`` (may repeat or reorder rows, e.g. beams following their parents)."""
-        self.k = self.k.index_select(1, order)
-        self.v = self.v.index_select(1, order)
-        self.start = self.start.index_select(0, order)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -150,7 +87,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
-    def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None, layer: int = 0,
+    def forward(self, x, rope=None, kv_cache: Optional[LayerKVCache] = None, layer: int = 0,
                 mask: Optional[torch.Tensor] = None):
         B, T, _ = x.shape
         # -1 instead of n_head: under tensor parallelism each rank sees only its local heads
@@ -159,8 +96,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if kv_cache is not None:
-            k, v, mask = kv_cache.update(layer, k.to(kv_cache.k.dtype), v.to(kv_cache.v.dtype))
+        if kv_cache is not None:  # it stores k, v in its own dtype; attention runs in the input's
+            k, v, mask = kv_cache.update(layer, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
         gqa = self.n_kv_head != self.n_head  # from the config, not shapes: static under compile
         causal = True if mask is None and T > 1 else False  # a Python bool even when T is symbolic
@@ -193,7 +130,7 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope=None, kv_cache: Optional[KVCache] = None, layer: int = 0,
+    def forward(self, x, rope=None, kv_cache: Optional[LayerKVCache] = None, layer: int = 0,
                 mask: Optional[torch.Tensor] = None):
         h = _autocast_once(self.attn_norm(x))
         # the mask only when there is one: tensor parallelism's input plan names four inputs
@@ -261,7 +198,7 @@ class GPT(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None, *,
-                kv_cache: Optional[KVCache] = None, pos_ids: Optional[torch.Tensor] = None,
+                kv_cache: Optional[LayerKVCache] = None, pos_ids: Optional[torch.Tensor] = None,
                 last_only: bool = False, attn_mask: Optional[torch.Tensor] = None):
         """idx: (B, T) token ids (or hidden states on a later pipeline stage).
 
@@ -282,7 +219,7 @@ class GPT(nn.Module):
             loss = cross_entropy(logits, targets)  # fp32, chunked: see scalelm/loss.py
         return logits, loss
 
-    def hidden_states(self, idx: torch.Tensor, *, kv_cache: Optional[KVCache] = None,
+    def hidden_states(self, idx: torch.Tensor, *, kv_cache: Optional[LayerKVCache] = None,
                       pos_ids: Optional[torch.Tensor] = None, attn_mask: Optional[torch.Tensor] = None):
         """The last block's output after the final norm, ``(B, T, n_embd)`` (what the LM head and a
         task head read); on a pipeline stage without the head, that stage's raw output."""

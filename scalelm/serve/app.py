@@ -59,6 +59,31 @@ class _Stream(StreamingResponse):
             self.sub.cancel()
 
 
+# ----------------------------------------------------------------------------- chat prompts
+def chat_messages(body: ChatCompletionRequest) -> list[dict]:
+    """A request's messages as a chat template reads them: text parts joined, ``developer`` as ``system``."""
+    msgs = []
+    for m in body.messages:
+        content = m.content
+        if isinstance(content, list):
+            if any(part.type != "text" for part in content):
+                raise APIError(400, "Only text content parts are supported.", param="messages")
+            content = "".join(part.text or "" for part in content)
+        msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content or "",
+                     **({"name": m.name} if m.name else {})})
+    return msgs
+
+
+def chat_prompt_ids(server: Server, body: ChatCompletionRequest) -> list[int]:
+    """The prompt of a chat request: its messages rendered as ``scalelm chat`` renders them (the
+    model's :class:`~scalelm.data.chat_template.ChatTemplate`, the one SFT training used), tokenized."""
+    try:
+        text = server.chat.render(chat_messages(body))
+    except UserError as e:
+        raise APIError(400, str(e), param="messages") from None
+    return server.check_ids(server.encode(text, "messages", special=server.chat.template is None), "messages")
+
+
 # ----------------------------------------------------------------------------- the app
 def error_chunk(ev) -> str:
     """The stream's last event when a decode step failed (the HTTP status is already sent)."""
@@ -228,20 +253,7 @@ def create_app(server: Server) -> FastAPI:
         if server.chat is None:
             raise APIError(400, server.chat_error, param="messages", code="no_chat_template")
         ready()
-        msgs = []
-        for m in body.messages:
-            content = m.content
-            if isinstance(content, list):
-                if any(part.type != "text" for part in content):
-                    raise APIError(400, "Only text content parts are supported.", param="messages")
-                content = "".join(part.text or "" for part in content)
-            msgs.append({"role": "system" if m.role == "developer" else m.role, "content": content or "",
-                         **({"name": m.name} if m.name else {})})
-        try:
-            text = server.chat.render(msgs)
-        except UserError as e:
-            raise APIError(400, str(e), param="messages") from None
-        ids = server.check_ids(server.encode(text, "messages", special=not server.chat.template), "messages")
+        ids = chat_prompt_ids(server, body)
         ctx = server.gen.cfg.block_size
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens is None:

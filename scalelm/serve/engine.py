@@ -35,7 +35,7 @@ import torch
 from ..generate.generator import Generator
 from ..generate.sampling import SamplingParams, apply_repetition_penalty, next_token
 from ..generate.textstream import TextStream
-from ..model.gpt import KVCache
+from ..model.kv_cache import LayerKVCache, PreallocatedKVCache
 
 log = logging.getLogger("scalelm.serve")
 
@@ -97,11 +97,13 @@ class Seq:
         self.submitted = time.perf_counter()
 
 
-class BatchCache:
+class BatchCache(LayerKVCache):
     """Keys/values of up to ``rows`` sequences, each of its own length: (layers, rows, kv_heads, S, head_dim).
 
-    ``GPT.forward`` uses it as it uses :class:`KVCache` (``prepare``, ``update``, ``advance``),
-    for one-token steps over the first ``n`` rows (:meth:`begin`)."""
+    A :class:`~scalelm.model.kv_cache.LayerKVCache`: ``GPT.forward`` uses it as any cache
+    (``prepare``, ``update``, ``advance``), for one-token steps over the first ``n`` rows
+    (:meth:`begin`). Prompts are prefilled alone into a ``PreallocatedKVCache`` and copied in
+    (:meth:`put`)."""
 
     def __init__(self, cfg, rows: int, device=None, dtype=torch.float32):
         shape = (cfg.n_layer, rows, cfg.kv_heads, cfg.block_size, cfg.head_dim)
@@ -126,19 +128,20 @@ class BatchCache:
 
     def prepare(self, T: int) -> torch.Tensor:
         if T != 1:
-            raise ValueError("BatchCache runs one-token decode steps; prefill uses a KVCache")
+            raise ValueError("BatchCache runs one-token decode steps; prefill uses a PreallocatedKVCache")
         return self._slot[:, None]  # each row's position is its length
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        self.k[layer, self._rows, :, self._slot] = k[:, :, 0]
-        self.v[layer, self._rows, :, self._slot] = v[:, :, 0]
+        # an indexed write does not convert dtypes as a slice assignment does: convert first
+        self.k[layer, self._rows, :, self._slot] = k[:, :, 0].to(self.k.dtype)
+        self.v[layer, self._rows, :, self._slot] = v[:, :, 0].to(self.v.dtype)
         return self.k[layer, :self.n, :, :self._end], self.v[layer, :self.n, :, :self._end], self._mask
 
     def advance(self, T: int) -> None:
         for i in range(self.n):
             self.lens[i] += T
 
-    def put(self, row: int, cache: KVCache, length: int) -> None:
+    def put(self, row: int, cache: PreallocatedKVCache, length: int) -> None:
         """Copy a prefilled one-row cache into ``row``."""
         self.k[:, row, :, :length] = cache.k[:, 0, :, :length]
         self.v[:, row, :, :length] = cache.v[:, 0, :, :length]
@@ -269,7 +272,7 @@ class Engine:
             out.setdefault(s, []).append(Event(s.index, None, "", finish_reason="length"))
             return
         t = time.perf_counter()
-        tmp = KVCache(self.cfg, 1, max_len=len(ids), device=self.gen.device, dtype=self.gen.dtype)
+        tmp = PreallocatedKVCache(self.cfg, 1, max_len=len(ids), device=self.gen.device, dtype=self.gen.dtype)
         x = torch.tensor([ids], device=self.gen.device)
         logits = self.gen.model(x, kv_cache=tmp, last_only=not p.prompt_logprobs)[0][0]  # (T or 1, V)
         if p.prompt_logprobs:

@@ -1,11 +1,11 @@
 """Conversations -> token ids with the positions that count in the loss.
 
-Each segment of a rendered conversation (:meth:`Template.segments`) is tokenized on its own, as
-``scalelm chat`` tokenizes a prompt before the model replies, so training sees the token
-boundaries inference will see. An example's targets are its next tokens where the next token is
-part of a reply (``IGNORE_INDEX`` elsewhere); ``loss_on="all"`` counts every token instead.
-Examples longer than the context are cut at the end; one whose reply is cut away entirely
-teaches nothing and is dropped (and reported).
+Each segment of a rendered conversation (:meth:`~scalelm.data.chat_template.ChatTemplate.segments`)
+is tokenized on its own, as ``scalelm chat`` tokenizes a prompt before the model replies, so
+training sees the token boundaries inference will see. An example's targets are its next tokens
+where the next token is part of a reply (``IGNORE_INDEX`` elsewhere); ``loss_on="all"`` counts
+every token instead. Examples longer than the context are cut at the end; one whose reply is cut
+away entirely teaches nothing and is dropped (and reported).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ...data.chat_template import ChatTemplate
 from ...errors import UserError
-from .template import Template
 
 LOSS_ON = ("completion", "all")
 
@@ -56,7 +56,7 @@ class EncodeReport:
 class Encoder:
     """Tokenizes conversations with a template; ``max_length`` is the longest input (``block_size``)."""
 
-    def __init__(self, tokenizer, template: Template | None, max_length: int, loss_on: str = "completion"):
+    def __init__(self, tokenizer, template: ChatTemplate | None, max_length: int, loss_on: str = "completion"):
         if loss_on not in LOSS_ON:
             raise UserError(f"--loss-on must be one of {', '.join(LOSS_ON)}, not {loss_on!r}")
         if max_length < 2:

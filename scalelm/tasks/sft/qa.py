@@ -57,9 +57,11 @@ def _fields(args, task: dict, path) -> tuple[str | None, str | None]:
 def run_eval_qa(args: argparse.Namespace) -> int:
     import torch
 
+    from ...checkpoint.model_dir import read_config
+    from ...data.chat_template import ChatTemplate
     from ...errors import UserError
     from ...fileio import json_safe
-    from ...generate.chat import ChatFormat
+    from ...generate.chat import checkpoint_template
     from ...generate.generator import Generator
     from ...generate.sampling import SamplingParams
     from ...model.io import load_model_dir
@@ -68,7 +70,7 @@ def run_eval_qa(args: argparse.Namespace) -> int:
     from .encode import Encoder
     from .formats import read_conversations
     from .objective import completion_loss
-    from .template import PLAIN, Template
+    from .template import PLAIN
 
     if not args.data:
         raise UserError("--task qa scores questions with answers: --data FILE (JSONL, e.g. GSM8K's question/answer)")
@@ -78,8 +80,8 @@ def run_eval_qa(args: argparse.Namespace) -> int:
         raise UserError(f"--answer-regex {args.answer_regex!r} is not a regular expression: {e}") from None
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise UserError("--max-new-tokens and --batch-size must be at least 1")
-    ckpt = resolve_checkpoint(args.ckpt)
-    meta = json.loads((ckpt / "config.json").read_text())
+    ckpt = resolve_checkpoint(args.model)
+    meta = read_config(ckpt)
     task = meta.get("task") if isinstance(meta.get("task"), dict) else {}
     convs = read_conversations(args.data, *_fields(args, task, args.data))
     if args.limit is not None:
@@ -89,9 +91,9 @@ def run_eval_qa(args: argparse.Namespace) -> int:
     gen = Generator.from_checkpoint(ckpt, device=str(device), verify=not args.no_verify)
     if gen.tokenizer is None:
         raise UserError(f"{ckpt} has no tokenizer.json: --task qa needs the model's tokenizer")
-    fmt = ChatFormat(gen, ckpt) if gen.chat_template else None
-    template = Template(gen.chat_template, fmt.bos, fmt.eos) if fmt else \
-        Template(PLAIN, eos_token=gen.decode([min(gen.eos_ids)]) if gen.eos_ids else "")
+    # the model's own template, as chat renders it; a model without one was trained on plain text
+    template = checkpoint_template(gen, ckpt) or \
+        ChatTemplate(PLAIN, eos_token=gen.decode([min(gen.eos_ids)]) if gen.eos_ids else "", name="plain")
     questions, refs = [], []
     for _, msgs in convs:
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
@@ -107,8 +109,8 @@ def run_eval_qa(args: argparse.Namespace) -> int:
         idx = order[lo:lo + args.batch_size]
         rows = [prompts[i][-(T - 1):] for i in idx]
         n = max(1, min(args.max_new_tokens, T - max(map(len, rows))))
-        for i, c in zip(idx, gen.generate(rows, max_new_tokens=n, sampling=greedy,
-                                                   stop=fmt.stops if fmt else ())):
+        # no stop strings: a template's replies end at its end-of-turn token, a plain one's at end-of-text
+        for i, c in zip(idx, gen.generate(rows, max_new_tokens=n, sampling=greedy)):
             replies[i] = c.text
     preds = [extract(r, pattern) for r in replies]
     golds = [extract(r, pattern) or r.strip() for r in refs]
@@ -116,7 +118,7 @@ def run_eval_qa(args: argparse.Namespace) -> int:
     model = load_model_dir(ckpt, device=device, verify=False)
     enc = Encoder(gen.tokenizer, template, T)
     examples, _, _ = enc.encode_all(convs)
-    precision = resolve_precision(args.precision, device)
+    precision = resolve_precision(args.dtype, device)
     with torch.no_grad():
         loss = completion_loss(model, examples, args.batch_size, device, autocast_context(precision, device))
     res = {"exact_match": hits / len(preds), "n": len(preds), "answered": sum(p is not None for p in preds),
