@@ -77,6 +77,21 @@ def test_fsdp_run_resumes_on_a_pipeline_then_eval_and_export(data, single, tmp_p
 
 
 @pytest.mark.slow
+def test_a_sharded_run_resumes_in_one_process_with_no_overrides(data, single, tmp_path):
+    """The run's recorded layout (dp_shard=2) does not fit one process: the resume shards over the
+    processes there are and keeps the recorded global batch of 8 (accumulation 2 -> 4)."""
+    run = tmp_path / "run"
+    args = [a for a in COMMON if not a.startswith("--train.global_batch_size")]
+    p = subprocess.run(torchrun_cmd(2, "-m", "scalelm", "train", "--data", data, "--out", run, *args,
+                                    "--parallel.dp_shard=2", "--train.grad_accum_steps=2"),
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=worker_env(SCALELM_PEAK_TFLOPS=1))
+    assert p.returncode == 0, p.stderr[-4000:]
+    r = run_cli("train", "--out", run, "--train.max_steps=6", env={"OMP_NUM_THREADS": "1", "SCALELM_PEAK_TFLOPS": "1"})
+    assert "last ran on 2 processes, now 1" in r.stderr and "1 ranks" in r.stderr
+    same(losses(run), single)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc, layout", [
     (2, ["--parallel.pp=2", "--parallel.pp_schedule=interleaved_1f1b"]),
     (4, ["--parallel.tp=2", "--parallel.sequence_parallel=true"]),  # FSDP2 x TP + SP

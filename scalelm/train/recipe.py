@@ -33,6 +33,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 
+from ..checkpoint.names import DISTILL_RECORD, TASK_FILE
 from ..config import Config, ConfigError, ModelConfig
 from ..distributed.mesh import ParallelContext, destroy_parallel, init_parallel
 from ..errors import CheckpointError
@@ -206,9 +207,9 @@ def run_command(run_dir: Path) -> Optional[str]:
             command = None
         if command:
             return command
-    if (Path(run_dir) / "distill.json").is_file():
+    if (Path(run_dir) / DISTILL_RECORD).is_file():
         return "distill"
-    task = Path(run_dir) / "task.json"
+    task = Path(run_dir) / TASK_FILE
     if task.is_file():
         return "finetune"  # the task is checked by its own settings
     return "train"
@@ -272,12 +273,50 @@ def report_run(trainer: Trainer, summary: dict) -> int:
     return 128 + trainer._signal if trainer._signal else 0
 
 
-def _write_run_files(out: Path, plan: Plan, command: str) -> None:
+def _write_run_files(out: Path, plan: Plan, command: str, ctx: ParallelContext) -> None:
     ts.write_run_config(out, plan.cfg, plan.record)
-    info = out / ts.RUN_INFO  # which command made the run: only it may continue the run
-    atomic_write_text(info, json.dumps({**json.loads(info.read_text()), "command": command}, indent=2) + "\n")
+    info = out / ts.RUN_INFO
+    micro_batch, accum = batch_geometry(plan.cfg, ctx.dp_world)
+    atomic_write_text(info, json.dumps({
+        **json.loads(info.read_text()),
+        "command": command,  # only the command that made the run may continue it
+        # the layout it last ran on: a resume on another world size keeps this global batch
+        "layout": {"world_size": ctx.world_size, "global_batch_size": micro_batch * accum * ctx.dp_world},
+    }, indent=2) + "\n")
     for name, text in plan.files.items():
         atomic_write_text(out / name, text)
+
+
+def follow_world_size(out: Path, cfg: Config, saved: Optional[Config]) -> None:
+    """Resuming on another number of processes (a torchrun run continued in one process, or on more
+    nodes): unless this command line changed the parallel layout or the batch, shard data parallelism
+    over the processes there are and keep the run's recorded global batch (the accumulation follows),
+    so the run continues the same trajectory instead of failing on its old layout."""
+    from ..distributed.mesh import world_from_env
+
+    if saved is None or cfg.parallel != saved.parallel:
+        return
+    t, st = cfg.train, saved.train
+    if (t.global_batch_size, t.global_batch_tokens, t.micro_batch_size) != \
+            (st.global_batch_size, st.global_batch_tokens, st.micro_batch_size):
+        return
+    try:
+        layout = json.loads((out / ts.RUN_INFO).read_text()).get("layout") or {}
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return
+    world, recorded = world_from_env()[0], layout.get("world_size")
+    if not isinstance(recorded, int) or recorded == world:
+        return
+    p = cfg.parallel
+    if world % (p.dp_replicate * p.tp * p.pp):  # the model-parallel dimensions no longer fit: data parallel only
+        p.dp_replicate = p.tp = p.pp = 1
+    p.dp_shard = -1
+    if t.global_batch_size is None and t.global_batch_tokens is None and layout.get("global_batch_size"):
+        t.global_batch_size = int(layout["global_batch_size"])
+    if world_from_env()[1] == 0:
+        print(f"note: {out} last ran on {recorded} processes, now {world}: data parallelism over {world}, the "
+              f"global batch kept at {t.global_batch_size or t.global_batch_tokens} (accumulation derived)",
+              file=sys.stderr)
 
 
 def _forget_new_run(out: Path, existed: bool) -> None:
@@ -302,12 +341,13 @@ def run_recipe(recipe: Recipe, args: argparse.Namespace) -> int:
     recipe = plan.recipe or recipe
     if plan.record is None:
         plan.record = plan.data
+    follow_world_size(out, plan.cfg, saved)
     cfg = plan.cfg.validate()
     existed = out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir())
     with open_run(out, cfg, plan.record, saved, recipe.command) as (ctx, resume_from):
         try:
             if ctx.is_main:
-                _write_run_files(out, plan, recipe.command)
+                _write_run_files(out, plan, recipe.command, ctx)
             ctx.barrier()
             torch.manual_seed(cfg.train.seed)  # the same initial weights (and task head) on every rank
             model, base_dir = recipe.build_model(plan, ctx, resume_from)
