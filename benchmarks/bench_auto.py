@@ -73,7 +73,7 @@ def train(data: Path, out: Path, args: list[str]) -> dict:
                     if '"loss"' in line and '"val_loss"' not in line]
     auto = json.loads((out / "auto.json").read_text()) if (out / "auto.json").is_file() else None
     # the score: best/ on the whole validation split (the runs' own evaluations read parts of it)
-    e = scalelm("eval", str(out / "best"), "--data", str(data), "--split", "val", "--precision", "fp32")
+    e = scalelm("eval", str(out / "best"), "--data", str(data), "--split", "val", "--dtype", "fp32")
     if e.returncode:
         sys.exit(f"eval failed:\n{e.stderr[-2000:]}")
     full = json.loads(e.stdout.strip().splitlines()[-1])

@@ -112,7 +112,8 @@ def pretrain(work: Path, train_file: Path, minutes: float, quick: bool) -> tuple
     corpus = work / "corpus.txt"
     corpus.write_text(stories.rstrip() + f"\n{EOT}\n" + f"\n{EOT}\n".join(sentences) + "\n")
     vocab = 1024 if quick else 8192
-    scalelm("prepare", "--input", corpus, "--out", work / "lm-data", "--vocab-size", vocab, "--no-progress")
+    scalelm("prepare", "--input", corpus, "--out", work / "lm-data", "--vocab-size", vocab, "--no-progress",
+            "--overwrite")  # a kept --work folder: the corpus is rebuilt above
     shape = BASE_SHAPE["quick" if quick else "full"]
     out, wall = scalelm("train", "--preset", "baby", "--data", work / "lm-data", "--out", work / "pretrain",
                         *[f"--model.{k}={v}" for k, v in shape.items()], "--train.max_steps=100000",

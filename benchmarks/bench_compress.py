@@ -107,7 +107,7 @@ def measure(name: str, model_dir: Path, data: Path, args, **extra) -> dict:
     model = load_model(d)
     params = model.num_params()
     nonzero = sum(int((p != 0).sum()) for p in model.parameters())
-    ev, _ = scalelm("eval", d, "--data", data, "--precision", "fp32", "--max-batches", args.eval_batches)
+    ev, _ = scalelm("eval", d, "--data", data, "--dtype", "fp32", "--max-batches", args.eval_batches)
     row = {"name": name, "params": params, "nonzero_params": nonzero, "bytes": (d / WEIGHTS).stat().st_size,
            "n_layer": model.cfg.n_layer, "n_embd": model.cfg.n_embd, "n_head": model.cfg.n_head,
            "ffn_dim": model.cfg.ffn_dim, "val_loss": round(ev["loss"], 4), "val_perplexity": round(ev["perplexity"], 3),

@@ -68,7 +68,7 @@ def scalelm(*args) -> str:
 def prepare(work: Path, max_bytes: str | None) -> Path:
     data = work / "tinystories"
     if not (data / "meta.json").is_file():
-        scalelm("prepare", "--input", TINYSTORIES, "--out", data, "--vocab-size", "8192", "--block-size", "128",
+        scalelm("prepare", "--input", TINYSTORIES, "--out", data, "--vocab-size", "8192", "--seq-len", "128",
                 "--no-progress", *(["--max-bytes", max_bytes] if max_bytes else []))
     return data
 

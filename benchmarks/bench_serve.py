@@ -4,8 +4,8 @@
     python benchmarks/bench_serve.py --quick         # a tiny model, few requests: a smoke run (serve_quick.json)
 
 The server runs as a real ``scalelm serve`` subprocess on 127.0.0.1 (random weights, token-id
-prompts, so no tokenizer is needed), once with ``--max-batch 1`` (requests decode one after the
-other) and once with ``--max-batch`` = the largest concurrency (continuous batching). Each client
+prompts, so no tokenizer is needed), once with ``--batch-size 1`` (requests decode one after the
+other) and once with ``--batch-size`` = the largest concurrency (continuous batching). Each client
 thread sends ``--requests`` streaming completions one after another: a ``--prompt-len`` token
 prompt, ``--max-tokens`` greedy tokens, end of text ignored, ``logprobs=0`` (without a tokenizer
 there is no text to stream; this sends a chunk per token, so the first one can be timed). Reported per setting: generated
@@ -66,7 +66,7 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         self.p = subprocess.Popen([sys.executable, "-m", "scalelm", "serve", str(model_dir), "--port", str(self.port),
-                                   "--max-batch", str(max_batch), "--max-queue", str(max_queue), "--threads", str(threads),
+                                   "--batch-size", str(max_batch), "--max-queue", str(max_queue), "--threads", str(threads),
                                    "--served-model-name", "bench", "--log-level", "warning"],
                                   env=env, cwd=ROOT, stderr=subprocess.DEVNULL)
 

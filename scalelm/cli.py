@@ -2,8 +2,10 @@
 
 A stage module provides ``add_<name>_parser(parser)`` and ``run_<name>(args) -> int``; it is
 imported only when its subcommand runs, so ``scalelm --help`` stays fast. Subcommands that
-take a training config set ``accepts_overrides=True``: their leftover ``--section.key=value``
-arguments arrive as ``args.overrides`` for :func:`scalelm.config.resolve`.
+build a training config set ``accepts_overrides=True``: their leftover ``--section.key=value``
+arguments arrive as ``args.overrides`` for :func:`scalelm.config.resolve`; every other command
+refuses them with a message that says which commands take them. The options the commands share
+are spelled alike (:mod:`scalelm.cliargs`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# the commands whose parsers set accepts_overrides=True (tests/test_cli_vocabulary.py checks the list)
+CONFIG_COMMANDS = ("train", "finetune", "distill", "sweep", "plan")
+
+
 def add_presets_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -72,6 +78,9 @@ def run_presets(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['preset']:<18}{r['params']:>16,}{r['non_embedding']:>16,}  {r['n_layer']:>6} "
               f"{r['n_head']:>5} {r['n_kv_head']:>3} {r['n_embd']:>6} {r['block_size']:>5} {r['vocab_size']:>8}")
+    # not a shape: chosen per run from the time budget, the data and this machine's measured speed
+    print(f"{'auto':<18}{'for the budget':>16}  `scalelm train --preset auto --train.max_minutes=M` "
+          f"(scalelm/train/auto.py)")
     return 0
 
 
@@ -94,6 +103,19 @@ def _suggest_option(parser: argparse.ArgumentParser, bad: str) -> str:
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
+def _is_override(arg: str) -> bool:
+    """``--section.key=value`` or ``--section.key value``: a dotted config key."""
+    return arg.startswith("--") and "." in arg[2:].split("=", 1)[0]
+
+
+def command_parser(name: str) -> tuple[argparse.ArgumentParser, object]:
+    """The parser of ``scalelm NAME`` and the module that runs it (imported now)."""
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"scalelm {name}", description=COMMANDS[name][1])
+    getattr(module, f"add_{name}_parser")(parser)
+    return parser, module
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = _top_parser()
@@ -105,17 +127,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         close = difflib.get_close_matches(name, list(COMMANDS), n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
         top.error(f"unknown command '{name}'{hint}")
-    module = importlib.import_module(COMMANDS[name][0])
-    parser = argparse.ArgumentParser(prog=f"scalelm {name}", description=COMMANDS[name][1])
-    getattr(module, f"add_{name}_parser")(parser)
+    parser, module = command_parser(name)
     args, leftover = parser.parse_known_args(rest)
     if leftover:
         if getattr(args, "accepts_overrides", False):
             args.overrides = leftover
+        elif any(map(_is_override, leftover)):
+            parser.error(f"{next(filter(_is_override, leftover))}: `scalelm {name}` builds no training config, so it "
+                         f"takes no --section.key=value overrides (they go to {', '.join(CONFIG_COMMANDS)})")
         else:
             parser.error(f"unrecognized arguments: {' '.join(leftover)}{_suggest_option(parser, leftover[0])}")
     else:
         args.overrides = []
+    from .quiet import quiet_known_noise
+
+    quiet_known_noise()
     try:
         return int(getattr(module, f"run_{name}")(args) or 0)
     except UserError as e:

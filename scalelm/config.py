@@ -26,6 +26,11 @@ class ConfigError(UserError, ValueError):
     """A configuration problem the user can fix (bad key, bad value, bad file)."""
 
 
+# max_steps of a run the clock governs (train.max_minutes set, max_steps not): the Trainer then
+# scales warmup and the evaluation cadence to the step count the budget is projected to reach
+CLOCK_STEPS = 10**9
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int = 50257

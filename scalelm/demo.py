@@ -2,8 +2,9 @@
 
 The default corpus is this Python's standard library (``stdlib``: code, so a sample is easy to
 judge by eye). The model is sized for a couple of CPU cores: 4 layers x 256 wide, a 4096-token
-BPE vocabulary, context 128, bf16 autocast where the CPU has it. Training is time-budgeted:
-a few timed steps first measure the step time, the LR schedule is laid out over the steps
+BPE vocabulary, context 128, bf16 where the CPU has it (the trainer's default: bf16 weights with
+fp32 masters). Training is time-budgeted: a few timed steps of the trainer's own step first
+measure the step time, the LR schedule is laid out over the steps
 that fit in ``--minutes``, and ``train.max_minutes`` stops the run if the machine slows down.
 Everything lands in ``--out``: the prepared data (reused by later demos), the run directory
 (checkpoints, ``metrics.jsonl``, ``loss.png``) and ``demo.json`` (the figures printed).
@@ -17,11 +18,11 @@ import json
 import re
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
 
+from .checkpoint.names import RUN_INFO
 from .errors import UserError
 
 MODEL = dict(n_layer=4, n_head=4, n_embd=256, block_size=128, dropout=0.0, bias=False)
@@ -63,8 +64,9 @@ def prepare_data(input: str, out: Path, fresh: bool, progress: bool) -> Path:
         print(f"demo: reusing the prepared corpus in {data_dir} (--fresh-data to redo it)", file=sys.stderr)
         return data_dir
     print(f"demo: preparing {input} (byte-level BPE, {VOCAB} tokens) into {data_dir}", file=sys.stderr)
+    # the demo owns out/data/: --fresh-data replaces the corpus an earlier demo prepared there
     prepare(src, str(data_dir), tokenizer="bpe", vocab_size=VOCAB, progress=progress,
-            block_size=MODEL["block_size"])
+            block_size=MODEL["block_size"], overwrite=True)
     return data_dir
 
 
@@ -86,41 +88,26 @@ def build_config(data, minutes: float, steps: int, device: str, seed: int, progr
     return cfg.validate()
 
 
-def measure_step_seconds(cfg, precision: str, device: torch.device, reps: int = 2) -> float:
-    """Time a few training steps of a throwaway model of the demo's shape (the first is warm-up)."""
-    from .model.gpt import GPT
-    from .precision import autocast_context
+def measure_step_seconds(cfg, reps: int = 2) -> float:
+    """Time a few training steps of a throwaway model of the demo's shape (after a warm-up step):
+    the step the trainer will take for ``cfg`` (``scalelm.train.probe``), master weights included."""
+    from .train.probe import time_steps
 
-    with torch.random.fork_rng(devices=[]):
-        model = GPT(cfg.model).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        x = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.model.block_size), device=device)
-        autocast, times = autocast_context(precision, device), []
-        for _ in range(reps + 1):
-            t0 = time.perf_counter()
-            with autocast():
-                loss = model(x, x)[1]
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    return time_steps(cfg, micro_batch=cfg.train.micro_batch_size, repeats=reps)
 
 
-def pick_threads(cfg, precision: str, device: torch.device) -> tuple[float, str]:
+def pick_threads(cfg, device: torch.device) -> tuple[float, str]:
     """Time a step with torch's default threads and with one; keep the faster.
 
     On an idle machine all cores win; on a busy one, threads that wait for each other can be
     several times slower than one (measured here: 10.6 s vs ~1 s per step)."""
     n = torch.get_num_threads()
-    step_s = measure_step_seconds(cfg, precision, device)
+    step_s = measure_step_seconds(cfg)
     note = f"{step_s * 1000:.0f} ms per step with {n} threads"
     if device.type != "cpu" or n == 1:
         return step_s, note
     torch.set_num_threads(1)
-    one = measure_step_seconds(cfg, precision, device)
+    one = measure_step_seconds(cfg)
     note += f", {one * 1000:.0f} ms with 1"
     if one < step_s:
         return one, note + " (the machine is busy): using 1 thread"
@@ -156,7 +143,7 @@ DEMO_MARK = ".demo-run"
 
 
 def _check_run_dir(run_dir: Path) -> None:
-    ours = (run_dir / DEMO_MARK).is_file() or ((run_dir / "run.json").is_file() and
+    ours = (run_dir / DEMO_MARK).is_file() or ((run_dir / RUN_INFO).is_file() and
                                                (run_dir.parent / "demo.json").is_file())  # a demo before the mark
     if run_dir.exists() and (not run_dir.is_dir() or (any(run_dir.iterdir()) and not ours)):
         raise UserError(f"{run_dir} exists and is not the run of an earlier demo: choose another --out "
@@ -191,7 +178,7 @@ def run_demo(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     precision = resolve_precision("auto", device)
     probe = build_config(data, args.minutes, 100, args.device, args.seed, progress)
-    step_s, note = pick_threads(probe, precision, device)
+    step_s, note = pick_threads(probe, device)
     steps = plan_steps(args.minutes, step_s)
     cfg = build_config(data, args.minutes, steps, args.device, args.seed, progress)
     print(f"demo: {note} -> {steps} steps in {args.minutes:g} min ({precision})", file=sys.stderr)

@@ -1,7 +1,8 @@
 """Run and model directories on disk: their file names, ``ckpt-N``, ``latest`` and ``best``.
 
 Shared by every stage (data reads a run's tokenizer, model loads a run's latest weights, train
-writes checkpoints), so it lives at the bottom and imports no torch::
+writes checkpoints), so it lives low and imports no torch. The file names themselves, and
+finding a run's checkpoints, are :mod:`scalelm.checkpoint`'s (re-exported here)::
 
     RUN_DIR/config.json        the resolved training config
             latest             names the newest complete checkpoint (ckpt-00000400)
@@ -17,56 +18,24 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
-from .errors import CheckpointError, UserError
-
-WEIGHTS = "model.safetensors"
-ADAPTER = "adapter.safetensors"  # a LoRA dir: only the trained tensors (the base lives elsewhere)
-CONFIG = "config.json"
-TOKENIZER = "tokenizer.json"
-DCP_METADATA = Path("dcp") / ".metadata"  # a sharded (torchrun) checkpoint instead of WEIGHTS
-LATEST = "latest"  # RUN_DIR/latest names the newest complete checkpoint directory
-BEST = "best"  # RUN_DIR/best is a model dir of the best validation loss so far
-
-
-def ckpt_name(step: int) -> str:
-    return f"ckpt-{step:08d}"
-
-
-def list_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first (temporary dirs start with '.')."""
-    d = Path(run_dir)
-    return sorted(p for p in d.glob("ckpt-*") if p.is_dir() and (p / CONFIG).is_file())
-
-
-def latest_checkpoint(run_dir: str | Path) -> Optional[Path]:
-    """The checkpoint ``latest`` names, if it is a complete one inside ``run_dir``.
-
-    ``latest`` holds a bare directory name. Anything else (``../other/model``, an absolute path,
-    a link out of the run) is not followed: the newest complete ``ckpt-*`` is used instead.
-    """
-    d = Path(run_dir)
-    marker = d / LATEST
-    if marker.is_file():
-        try:
-            name = marker.read_text().strip()
-        except (OSError, UnicodeDecodeError):
-            name = ""
-        p = d / name
-        if name and "/" not in name and "\\" not in name and name not in (".", "..") \
-                and p.resolve().parent == d.resolve() and (p / CONFIG).is_file():
-            return p
-    ckpts = list_checkpoints(d)  # marker missing, stale or pointing elsewhere: the newest complete one
-    return ckpts[-1] if ckpts else None
-
-
-def is_model_dir(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / CONFIG).is_file() and any((p / f).is_file() for f in (WEIGHTS, ADAPTER, DCP_METADATA))
-
-
-RUN_MARKERS = (LATEST, "metrics.jsonl", "run.json")
+from .checkpoint.names import (  # noqa: F401 (the names, re-exported for the stages that import them from here)
+    ADAPTER,
+    BEST,
+    CONFIG,
+    DCP_METADATA,
+    LATEST,
+    LOCK,
+    LOCK_HOLDER,
+    RUN_MARKERS,
+    STATE,
+    TOKENIZER,
+    WEIGHTS,
+    ckpt_name,
+)
+from .checkpoint.rundir import is_model_dir, latest_checkpoint, list_checkpoints, resolve_checkpoint  # noqa: F401
+from .errors import UserError
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -77,7 +46,7 @@ def is_run_dir(path: str | Path) -> bool:
 
 def is_scalelm_model_dir(path: str | Path) -> bool:
     """A model directory that is not a training checkpoint (those belong to their run)."""
-    return is_model_dir(path) and not (Path(path) / "state.json").exists()
+    return is_model_dir(path) and not (Path(path) / STATE).exists()
 
 
 def check_output_dir(out: str | Path, kind: str, is_kind: Callable[[Path], bool], sources: Iterable = (),
@@ -114,11 +83,32 @@ def check_output_dir(out: str | Path, kind: str, is_kind: Callable[[Path], bool]
                         f"another directory")
 
 
+def check_output_file(out: str | Path, inputs: Iterable = (), option: str = "--out") -> Path:
+    """The one rule for a command's output FILE, checked before any work is done: never one of the
+    command's inputs (its files, its model's files), never inside a model or run directory (it would
+    corrupt the model or be taken for one of its files), never an existing directory, and its folder
+    must exist. The caller then writes it atomically (``fileio.atomic_write_text``)."""
+    out = Path(out)
+    target = out.resolve()
+    for src in inputs:
+        if src is None:
+            continue
+        s = Path(src).resolve()
+        if target == s:
+            raise UserError(f"{option} {out} is the input {src}: writing it would replace what is being read; "
+                            f"choose another file (nothing was written)")
+    if out.is_dir():
+        raise UserError(f"{option} {out} is a directory: give a file path")
+    for parent in target.parents:
+        if is_model_dir(parent) or is_run_dir(parent):
+            raise UserError(f"{option} {out} lies inside the model or run directory {parent}: writing there "
+                            f"could corrupt it; choose a file outside it (nothing was written)")
+    if not target.parent.is_dir():
+        raise UserError(f"{option} {out}: the folder {out.parent} does not exist")
+    return out
+
+
 # ----------------------------------------------------------------------------- one writer per run
-
-LOCK = ".lock"
-LOCK_HOLDER = ".lock.holder"  # who holds it (the lock file itself is truncated by every opener)
-
 
 class RunDirLocked(UserError):
     """Another live process writes to this run directory."""
@@ -177,17 +167,3 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A model directory, or a RUN_DIR meaning its latest checkpoint."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint not found: {p}")
-    if is_model_dir(p):
-        return p  # a model dir, or a sharded checkpoint that load_model_dir consolidates
-    latest = latest_checkpoint(p)
-    if latest is None:
-        raise CheckpointError(f"{p} holds no checkpoint (expected {WEIGHTS} + {CONFIG}, "
-                              f"or a run directory with {ckpt_name(0).replace('0' * 8, '<step>')}/ inside)")
-    return latest

@@ -254,10 +254,10 @@ def test_report_with_a_corrupt_plan(tmp_path, text, phrase):
     (["--efficiency", "0"], "--efficiency must be in (0, 1]"),
     (["--device-memory", "0GiB"], "--device-memory must be more than 0"),
     (["--seq-len", "0"], "--seq-len must be at least 1"),
-    (["--micro-batch", "0"], "--micro-batch must be at least 1"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--devices", "8", "--parallel.tp=3"], "--parallel.tp=3 cannot be laid out on --devices 8"),
     (["--devices", "8", "--parallel.tp=8"], "tp=8 does not divide n_head=12"),
-    (["--devices", "8", "--micro-batch", "3", "--global-batch", "20"], "--global-batch 24"),
+    (["--devices", "8", "--batch-size", "3", "--global-batch-size", "20"], "--global-batch-size 24"),
 ])
 def test_plan_rejects(args, phrase):
     se = refused(cli("plan", "--preset", "gpt2-124m", *args), phrase)

@@ -80,7 +80,7 @@ def test_finetune_then_eval_and_classify(files, tmp_path, one_thread):
     assert best["task"]["labels"] == ["0", "1"] and (out / "best" / "head.safetensors").is_file()
 
     # eval --task classify: accuracy (as logged for that step), macro-F1, per class, confusion matrix
-    rc, so, se = cli("eval", out / "best", "--task", "classify", "--data", files / "val.txt", "--precision", "fp32")
+    rc, so, se = cli("eval", out / "best", "--task", "classify", "--data", files / "val.txt", "--dtype", "fp32")
     assert rc == 0, se
     ev = json.loads(so)
     assert set(ev) == {"accuracy", "macro_f1", "n", "labels", "per_class", "confusion_matrix", "loss"}
@@ -162,7 +162,7 @@ def test_from_scratch_resume_from_out_alone_and_time_budget(files, tmp_path, one
                      "--train.max_steps=3", "--train.eval_every=0")
     assert rc == 0, se
     s = json.loads(so)
-    assert s["step"] == 3 and s["best_dir"] is None
+    assert s["step"] == 3 and s["best_dir"] == str(out / "best")  # no evaluation ran: the final model
     cfg = json.loads((out / "ckpt-00000003" / "config.json").read_text())
     assert cfg["model"]["vocab_size"] == 300 and cfg["task"]["pooling"] == "mean"  # vocab follows the tokenizer
     # the run's own settings come back from RUN_DIR (task.json, config.json); a changed one is refused
@@ -189,7 +189,7 @@ def test_lora_classifier(files, tmp_path, one_thread):
         keys = set(f.keys())
     assert "head.weight" in keys and any(k.endswith("lora_A") for k in keys)
     assert json.loads((ck / "config.json").read_text())["task"]["labels"] == ["0", "1"]
-    rc, so, se = cli("eval", out, "--task", "classify", "--data", files / "val.txt", "--precision", "fp32")
+    rc, so, se = cli("eval", out, "--task", "classify", "--data", files / "val.txt", "--dtype", "fp32")
     assert rc == 0 and abs(json.loads(so)["accuracy"] - read_metrics(out)[-1]["val_accuracy"]) < 1e-12, se
     rc, so, se = cli("finetune", "classify", "--out", out, "--train.max_steps=5")
     assert rc == 0 and json.loads(so)["step"] == 5, se
@@ -281,13 +281,13 @@ def test_ddp_and_fsdp2_train_like_one_process(files, tmp_path):
         if name == "fsdp":  # a sharded checkpoint: eval reads it, with its task entry
             assert (out / "ckpt-00000004" / "dcp" / ".metadata").is_file()
             ev = json.loads(run_cli("eval", out, "--task", "classify", "--data", files / "val.txt",
-                                    "--precision", "fp32").stdout)
+                                    "--dtype", "fp32").stdout)
             assert ev["accuracy"] == dist_evals[-1]["val_accuracy"]
     # a LoRA classifier under FSDP2: its sharded checkpoint evaluates to the logged validation loss
     out = tmp_path / "lora"
     p = subprocess.run(torchrun_cmd(2, "-m", "scalelm", *args(out), "--lora.r=4"), capture_output=True, text=True,
                        timeout=300, cwd=ROOT, env=worker_env(SCALELM_PEAK_TFLOPS=1))
     assert p.returncode == 0, p.stderr[-6000:]
-    ev = json.loads(run_cli("eval", out, "--task", "classify", "--data", files / "val.txt", "--precision",
+    ev = json.loads(run_cli("eval", out, "--task", "classify", "--data", files / "val.txt", "--dtype",
                             "fp32").stdout)
     assert abs(ev["loss"] - read_metrics(out)[-1]["val_loss"]) < 1e-5

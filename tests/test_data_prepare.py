@@ -203,12 +203,16 @@ def test_out_dir_is_protected_and_replaced_atomically(tmp_path):
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "notes.txt").write_text("keep me")
-    with pytest.raises(UserError, match="refusing to overwrite"):
-        prepare(str(corpus), str(precious), tokenizer="byte", progress=False)
+    for overwrite in (False, True):  # never another folder
+        with pytest.raises(UserError, match="does not hold a prepared DATA_DIR"):
+            prepare(str(corpus), str(precious), tokenizer="byte", progress=False, overwrite=overwrite)
     assert (precious / "notes.txt").read_text() == "keep me"
     out = tmp_path / "d"
     prepare(str(corpus), str(out), tokenizer="byte", progress=False)
-    meta = prepare(str(corpus), str(out), tokenizer="char", progress=False)  # a DATA_DIR is replaced
+    with pytest.raises(UserError, match="already holds a prepared DATA_DIR: pass --overwrite"):
+        prepare(str(corpus), str(out), tokenizer="char", progress=False)
+    assert json.loads((out / "meta.json").read_text())["tokenizer"]["kind"] == "byte"
+    meta = prepare(str(corpus), str(out), tokenizer="char", progress=False, overwrite=True)  # a DATA_DIR is replaced
     assert json.loads((out / "meta.json").read_text())["tokenizer"]["kind"] == "char" == meta["tokenizer"]["kind"]
 
 
@@ -217,7 +221,7 @@ def test_folder_input_may_contain_the_output(tmp_path):
     (tmp_path / "b.txt").write_text("second document " * 10)
     meta = prepare(str(tmp_path), str(tmp_path / "data"), tokenizer="byte", progress=False)
     assert meta["stats"]["files"] == 2
-    again = prepare(str(tmp_path), str(tmp_path / "data"), tokenizer="byte", progress=False)
+    again = prepare(str(tmp_path), str(tmp_path / "data"), tokenizer="byte", progress=False, overwrite=True)
     assert again["stats"]["files"] == 2 and again["inputs_sha256"] == meta["inputs_sha256"]
 
 

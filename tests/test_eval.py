@@ -47,7 +47,7 @@ def test_evaluate_matches_a_direct_computation(setup):
 
 def test_eval_cli_prints_one_json_object(setup, one_thread):
     data_dir, _, model, root = setup
-    rc, so, se = cli("eval", root / "m", "--data", data_dir, "--precision", "fp32", "--batch-size", "5")
+    rc, so, se = cli("eval", root / "m", "--data", data_dir, "--dtype", "fp32", "--batch-size", "5")
     assert rc == 0, se
     res = json.loads(so)  # stdout is exactly one JSON object
     assert set(res) == {"loss", "perplexity", "bits_per_byte", "tokens"}
@@ -65,7 +65,7 @@ def test_eval_refuses_mismatches(setup, tmp_path, one_thread):
     assert rc == 2 and "block_size 16" in se
     rc, _, se = cli("eval", tmp_path / "missing", "--data", data_dir)
     assert rc == 2 and "not found" in se
-    rc, _, se = cli("eval", root / "m", "--data", data_dir, "--precision", "fp16")
+    rc, _, se = cli("eval", root / "m", "--data", data_dir, "--dtype", "fp16")
     assert rc == 2 and "bf16" in se
     # another tokenizer of the same size: ids mean different things
     chars = sorted({c for c in data.tokenizer().get_vocab() if not c.startswith("<|")})

@@ -42,10 +42,10 @@ def test_windows_score_every_token_once_with_context():
 
 def test_text_eval_matches_data_eval_and_a_direct_computation(setup, one_thread):
     root, data, model, text = setup
-    rc, so, se = cli("eval", root / "m", "--data", data, "--precision", "fp32")
+    rc, so, se = cli("eval", root / "m", "--data", data, "--dtype", "fp32")
     assert rc == 0, se
     by_data = json.loads(so)
-    rc, so, se = cli("eval", root / "m", "--text", root / "t.txt", "--precision", "fp32")
+    rc, so, se = cli("eval", root / "m", "--text", root / "t.txt", "--dtype", "fp32")
     assert rc == 0, se
     by_text = json.loads(so)
     assert by_text["tokens"] == by_data["tokens"] == 640
@@ -53,7 +53,7 @@ def test_text_eval_matches_data_eval_and_a_direct_computation(setup, one_thread)
     assert by_text["bits_per_byte"] == pytest.approx(by_text["loss"] * 640 / math.log(2) / len(text.encode()))
     assert by_text["word_perplexity"] == pytest.approx(math.exp(by_text["loss"] * 640 / len(text.split())))
 
-    rc, so, se = cli("eval", root / "m", "--text", root / "t.txt", "--stride", "4", "--precision", "fp32")
+    rc, so, se = cli("eval", root / "m", "--text", root / "t.txt", "--stride", "4", "--dtype", "fp32")
     assert rc == 0, se
     strided = json.loads(so)
     from tokenizers import Tokenizer

@@ -176,3 +176,33 @@ def test_streamed_batch_prints_rows_in_order_like_the_plain_output(ckpts, capsys
     rc2, streamed, _ = main(capsys, monkeypatch, *args, "--stream")
     assert rc1 == rc2 == 0 and streamed == plain
     assert plain.count("-" * 40) == 3 and plain.startswith("To be")
+
+
+def test_generate_beams_prints_the_generators_beam_search(ckpts, capsys, monkeypatch):
+    gen = Generator.from_checkpoint(ckpts / "model")
+    want = gen.beam_search(["To be", "First"], num_beams=3, max_new_tokens=10)
+    greedy = gen.generate("To be", max_new_tokens=10, sampling=GREEDY)[0]
+    assert want[0].tokens != greedy.tokens  # so the comparison below can tell beam search from greedy
+    rc, out, _ = main(capsys, monkeypatch, "generate", ckpts / "model", "--prompt", "To be", "--prompt", "First",
+                      "--beams", "3", "--max-new-tokens", "10", "--json")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert rc == 0 and [r["prompt_index"] for r in rows] == [0, 1]
+    assert [(r["tokens"], r["text"], r["finish_reason"]) for r in rows] == \
+        [(c.tokens, c.text, c.finish_reason) for c in want]
+    rc, out, _ = main(capsys, monkeypatch, "generate", ckpts / "model", "--prompt", "To be", "--beams", "3",
+                      "--max-new-tokens", "10")
+    assert rc == 0 and out == want[0].text + "\n"
+
+
+@pytest.mark.parametrize("extra,named", [(["--temperature", "0.5"], "--temperature"), (["--seed", "1"], "--seed"),
+                                         (["--stream"], "--stream"), (["--num-samples", "2"], "--num-samples"),
+                                         (["--prompt-lookup", "2"], "--prompt-lookup"),
+                                         (["--top-k", "5", "--stop", "x"], "--top-k, --stop")])
+def test_generate_beams_refuses_sampling_streaming_and_speculation(ckpts, capsys, monkeypatch, extra, named):
+    rc, out, err = main(capsys, monkeypatch, "generate", ckpts / "model", "--beams", "2", *extra)
+    assert rc == 2 and out == "" and f"--beams 2 searches for the most likely continuation; {named} belong" in err
+
+
+def test_generate_beams_must_be_positive(ckpts, capsys, monkeypatch):
+    rc, _, err = main(capsys, monkeypatch, "generate", ckpts / "model", "--beams", "0")
+    assert rc == 2 and "--beams=0 is invalid" in err

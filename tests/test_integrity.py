@@ -11,11 +11,11 @@ import pytest
 import torch
 from train_helpers import TINY, cli, make_char_data, one_thread  # noqa: F401 (fixture)
 
+from scalelm.checkpoint.manifest import MANIFEST, sha256_file, verify_manifest
 from scalelm.config import ModelConfig
 from scalelm.errors import CheckpointError
 from scalelm.model import GPT
 from scalelm.model.io import load_model_dir, save_model_dir
-from scalelm.model.manifest import MANIFEST, sha256_file, verify_manifest
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 80
 CFG = dict(n_layer=1, n_head=2, n_embd=16, block_size=16, vocab_size=64)
@@ -49,7 +49,7 @@ def model(base, tmp_path):
 
 
 def eval_(m, data, *extra):
-    return cli("eval", m, "--data", data, "--precision", "fp32", "--device", "cpu", "--max-batches", "2", *extra)
+    return cli("eval", m, "--data", data, "--dtype", "fp32", "--device", "cpu", "--max-batches", "2", *extra)
 
 
 def test_manifest_covers_every_file(model):

@@ -161,7 +161,7 @@ def plan(capsys):
 @pytest.mark.parametrize("preset", ["gpt2-124m", "llama-1b", "llama3-8b"])
 def test_plan_answers_on_1_8_and_64_devices(preset, plan):
     for n in (1, 8, 64):
-        out = plan("--preset", preset, "--devices", str(n), "--micro-batch", "1", "--global-batch", "64")
+        out = plan("--preset", preset, "--devices", str(n), "--batch-size", "1", "--global-batch-size", "64")
         assert out["devices"] == n and out["layouts"]
         for p in out["layouts"]:
             l = p["layout"]
@@ -182,7 +182,7 @@ def test_plan_answers_on_1_8_and_64_devices(preset, plan):
 
 
 def test_plan_llama3_8b_on_8_h100s_recommends_sharding(plan):
-    out = plan("--preset", "llama3-8b", "--devices", "8", "--micro-batch", "1", "--global-batch", "8")
+    out = plan("--preset", "llama3-8b", "--devices", "8", "--batch-size", "1", "--global-batch-size", "8")
     rec = out["recommended"]
     assert rec["fits"] and rec["layout"]["dp_replicate"] < 8  # plain DDP cannot hold 8B params + AdamW
     ddp = [p for p in out["layouts"] if p["layout"]["name"] == "DDP" and not p["layout"]["ac"]][0]
@@ -192,9 +192,9 @@ def test_plan_llama3_8b_on_8_h100s_recommends_sharding(plan):
 
 def test_plan_table_and_tp_pp_validity(plan):
     p = run_cli("plan", "--preset", "gpt2-124m", "--devices", "8", "--device-kind", "a100",
-                "--device-memory", "40GiB", "--micro-batch", "2")
+                "--device-memory", "40GiB", "--batch-size", "2")
     assert "recommended:" in p.stdout and "assumptions:" in p.stdout and "train with: --parallel" in p.stdout
-    out = plan("--preset", "gpt2-124m", "--devices", "8", "--micro-batch", "2", "--all")
+    out = plan("--preset", "gpt2-124m", "--devices", "8", "--batch-size", "2", "--all")
     skipped = {(s["pp"], s["tp"]): s["reason"] for s in out["skipped"]}
     assert "tp=8 does not divide n_head=12" in skipped[(1, 8)]
     assert all(l["layout"]["tp"] in (1, 2, 4) for l in out["layouts"])

@@ -190,7 +190,7 @@ def test_quantized_dir_works_through_generate_and_eval_cli(dirs, tmp_path):
 def test_gptq_from_the_cli_uses_the_calibration_data(dirs, tmp_path):
     out = tmp_path / "g"
     rep = quantize(dirs / "llama", "--scheme", "int4", "--group-size", "32", "--method", "gptq", "--calib",
-                   dirs / "data", "--calib-samples", "8", "--calib-seq-len", "32", "--out", out)
+                   dirs / "data", "--calib-samples", "8", "--seq-len", "32", "--out", out)
     assert rep["method"] == "gptq"
     meta = json.loads((out / "config.json").read_text())["quantization"]
     assert meta["calib"]["samples"] == 8 and meta["method"] == "gptq"

@@ -119,3 +119,46 @@ def test_the_recipe_interface_defaults_are_the_language_model():
     assert r.batches(None, None, 1, 1) is None and r.evaluate_fn(None, 1) is None and r.model_io(None) is None
     with pytest.raises(NotImplementedError):
         r.prepare(None, None, None)
+
+
+def test_train_refuses_an_encoder_decoder_before_touching_out(tmp_path, data):
+    out = tmp_path / "ed"
+    rc, _, se = cli("train", "--preset", "transformer-small", "--data", data, "--out", out, "--train.max_steps=1")
+    assert rc == 2 and "finetune translate" in se and "Traceback" not in se
+    assert len([ln for ln in se.splitlines() if ln.strip()]) == 1
+    assert not out.exists()
+
+
+def test_a_time_budget_without_max_steps_is_governed_by_the_clock(tmp_path, data, one_thread):
+    """Warmup (100) and the evaluation interval (250) are scaled to the projected step count, the
+    run is not cut at the default max_steps, and progress shows a time-based ETA."""
+    out = tmp_path / "run"
+    rc, so, se = cli("train", "--data", data, "--out", out, *[a for a in TINY if "warmup" not in a and "progress" not in a],
+                     "--train.max_minutes=0.06", "--train.precision=fp32", "--log.progress=true")
+    assert rc == 0, se
+    s = json.loads(so)
+    assert s["stopped"] == "time_budget" and "minutes" in se and "ETA" in se
+    rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["step"] for r in rows if "val_loss" in r]
+    peak = max(r["lr"] for r in rows if "lr" in r)
+    assert len(evals) >= 5, evals  # 250-step intervals would have given one (step 0) or two
+    assert peak == pytest.approx(6e-4, rel=0.05)  # the default lr, reached despite warmup_steps=100
+    assert json.loads((out / "config.json").read_text())["train"]["max_steps"] >= 10**9
+    # an explicit step limit still stops the run
+    rc, so, se = cli("train", "--data", data, "--out", tmp_path / "b", *TINY, "--train.max_minutes=5",
+                     "--train.max_steps=3", "--train.eval_every=0")
+    assert rc == 0 and json.loads(so)["stopped"] == "max_steps" and json.loads(so)["step"] == 3
+
+
+def test_best_dir_exists_even_when_no_evaluation_beats_step_0(tmp_path, data, one_thread):
+    out = tmp_path / "run"
+    # a learning rate far too high: every step makes the untrained model worse than at step 0
+    rc, so, se = cli("train", "--data", data, "--out", out, *[a for a in TINY if "warmup" not in a],
+                     "--train.max_steps=2", "--train.eval_every=1", "--optim.lr=3", "--optim.min_lr=3",
+                     "--optim.warmup_steps=0", "--optim.schedule=constant", "--train.precision=fp32")
+    assert rc == 0, se
+    s = json.loads(so)
+    assert s["best_step"] == 0 and (out / "best" / "config.json").is_file()
+    assert s["best_value"] == s["best_val_loss"]
+    rc, _, se = cli("eval", out / "best", "--data", data, "--max-batches", "1")
+    assert rc == 0, se

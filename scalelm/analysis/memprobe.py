@@ -2,12 +2,19 @@
 
 ``measure(spec)`` runs ``python -m scalelm.analysis.memprobe SPEC_JSON`` in a fresh process:
 it warms up the kernels and the optimizer's lazy imports on a tiny model, records the
-resident set size, builds the model and AdamW, runs a few training steps (forward, backward,
-AdamW step, ``zero_grad(set_to_none=True)``) and reports the peak RSS (``VmHWM``) above that
-baseline. glibc keeps freed memory for reuse unless told otherwise, so by default the child
-runs with ``MALLOC_MMAP_THRESHOLD_=65536``: freed tensors go back to the OS and RSS tracks
-what the step needs rather than the allocator's history (``malloc_default=True`` measures
-without it, for comparison).
+resident set size, builds the model and the trainer's own step for the spec
+(``scalelm.train.probe``: its precision, master weights, AdamW, clipping, activation
+checkpointing), runs a few steps and reports the peak RSS (``VmHWM``) above that baseline.
+A bf16 spec therefore measures bf16 weights with fp32 masters, the trainer's default on a CPU,
+unless it says ``"master_weights": false`` (fp32 weights, bf16 autocast). glibc keeps freed
+memory for reuse unless told otherwise, so by default the child runs with
+``MALLOC_MMAP_THRESHOLD_=65536``: freed tensors go back to the OS and RSS tracks what the step
+needs rather than the allocator's history (``malloc_default=True`` measures without it, for
+comparison).
+
+A spec: ``model`` (``ModelConfig`` fields), ``batch``, ``seq_len``, and optionally
+``precision`` (fp32), ``master_weights`` (null: the trainer's choice), ``ac`` (false),
+``fused`` (AdamW's fused kernel, true), ``steps`` (3), ``threads``.
 """
 
 from __future__ import annotations
@@ -32,93 +39,68 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
-def _wrap_ac(model) -> None:
-    try:
-        from ..distributed.parallelize import apply_ac
-    except ImportError:
-        apply_ac = None
-    if apply_ac is not None:
-        apply_ac(model)
-        return
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
-        checkpoint_wrapper,
-    )
+def _config(spec: dict, model: dict):
+    """The training config a spec describes (what the trainer would be run with)."""
+    from ..config import Config, ModelConfig
 
-    for key in list(model.blocks):
-        model.blocks[key] = checkpoint_wrapper(model.blocks[key])
+    cfg = Config()
+    cfg.model = ModelConfig(**model)
+    t = cfg.train
+    t.device, t.precision, t.master_weights = "cpu", spec.get("precision", "fp32"), spec.get("master_weights")
+    t.activation_checkpointing = bool(spec.get("ac"))
+    cfg.optim.fused = bool(spec.get("fused", True))
+    return cfg
 
 
 def run(spec: dict) -> dict:
     """In this process: the peak RSS increase over ``steps`` training steps of ``spec``."""
     import torch
 
-    from ..config import ModelConfig
     from ..model.gpt import GPT
+    from ..train.probe import probe_step
 
     torch.manual_seed(0)
     torch.set_num_threads(int(spec.get("threads", torch.get_num_threads())))
-    cfg = ModelConfig(**spec["model"])
+    cfg = _config(spec, spec["model"])
     B, T = spec["batch"], spec["seq_len"]
-    bf16 = spec.get("precision", "fp32") == "bf16"
-    fused = spec.get("fused", True)
-
-    def train_steps(model, x, y, n):
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None,
-                                foreach=None if fused else True)
-        for _ in range(n):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = model(x, y)[1]  # as the trainer: the logits are not kept
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return opt
 
     # warm-up: kernels, thread pools and the optimizer's lazy imports allocate once, not per step
-    tiny = GPT(ModelConfig(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32,
-                           pos_embedding=cfg.pos_embedding, norm=cfg.norm, mlp=cfg.mlp))
-    if spec.get("ac"):
-        _wrap_ac(tiny)
+    m = cfg.model
+    tiny = probe_step(_config(spec, dict(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=32,
+                                         pos_embedding=m.pos_embedding, norm=m.norm, mlp=m.mlp)))
     ids = torch.zeros(2, 16, dtype=torch.long)
-    train_steps(tiny, ids, ids, 2)
+    for _ in range(2):
+        tiny([(ids, ids)])
     del tiny
-    x = torch.randint(0, cfg.vocab_size, (B, T))
-    y = torch.randint(0, cfg.vocab_size, (B, T))
+    batch = (torch.randint(0, m.vocab_size, (B, T)), torch.randint(0, m.vocab_size, (B, T)))
     _reset_peak()
     base = _status("VmRSS")
-    model = GPT(cfg)
-    if spec.get("ac"):
-        _wrap_ac(model)
+    model = GPT(m)
     after_model = _status("VmRSS") - base
-    opt = train_steps(model, x, y, int(spec.get("steps", 3)))
+    step = probe_step(cfg, model)  # bf16 weights with fp32 masters are cast and copied here
+    for _ in range(int(spec.get("steps", 3))):
+        step([batch])  # as the trainer: the logits are not kept
     peak = _status("VmHWM") - base
     return dict(peak=peak, after_model=after_model, params=sum(p.numel() for p in model.parameters()),
-                tensor_peak=_tensor_peak(lambda: train_steps_with(model, opt, x, y, bf16), model, opt))
+                tensor_peak=_tensor_peak(lambda: step([batch]), step))
 
 
-def train_steps_with(model, opt, x, y, bf16: bool) -> None:
-    import torch
-
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = model(x, y)[1]
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-
-def _tensor_peak(step, model, opt):
+def _tensor_peak(run_step, step):
     """Peak bytes of live tensors during one more step, from the profiler's allocation events
-    (parameters and optimizer state, allocated before, are added): the allocator-level view,
-    free of malloc and interpreter overhead. None if this torch's profiler lacks the events."""
+    (parameters, fp32 masters and optimizer state, allocated before, are added): the
+    allocator-level view, free of malloc and interpreter overhead. None if this torch's profiler
+    lacks the events."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    static = sum(p.untyped_storage().nbytes() for p in {p.untyped_storage().data_ptr(): p
-                                                         for p in model.parameters()}.values())
+    opt = step.optimizer
+    held = [*step.raw_model.parameters(), *(p for g in opt.param_groups for p in g["params"])]
+    static = sum({p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in held}.values())
     static += sum(v.untyped_storage().nbytes() for st in opt.state.values() for v in st.values()
                   if isinstance(v, torch.Tensor) and v.dim() > 0)
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            step()
+            run_step()
         events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                         if e.name() == "[memory]")
     except (AttributeError, RuntimeError):

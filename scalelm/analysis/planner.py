@@ -18,6 +18,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from ..cliargs import add_deprecated, add_dtype_arg
 from ..config import Config, ModelConfig, resolve
 from ..errors import UserError
 from ..hardware import DeviceSpec, device_spec
@@ -236,8 +237,8 @@ def no_valid_layout(setup: Setup, skipped: list[dict]) -> str:
         near = " or ".join(str(b) for b in (lo, hi) if b >= step)
         return (f"no layout of {where} can split a global batch of {setup.global_batch} sequences into "
                 f"micro-batches of {setup.micro_batch}: it must be a multiple of micro-batch x data-parallel "
-                f"size. Use e.g. --global-batch {near} (micro-batch {setup.micro_batch} x {setup.devices} "
-                f"devices), or another --micro-batch (the layouts' reasons: {'; '.join(reasons[:3])})")
+                f"size. Use e.g. --global-batch-size {near} (micro-batch {setup.micro_batch} x {setup.devices} "
+                f"devices), or another --batch-size (the layouts' reasons: {'; '.join(reasons[:3])})")
     return (f"no layout of {where} can run this model: {'; '.join(reasons[:4])}"
             + (f". Drop {pinned} to compare every layout" if pinned else ". Use another --devices"))
 
@@ -250,7 +251,7 @@ def recommend(plans: list[Plan], setup: Setup) -> tuple[Optional[Plan], str]:
         hint = (f"; the smallest peak is {_gib(smallest.memory.peak)} with {smallest.name} "
                 f"({_layout_str(smallest.layout)})" if smallest else "")
         return None, (f"no layout fits in {budget} per device{hint}. Use more devices, a smaller "
-                      f"--micro-batch, a shorter --seq-len, or a device with more memory.")
+                      f"--batch-size, a shorter --seq-len, or a device with more memory.")
     fastest = min(p.times["step"] for p in fit)
     # within 3% of the fastest, the simplest layout wins: fewer moving parts for the same cost
     best = min((p for p in fit if p.times["step"] <= 1.03 * fastest), key=lambda p: complexity(p.layout))
@@ -313,7 +314,8 @@ def assumptions(setup: Setup) -> list[str]:
 
 
 def print_table(setup: Setup, plans: list[Plan], skipped: list[dict], best: Optional[Plan], why: str,
-                show_all: bool, out=sys.stdout) -> None:
+                show_all: bool, out=None) -> None:
+    out = out or sys.stdout  # looked up per call: a default bound at import keeps a replaced stdout forever
     c = setup.cfg
     n = setup.split.total
     print(f"model: {n:,} parameters ({c.n_layer} layers, {c.n_embd} wide, {c.n_head} heads / "
@@ -382,13 +384,16 @@ def add_plan_parser(p: argparse.ArgumentParser) -> None:
                         "a100-40gb, a10g, l4, l40s, v100, rtx4090, rtx3090, t4, or cpu (this machine, measured)")
     p.add_argument("--device-memory", default=None, help="memory per device, e.g. 80GiB (default: the kind's)")
     p.add_argument("--devices-per-node", type=int, default=None, help="default 8 (GPUs) or 1 (cpu)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: model.block_size)")
-    p.add_argument("--micro-batch", type=int, default=None, help="sequences per device per forward "
-                   "(default: train.micro_batch_size)")
-    p.add_argument("--global-batch", type=int, default=None, help="sequences per optimizer step "
-                   "(default: train.global_batch_size, else micro-batch x grad_accum_steps x devices)")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default=None,
-                   help="default: train.precision (auto: bf16 where the device has it)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the model's block_size)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per device per forward pass, the "
+                   "micro-batch (default: train.micro_batch_size)")
+    p.add_argument("--global-batch-size", type=int, default=None, help="sequences per optimizer step "
+                   "(default: train.global_batch_size, else --batch-size x grad_accum_steps x devices)")
+    add_dtype_arg(p, default=None, help="training precision (default: train.precision; auto: bf16 where the "
+                                        "device has it)")
+    add_deprecated(p, "--micro-batch", "--batch-size")
+    add_deprecated(p, "--global-batch", "--global-batch-size")
+    add_deprecated(p, "--precision", "--dtype")
     p.add_argument("--efficiency", type=float, default=None,
                    help="achieved fraction of peak FLOP/s (default 0.5 on GPUs, 0.6 on CPU)")
     p.add_argument("--all", action="store_true", help="print every layout, not the best dozen")
@@ -429,15 +434,15 @@ def setup_from_args(args) -> Setup:
     if seq > cfg.model.block_size or seq < 1:
         raise UserError(f"--seq-len {seq} must be between 1 and the model's block_size {cfg.model.block_size} "
                         f"(raise it with --model.block_size={seq})")
-    micro = args.micro_batch if args.micro_batch is not None else cfg.train.micro_batch_size
+    micro = args.batch_size if args.batch_size is not None else cfg.train.micro_batch_size
     if micro < 1:
-        raise UserError("--micro-batch must be at least 1")
-    glob = args.global_batch if args.global_batch is not None else cfg.train.global_batch_size or (
+        raise UserError("--batch-size must be at least 1")
+    glob = args.global_batch_size if args.global_batch_size is not None else cfg.train.global_batch_size or (
         cfg.train.global_batch_tokens // seq if cfg.train.global_batch_tokens else None) or (
         micro * cfg.train.grad_accum_steps * args.devices)
     if glob < 1:
-        raise UserError("--global-batch must be at least 1")
-    precision = args.precision or cfg.train.precision
+        raise UserError("--global-batch-size must be at least 1")
+    precision = args.dtype or cfg.train.precision
     if precision == "auto":
         native = "no bf16" not in spec.notes
         precision = "bf16" if native else ("fp16" if kind in ("v100", "t4") else "fp32")

@@ -1,8 +1,8 @@
 """``scalelm plot RUN_DIR [RUN_DIR ...]``: loss and throughput curves of runs, as PNG files.
 
 ``loss.png``: training loss (thin line) and validation loss (markers) against steps or tokens;
-``throughput.png``: tokens per second and, when known, MFU. Several runs share the axes, so
-two configurations compare at a glance. Reads ``metrics.jsonl`` only.
+``throughput.png``: tokens per second and, when known, MFU (dashed, on its own axis at the right).
+Several runs share the axes, so two configurations compare at a glance. Reads ``metrics.jsonl`` only.
 """
 
 from __future__ import annotations
@@ -70,21 +70,30 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path, x: str = "step") 
 
     fig, ax = plt.subplots(figsize=(8, 5))
     ax2 = None
+    top_tps = top_mfu = 0.0
     for i, (name, recs) in enumerate(runs):
         xs, ys = _series(recs, "tokens_per_s", x)
         ax.plot(xs, ys, color=f"C{i}", linewidth=1.2, label=f"{name} tokens/s")
+        top_tps = max([top_tps, *ys])
         mx, my = _series(recs, "mfu", x)
         if my:
             ax2 = ax2 or ax.twinx()
-            ax2.plot(mx, [100 * v for v in my], color=f"C{i}", linestyle="--", linewidth=1, label=f"{name} MFU")
+            pct = [100 * v for v in my]
+            ax2.plot(mx, pct, color=f"C{i}", linestyle="--", linewidth=1, label=f"{name} MFU")
+            top_mfu = max([top_mfu, *pct])
     ax.set(xlabel=xlabel, ylabel="tokens / s", title="throughput")
+    ax.set_ylim(0, top_tps * 1.05 or 1)
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if ax2 is not None:
-        ax2.set_ylabel("MFU (%)")
+        # MFU is tokens/s times a constant (FLOPs per token over the peak): on two autoscaled axes its
+        # line would lie exactly on the tokens/s line. Its own scale, with twice the headroom, draws it
+        # in the lower half, under the tokens/s line, each read on its own axis.
+        ax2.set_ylim(0, top_mfu * 2 or 1)
+        ax2.set_ylabel("MFU (%, dashed)")
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    ax.legend(handles, labels, fontsize=8)
+    (ax2 or ax).legend(handles, labels, fontsize=8)  # on the top axes: no line drawn over it
     paths["throughput"] = str(out / "throughput.png")
     _save(fig, Path(paths["throughput"]))
     plt.close(fig)

@@ -26,7 +26,7 @@ def calibration_windows(data_dir: str | Path, n: int, seq_len: int, seed: int = 
     from ..data.tokenizer import check_same_tokenizer
 
     if n < 1 or seq_len < 1:
-        raise UserError(f"--calib-samples and --calib-seq-len must be positive, got {n} and {seq_len}")
+        raise UserError(f"--calib-samples and --seq-len must be positive, got {n} and {seq_len}")
     data = TokenData(data_dir)
     check_same_tokenizer(data.dir, tokenizer_json, what=what)
     if split not in data.splits:
@@ -34,7 +34,7 @@ def calibration_windows(data_dir: str | Path, n: int, seq_len: int, seed: int = 
     tokens = data.tokens(split)
     if len(tokens) < seq_len + 1:
         raise UserError(f"--calib {data_dir}: split '{split}' has {len(tokens)} tokens, fewer than one window of "
-                        f"{seq_len}: lower --calib-seq-len or prepare more text")
+                        f"{seq_len}: lower --seq-len or prepare more text")
     starts = np.random.default_rng(seed).integers(0, len(tokens) - seq_len, size=n)
     return torch.from_numpy(np.stack([np.asarray(tokens[s:s + seq_len], dtype=np.int64) for s in starts]))
 

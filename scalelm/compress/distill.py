@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from dataclasses import dataclass
 
+from ..checkpoint.names import DISTILL_RECORD, KD_PROJECTION
 from ..config import ConfigError, KDConfig
 from ..errors import UserError
 from ..model.gpt import GPT
@@ -44,8 +45,8 @@ from ..model.loss import IGNORE_INDEX, cross_entropy
 from ..train.model_io import ModelIO
 from ..train.recipe import Plan, Recipe, resolve_run_config, run_recipe
 
-RECORD = "distill.json"  # RUN_DIR/distill.json: the teacher, so a resume needs no --teacher
-PROJECTION = "kd_projection.safetensors"  # in training checkpoints only (kd.hidden > 0)
+RECORD = DISTILL_RECORD  # RUN_DIR/distill.json: the teacher, so a resume needs no --teacher
+PROJECTION = KD_PROJECTION  # in training checkpoints only (kd.hidden > 0)
 CHUNK_BYTES = {"cpu": 32 * 2**20}  # fp32 logits per divergence chunk (its softmaxes are recomputed in backward)
 DEFAULT_CHUNK_BYTES = 512 * 2**20
 
@@ -269,6 +270,7 @@ class DistillRecipe(Recipe):
     command = "distill"
 
     def prepare(self, args, out: Path, saved) -> DistillPlan:
+        from ..checkpoint.kinds import FLOAT_LANGUAGE_MODELS, LANGUAGE_MODELS, require_kind
         from ..data.loader import TokenData
         from ..data.tokenizer import check_same_tokenizer
         from ..model.io import read_model_config, read_tokenizer_json
@@ -283,11 +285,14 @@ class DistillRecipe(Recipe):
             raise UserError("--student starts from a model directory, --preset from a new model of that shape: "
                             "give one")
         teacher_dir = resolve_checkpoint(teacher_arg)
+        require_kind(teacher_dir, "scalelm distill --teacher", LANGUAGE_MODELS)
         if record and args.teacher and Path(record.get("teacher", "")) != teacher_dir.resolve():
             print(f"warning: {out} was distilled from {record.get('teacher')}; continuing from {teacher_dir}",
                   file=sys.stderr)
         teacher_cfg = read_model_config(teacher_dir)
         student_dir = resolve_checkpoint(args.student) if args.student else None
+        if student_dir is not None:
+            require_kind(student_dir, "scalelm distill --student", FLOAT_LANGUAGE_MODELS)
         student_cfg = read_model_config(student_dir) if student_dir is not None else None
         # the student starts from --student's shape, or the teacher's with the --model.* overrides applied
         cfg = resolve_run_config(args, saved, preset=args.preset,

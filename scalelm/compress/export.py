@@ -19,16 +19,30 @@ def add_export_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from ..checkpoint.kinds import CLASSIFIER, ENCDEC, GPT, LORA, QUANTIZED, require_kind
+    from ..runs import is_model_dir, latest_checkpoint
+
+    onnx = args.format == "onnx"
+    src = args.model
+    src = src if is_model_dir(src) else (latest_checkpoint(src) or src)
+    if is_model_dir(src):  # (else the exporter says what is missing)
+        require_kind(src, "scalelm export --format onnx" if onnx else "scalelm export",
+                     (GPT, LORA) if onnx else (GPT, LORA, ENCDEC),
+                     hint={QUANTIZED: "its packed kernels have no ONNX form; export the float model it was made from"
+                           if onnx else "copy it as it is (export would drop its quantization)",
+                           CLASSIFIER: "export writes the language model without the head; a classifier goes to "
+                                       "Hugging Face with `scalelm convert --to-hf`" if onnx else
+                                       "export writes the language model without the head; `scalelm classify` and "
+                                       "`scalelm eval --task classify` read the checkpoint as it is",
+                           ENCDEC: "the ONNX graph is a decoder-only language model's prefill/decode step; "
+                                   "translate with `scalelm translate`"})
     if args.format == "onnx":
         from .onnx_export import run_onnx_export
 
         return run_onnx_export(args)
     from ..distributed.dcp import run_export as run_model_export
     from ..model.quant import read_quantization
-    from ..runs import is_model_dir, latest_checkpoint
 
-    src = args.checkpoint
-    src = src if is_model_dir(src) else (latest_checkpoint(src) or src)
     q = read_quantization(src)
     if q is not None:
         raise UserError(f"{src} is a {q['scheme']}-quantized model directory already: copy it as it is (export would "

@@ -18,14 +18,15 @@ import sys
 import time
 from pathlib import Path
 
+from ..cliargs import add_deprecated, add_model_arg, add_overwrite_arg
 from ..errors import UserError
 
 
 def add_prune_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="a model directory, or a RUN_DIR (its latest checkpoint)")
+    add_model_arg(p)
     p.add_argument("--method", required=True, choices=["magnitude", "wanda", "sparsegpt", "structured"])
     p.add_argument("--out", required=True, help="the pruned model directory to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier model directory at --out")
+    add_overwrite_arg(p, "model directory")
     u = p.add_argument_group("unstructured (magnitude, wanda, sparsegpt)")
     u.add_argument("--sparsity", type=float, help="fraction of each layer's weights to remove (e.g. 0.5)")
     u.add_argument("--pattern", help="N:M: keep at most N nonzero weights in every M consecutive inputs (2:4)")
@@ -39,8 +40,10 @@ def add_prune_parser(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("calibration")
     c.add_argument("--calib", metavar="DATA_DIR", help="a DATA_DIR (prepared with the model's tokenizer)")
     c.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    c.add_argument("--calib-seq-len", type=int, default=None, help="tokens per window (default: block_size)")
-    c.add_argument("--calib-batch", type=int, default=8, help="windows per forward pass")
+    c.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the model's block_size)")
+    c.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    add_deprecated(c, "--calib-seq-len", "--seq-len")
+    add_deprecated(c, "--calib-batch", "--batch-size")
     c.add_argument("--seed", type=int, default=0, help="which windows are drawn")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-verify", action="store_true", help="skip checking the model against its manifest.json")
@@ -61,13 +64,17 @@ def _check_args(args) -> None:
     if args.method in ("wanda", "sparsegpt", "structured") and not args.calib:
         raise UserError(f"--method {args.method} needs calibration data: --calib DATA_DIR (prepared with the "
                         f"model's tokenizer)")
-    if args.calib_batch < 1 or args.blocksize < 1 or not args.damp > 0:
-        raise UserError("--calib-batch and --blocksize must be positive, --damp above 0")
+    if args.batch_size < 1 or args.blocksize < 1 or not args.damp > 0:
+        raise UserError("--batch-size and --blocksize must be positive, --damp above 0")
+    if args.seq_len is not None and args.seq_len < 1:  # 0 is refused, not read as "the default"
+        raise UserError(f"--seq-len must be a positive number of tokens (default: the model's block_size), got "
+                        f"{args.seq_len}")
 
 
 def run_prune(args: argparse.Namespace) -> int:
     import torch
 
+    from ..checkpoint.kinds import CLASSIFIER, GPT, LORA, QUANTIZED, require_kind
     from ..model.io import load_model_dir, read_tokenizer_json, save_model_dir
     from ..precision import pick_device
     from ..runs import check_output_dir, is_scalelm_model_dir, resolve_checkpoint
@@ -86,15 +93,19 @@ def run_prune(args: argparse.Namespace) -> int:
     if sparsity is not None and not 0 <= sparsity < 1:
         raise UserError(f"--sparsity must be in [0, 1), got {sparsity:g}")
     src = resolve_checkpoint(args.model)
+    require_kind(src, "scalelm prune", (GPT, LORA),
+                 hint={CLASSIFIER: "the pruned model would lose the head; prune the language model it was fine-tuned "
+                                   "from, then fine-tune the classifier on the pruned one",
+                       QUANTIZED: "prune the float model it was made from (and quantize the pruned one)"})
     check_output_dir(args.out, "scalelm model directory", is_scalelm_model_dir, sources=[args.model, src],
                      overwrite=args.overwrite)
     device = pick_device(args.device, option="--device")
     model = load_model_dir(src, device=device, dtype=torch.float32, verify=not args.no_verify, allow_quantized=False)
     check_prunable(model)
     tok = read_tokenizer_json(src)
-    seq_len = args.calib_seq_len or model.cfg.block_size
+    seq_len = model.cfg.block_size if args.seq_len is None else args.seq_len
     if seq_len > model.cfg.block_size:
-        raise UserError(f"--calib-seq-len {seq_len} exceeds the model's block_size {model.cfg.block_size}")
+        raise UserError(f"--seq-len {seq_len} exceeds the model's block_size {model.cfg.block_size}")
     windows = None
     if args.calib:
         windows = calibration_windows(args.calib, args.calib_samples, seq_len, args.seed, tokenizer_json=tok,
@@ -110,17 +121,18 @@ def run_prune(args: argparse.Namespace) -> int:
 
         model.eval()
         model, plan = prune_structured(model, windows, args.heads, args.ffn_dim, args.n_layer, args.embd,
-                                       args.calib_batch)
+                                       args.batch_size)
         record.update(targets={"heads": args.heads, "ffn_dim": args.ffn_dim, "n_layer": args.n_layer,
                                "embd": args.embd}, kept=plan.describe(), params_before=params_before,
                       params=model.num_params())
         summary = {"params_before": params_before, "params": model.num_params(),
+                   "pruned_weights": params_before - model.num_params(),  # removed with their units
                    "fraction": model.num_params() / params_before}
         c = model.cfg
         print(f"kept layers {plan.layers}; config n_layer={c.n_layer} n_head={c.n_head} n_kv_head={c.kv_heads} "
               f"n_embd={c.n_embd} ffn={c.ffn_dim} head_dim={c.head_dim}", file=sys.stderr)
     else:
-        per_layer = prune_unstructured(model, args.method, sparsity, nm, windows, args.calib_batch, args.blocksize,
+        per_layer = prune_unstructured(model, args.method, sparsity, nm, windows, args.batch_size, args.blocksize,
                                        args.damp, log=log_stderr)
         summary = sparsity_report(model, per_layer)
         record.update(sparsity=sparsity, pattern=args.pattern, blocksize=args.blocksize if args.method == "sparsegpt"

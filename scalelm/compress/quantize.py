@@ -14,12 +14,13 @@ channel; int4 asymmetric per group of ``--group-size`` inputs, by round-to-neare
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
+from ..cliargs import add_deprecated, add_model_arg, add_overwrite_arg
 from ..errors import UserError
 
 
@@ -27,7 +28,7 @@ def add_quantize_parser(p: argparse.ArgumentParser) -> None:
     p.description = (p.description or "") + (
         ". Quantizes every Linear in the blocks (q, k, v, o, gate, up, down); embeddings, norms and the LM head "
         "stay float (--include-head: an untied head too).")
-    p.add_argument("model", help="a model directory, or a RUN_DIR (its latest checkpoint)")
+    add_model_arg(p)
     p.add_argument("--scheme", required=True, choices=["int8", "int4"],
                    help="int8: symmetric, one scale per output channel; int4: asymmetric, a scale and zero point "
                         "per group of --group-size inputs")
@@ -38,12 +39,14 @@ def add_quantize_parser(p: argparse.ArgumentParser) -> None:
                         "--calib")
     p.add_argument("--include-head", action="store_true", help="quantize the LM head too (only an untied one)")
     p.add_argument("--out", required=True, help="the quantized model directory to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier quantized model directory at --out")
+    add_overwrite_arg(p, "quantized model directory")
     c = p.add_argument_group("calibration (--method gptq)")
     c.add_argument("--calib", metavar="DATA_DIR", help="a DATA_DIR from `scalelm prepare` (the model's tokenizer)")
     c.add_argument("--calib-samples", type=int, default=128, help="calibration windows (default 128)")
-    c.add_argument("--calib-seq-len", type=int, default=None, help="tokens per window (default: block_size)")
-    c.add_argument("--calib-batch", type=int, default=8, help="windows per forward pass")
+    c.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the model's block_size)")
+    c.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    add_deprecated(c, "--calib-seq-len", "--seq-len")
+    add_deprecated(c, "--calib-batch", "--batch-size")
     c.add_argument("--seed", type=int, default=0, help="which windows are drawn")
     c.add_argument("--damp", type=float, default=0.01, help="GPTQ dampening, a fraction of mean(diag H)")
     p.add_argument("--device", default="auto", help="where to quantize: auto | cpu | cuda | cuda:N")
@@ -53,13 +56,19 @@ def add_quantize_parser(p: argparse.ArgumentParser) -> None:
 def _check_args(args) -> None:
     if args.scheme == "int8" and args.group_size is not None:
         raise UserError("--group-size is for int4: int8 has one scale per output channel (leave out --group-size)")
+    # 0 is refused, not read as "the default": a value given is a value meant
+    if args.group_size is not None and args.group_size < 1:
+        raise UserError(f"--group-size must be a positive number of inputs (32, 64 or 128), got {args.group_size}")
+    if args.seq_len is not None and args.seq_len < 1:
+        raise UserError(f"--seq-len must be a positive number of tokens (default: the model's block_size), got "
+                        f"{args.seq_len}")
     if args.method == "gptq" and not args.calib:
         raise UserError("--method gptq needs calibration data: --calib DATA_DIR (prepared by `scalelm prepare` with "
                         "the model's tokenizer)")
     if args.method == "rtn" and args.calib:
         raise UserError("--calib is used only by --method gptq (round to nearest needs no data)")
-    if args.calib_batch < 1 or not args.damp > 0:
-        raise UserError("--calib-batch must be positive and --damp above 0")
+    if args.batch_size < 1 or not args.damp > 0:
+        raise UserError("--batch-size must be positive and --damp above 0")
 
 
 def is_quantized_dir(path) -> bool:
@@ -72,13 +81,25 @@ def is_quantized_dir(path) -> bool:
         return False
 
 
+def _float_size(src: Path, model) -> tuple[int, str]:
+    """``(bytes, what)`` of the float model being quantized: its ``model.safetensors``; a LoRA run's
+    checkpoint (adapters only, merged into its base on load) or a sharded one has no such file, so
+    there it is the float32 tensors as loaded (a tied head counted once)."""
+    from ..checkpoint.names import WEIGHTS
+
+    if (src / WEIGHTS).is_file():
+        return (src / WEIGHTS).stat().st_size, WEIGHTS
+    sizes = {t.data_ptr(): t.numel() * t.element_size() for t in model.state_dict().values()}
+    return sum(sizes.values()), f"float32 weights (no {WEIGHTS} in {src})"
+
+
 def run_quantize(args: argparse.Namespace) -> int:
     import torch
 
-    from ..fileio import publish_dir
-    from ..model.hf import TOKENIZER_FILES
-    from ..model.io import load_model_dir, read_tokenizer_json, save_model_dir
-    from ..model.manifest import write_manifest
+    from ..checkpoint.model_dir import read_config, read_tokenizer_json
+    from ..checkpoint.names import WEIGHTS
+    from ..checkpoint.quantized import save_quantized_dir
+    from ..model.io import load_model_dir
     from ..model.quant import (
         QuantLinear,
         check_group_size,
@@ -88,12 +109,17 @@ def run_quantize(args: argparse.Namespace) -> int:
         read_quantization,
         replace_module,
     )
+    from ..checkpoint.kinds import CLASSIFIER, ENCDEC, GPT, LORA, QUANTIZED, require_kind
     from ..precision import pick_device
-    from ..runs import CONFIG, TOKENIZER, WEIGHTS, check_output_dir, resolve_checkpoint
+    from ..runs import check_output_dir, resolve_checkpoint
 
     _check_args(args)
-    group_size = (args.group_size or 128) if args.scheme == "int4" else 0
+    group_size = (128 if args.group_size is None else args.group_size) if args.scheme == "int4" else 0
     src = resolve_checkpoint(args.model)
+    require_kind(src, "scalelm quantize", (GPT, LORA),
+                 hint={QUANTIZED: "it is already quantized: quantize the float model it was made from",
+                       CLASSIFIER: "the quantized model would lose the head and the labels; use the float classifier",
+                       ENCDEC: "scalelm loads quantized decoder-only models only; translate with the float model"})
     done = read_quantization(src)
     if done is not None:
         raise UserError(f"{src} is already quantized ({done['scheme']}): quantize the float model it was made from")
@@ -102,6 +128,7 @@ def run_quantize(args: argparse.Namespace) -> int:
                      overwrite=args.overwrite)
     device = pick_device(args.device, option="--device")
     model = load_model_dir(src, device=device, dtype=torch.float32, verify=not args.no_verify, allow_quantized=False)
+    before, before_what = _float_size(src, model)
     names = list(quantizable_linears(model, args.include_head))
     check_group_size(model, args.scheme, group_size, names)
     tok = read_tokenizer_json(src)
@@ -113,14 +140,14 @@ def run_quantize(args: argparse.Namespace) -> int:
         from .calib import calibration_windows
         from .gptq import gptq_model
 
-        seq_len = args.calib_seq_len or model.cfg.block_size
+        seq_len = model.cfg.block_size if args.seq_len is None else args.seq_len
         if seq_len > model.cfg.block_size:
-            raise UserError(f"--calib-seq-len {seq_len} exceeds the model's block_size {model.cfg.block_size}")
+            raise UserError(f"--seq-len {seq_len} exceeds the model's block_size {model.cfg.block_size}")
         windows = calibration_windows(args.calib, args.calib_samples, seq_len, args.seed, tokenizer_json=tok,
                                       what=f"the model {src}")
         meta["calib"] = {"data": str(Path(args.calib).resolve()), "samples": args.calib_samples,
                          "seq_len": seq_len, "seed": args.seed, "damp": args.damp}
-        qmods = gptq_model(model, names, args.scheme, group_size, windows, args.calib_batch, damp=args.damp,
+        qmods = gptq_model(model, names, args.scheme, group_size, windows, args.batch_size, damp=args.damp,
                            log=lambda m: print(m, file=sys.stderr))
     else:
         with torch.no_grad():
@@ -130,26 +157,13 @@ def run_quantize(args: argparse.Namespace) -> int:
     model.to("cpu")
     seconds = time.perf_counter() - t0
     meta["source"] = str(Path(src).resolve())
-    src_meta = json.loads((src / CONFIG).read_text())
+    src_meta = read_config(src)
     extra = {k: src_meta[k] for k in ("step", "hf") if k in src_meta}
     extra["quantization"] = meta
-    # stage the whole directory (weights, config, tokenizer files, manifest), then publish it at once
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.quantize-staging"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        save_model_dir(model, staging, tok, extra=extra, manifest=False)
-        for name in TOKENIZER_FILES:
-            if name != TOKENIZER and (src / name).is_file():
-                shutil.copyfile(src / name, staging / name)
-        write_manifest(staging)
-        publish_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    save_quantized_dir(out, dataclasses.asdict(model.cfg), model.state_dict(), tok, extra, src=src)
     kernels = prepare_kernels(model)
-    before, after = (src / WEIGHTS).stat().st_size, (out / WEIGHTS).stat().st_size
-    print(f"wrote {out} in {seconds:.1f} s: {WEIGHTS} {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB; "
+    after = (out / WEIGHTS).stat().st_size
+    print(f"wrote {out} in {seconds:.1f} s: {before_what} {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB; "
           f"kernels here: {', '.join(f'{k} x{v}' for k, v in kernels.items())}", file=sys.stderr)
     print(json.dumps({"out": str(out), "scheme": args.scheme, "group_size": group_size or None,
                       "method": args.method, "modules": len(names), "bytes_before": before, "bytes": after,

@@ -161,13 +161,16 @@ def _has(block: nn.Module, name: str) -> bool:
 
 
 def sparsity_report(model: GPT, per_layer: dict[str, float]) -> dict:
-    """Overall figures: over the pruned linears and over all parameters (zeros counted once)."""
-    pruned = sum(model.get_parameter(f"{n}.weight").numel() for n in per_layer)
+    """Overall figures: over the pruned linears and over all parameters (zeros counted once).
+
+    ``prunable_weights``: the weights of the linears pruning looked at; ``pruned_weights``: how
+    many of them are zero now (``linear_sparsity`` is the one over the other)."""
+    prunable = sum(model.get_parameter(f"{n}.weight").numel() for n in per_layer)
     zeros_pruned = sum(int((model.get_parameter(f"{n}.weight") == 0).sum()) for n in per_layer)
     params = model.num_params()
     zeros_all = sum(int((p == 0).sum()) for p in model.parameters())
-    return {"linear_sparsity": zeros_pruned / max(1, pruned), "pruned_weights": pruned,
-            "model_sparsity": zeros_all / max(1, params), "params": params,
+    return {"linear_sparsity": zeros_pruned / max(1, prunable), "prunable_weights": prunable,
+            "pruned_weights": zeros_pruned, "model_sparsity": zeros_all / max(1, params), "params": params,
             "nonzero_params": params - zeros_all}
 
 

@@ -17,10 +17,10 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
+from ..checkpoint.names import LATEST, RUN_INFO, TOKENIZER, WEIGHTS
 from ..errors import UserError
 
 META = "meta.json"
-TOKENIZER = "tokenizer.json"
 FORMAT = "scalelm-data"
 
 
@@ -38,8 +38,8 @@ class TokenData:
                             f"(create it with `scalelm prepare --input SRC --out {self.dir}`)")
         meta_path = self.dir / META
         if not meta_path.is_file():
-            run = self.dir / "run.json"
-            if run.is_file() or (self.dir / "latest").is_file() or (self.dir / "model.safetensors").is_file():
+            run = self.dir / RUN_INFO
+            if run.is_file() or (self.dir / LATEST).is_file() or (self.dir / WEIGHTS).is_file():
                 # prepare refuses to write into a run or model directory: name the data it came from
                 try:
                     trained_on = json.loads(run.read_text())["data"]["path"]

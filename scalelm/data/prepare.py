@@ -19,9 +19,7 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -32,8 +30,10 @@ from typing import Iterator, Optional
 import numpy as np
 
 from .. import __version__
+from ..checkpoint import staged_dir
+from ..checkpoint.names import TOKENIZER
+from ..cliargs import add_deprecated, add_overwrite_arg
 from ..errors import UserError
-from ..fileio import publish_dir
 from .sources import (
     ON_INVALID,
     STDLIB_MAX_BYTES,
@@ -49,6 +49,7 @@ from .tokenizer import (
     DEFAULT_BPE_VOCAB,
     KINDS,
     byte_tokenizer,
+    check_bpe_vocab_size,
     char_tokenizer,
     dtype_for_vocab,
     ensure_eot,
@@ -158,7 +159,7 @@ def build_tokenizer(spec: str, source, plan: SplitPlan, scan: Stats, *, vocab_si
     elif spec == "char":
         tok, kind = char_tokenizer(scan.chars or ()), "char"
     elif spec == "bpe":
-        vocab_size = vocab_size or DEFAULT_BPE_VOCAB
+        vocab_size = DEFAULT_BPE_VOCAB if vocab_size is None else vocab_size
         train_bytes = int(scan.bytes * (1 - plan.val_fraction))  # about: the exact size is known after encoding
         texts = _training_texts(source, plan, max_bytes, sample_bytes, train_bytes, progress)
         tok, kind = train_bpe(texts, vocab_size, progress=progress), "bpe"
@@ -246,12 +247,16 @@ def encode_corpus(source, tok, plan: SplitPlan, shards: _Shards, max_bytes, tota
     return st
 
 
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "meta.json").is_file():
-        raise UserError(f"--out {out} is a non-empty directory that is not a prepared DATA_DIR: refusing to "
-                        f"overwrite it (choose a new or empty directory)")
+def is_data_dir(path: Path) -> bool:
+    """A DATA_DIR an earlier ``prepare`` wrote (what ``--overwrite`` may replace)."""
+    return (Path(path) / "meta.json").is_file()
+
+
+def _check_out(out: Path, input: str, overwrite: bool) -> None:
+    from ..runs import check_output_dir
+
+    sources = [input] if Path(input).exists() else []  # stdlib and hf: names are not paths
+    check_output_dir(out, "prepared DATA_DIR", is_data_dir, sources=sources, overwrite=overwrite)
 
 
 def prepare(input: str, out: str, tokenizer: str = "bpe", vocab_size: Optional[int] = None,
@@ -259,16 +264,26 @@ def prepare(input: str, out: str, tokenizer: str = "bpe", vocab_size: Optional[i
             progress: bool = True, *, doc_sep: str = "eot", split: str = "train", split_by: str = "auto",
             max_bytes: int | str | None = None, tokenizer_sample: int | str = DEFAULT_SAMPLE,
             dtype: str = "auto", block_size: int = DEFAULT_BLOCK, on_invalid_utf8: str = "replace",
-            eot_token: Optional[str] = None, workers: Optional[int] = None) -> dict:
-    """Prepare a DATA_DIR from ``input`` (see module doc and README "Data"); returns its meta."""
+            eot_token: Optional[str] = None, workers: Optional[int] = None, overwrite: bool = False) -> dict:
+    """Prepare a DATA_DIR from ``input`` (see module doc and README "Data"); returns its meta.
+
+    An existing, non-empty ``out`` is refused unless it is an earlier DATA_DIR and ``overwrite``
+    is set (then it is replaced atomically)."""
     t0 = time.perf_counter()
     out_dir = Path(out).expanduser().resolve()
-    _check_out(out_dir)
+    _check_out(out_dir, input, overwrite)
     max_bytes, sample = parse_size(max_bytes), parse_size(tokenizer_sample)
     # wrong arguments fail before a possibly long read of the corpus
     if vocab_size is not None and tokenizer != "bpe":
         raise UserError(f"--vocab-size applies to --tokenizer bpe only (the {tokenizer} vocabulary is fixed "
                         f"by the {'corpus' if tokenizer == 'char' else 'tokenizer'})")
+    if vocab_size is not None:
+        check_bpe_vocab_size(vocab_size)
+    # numbers given are numbers meant: 0 is refused, not read as "the default"
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1 (leave it out for all cores), got {workers}")
+    if block_size < 1:
+        raise UserError(f"--seq-len must be a positive number of tokens, got {block_size}")
     SplitPlan(2, 2, val_fraction, seed, split_by)  # checks the split arguments
     loaded = None if tokenizer in KINDS else load_tokenizer(tokenizer)
     dtype_for_vocab(vocab_size_of(loaded) if loaded else (vocab_size or 2), dtype)
@@ -300,9 +315,8 @@ def prepare(input: str, out: str, tokenizer: str = "bpe", vocab_size: Optional[i
         np_dtype = dtype_for_vocab(n_vocab, dtype)
         tok_json = tok.to_str()
 
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-        try:
+        # a DATA_DIR has no manifest: its meta.json records what it holds
+        with staged_dir(out_dir, manifest=False, tag="tmp-") as tmp:
             shards = _Shards(tmp, np_dtype, n_vocab, eot, raw_bytes=kind == "byte")
             try:
                 again = encode_corpus(source, tok, plan, shards, limit, scan.bytes, progress)
@@ -332,12 +346,8 @@ def prepare(input: str, out: str, tokenizer: str = "bpe", vocab_size: Optional[i
                 "scalelm_version": __version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
-            (tmp / "tokenizer.json").write_text(tok_json, encoding="utf-8")
+            (tmp / TOKENIZER).write_text(tok_json, encoding="utf-8")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-            publish_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     secs = time.perf_counter() - t0
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     log(f"wrote {out_dir}: train {tr['tokens']:,} tokens ({tr['documents']:,} docs), val {va['tokens']:,} tokens "
@@ -354,7 +364,8 @@ def add_prepare_parser(p: argparse.ArgumentParser) -> None:
                 "a dataset saved with datasets' save_to_disk; hf:owner/name[:config];\n"
                 "stdlib (this Python's standard library, the demo corpus). Prints meta.json to stdout.")
     p.add_argument("--input", required=True, help="corpus: FILE, DIR, hf:owner/name[:config], or stdlib")
-    p.add_argument("--out", required=True, help="DATA_DIR to write (replaced if it is a DATA_DIR already)")
+    p.add_argument("--out", required=True, help="the DATA_DIR to write")
+    add_overwrite_arg(p, "DATA_DIR")
     p.add_argument("--tokenizer", default="bpe",
                    help=f"{'|'.join(KINDS)}, or a tokenizer.json / directory holding one / hf:owner/name (default bpe)")
     p.add_argument("--vocab-size", type=int, default=None, help=f"BPE vocabulary size (default {DEFAULT_BPE_VOCAB})")
@@ -372,9 +383,13 @@ def add_prepare_parser(p: argparse.ArgumentParser) -> None:
                    f"(stdlib: a fixed sample of whole files, default {STDLIB_MAX_BYTES >> 20}MB)")
     p.add_argument("--tokenizer-sample", default=f"{DEFAULT_SAMPLE >> 20}MB",
                    help="train BPE on an evenly spread sample of this much train text (default 128MB)")
-    p.add_argument("--dtype", choices=("auto", "uint16", "uint32"), default="auto", help="token file dtype (auto)")
-    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK,
-                   help="warn when a split is shorter than one window of this context length (1024)")
+    p.add_argument("--token-dtype", choices=("auto", "uint16", "uint32"), default="auto",
+                   help="integer type of the token files (auto: uint16 when the vocabulary fits, else uint32)")
+    p.add_argument("--seq-len", type=int, default=DEFAULT_BLOCK,
+                   help=f"tokens per window train/eval will use: warn when a split is shorter than one "
+                        f"({DEFAULT_BLOCK})")
+    add_deprecated(p, "--dtype", "--token-dtype")
+    add_deprecated(p, "--block-size", "--seq-len")
     p.add_argument("--on-invalid-utf8", choices=ON_INVALID, default="replace",
                    help="invalid UTF-8 bytes: replace with U+FFFD (default), skip them, or stop with an error")
     p.add_argument("--eot-token", default=None, help="end-of-text token of a loaded tokenizer (default: found)")
@@ -393,7 +408,7 @@ def run_prepare(args: argparse.Namespace) -> int:
                        val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field, glob=args.glob,
                        progress=not args.no_progress, doc_sep=args.doc_sep, split=args.split,
                        split_by=args.split_by, max_bytes=args.max_bytes, tokenizer_sample=args.tokenizer_sample,
-                       dtype=args.dtype, block_size=args.block_size, on_invalid_utf8=args.on_invalid_utf8,
-                       eot_token=args.eot_token, workers=args.workers)
+                       dtype=args.token_dtype, block_size=args.seq_len, on_invalid_utf8=args.on_invalid_utf8,
+                       eot_token=args.eot_token, workers=args.workers, overwrite=args.overwrite)
     print(json.dumps(meta, indent=2))
     return 0

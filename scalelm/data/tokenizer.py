@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 EOT, PAD, UNK = "<|endoftext|>", "<|pad|>", "<|unk|>"
 KINDS = ("bpe", "char", "byte")
 DEFAULT_BPE_VOCAB = 8192
+BPE_MIN_VOCAB = 256 + 2  # byte-level BPE: the 256 byte tokens, end-of-text and padding
 # end-of-sequence / pad tokens of common tokenizers, most preferred first
 EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[SEP]", "<|im_end|>")
 PAD_CANDIDATES = (PAD, "<pad>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>")
@@ -80,15 +81,21 @@ def char_tokenizer(chars: Iterable[str]) -> "Tokenizer":
     return tok
 
 
+def check_bpe_vocab_size(vocab_size: int) -> None:
+    if vocab_size < 1:  # 0 is refused, not read as "the default"
+        raise TokenizerError(f"--vocab-size must be a positive number of tokens (default {DEFAULT_BPE_VOCAB}), "
+                             f"got {vocab_size}")
+    if vocab_size < BPE_MIN_VOCAB:
+        raise TokenizerError(f"--vocab-size {vocab_size} is too small for byte-level BPE: it needs at least "
+                             f"{BPE_MIN_VOCAB} (256 byte tokens + {EOT} + {PAD})")
+
+
 def train_bpe(texts: Iterator[str], vocab_size: int = DEFAULT_BPE_VOCAB, *, min_frequency: int = 2,
               progress: bool = False, length: Optional[int] = None) -> "Tokenizer":
     """Train a GPT-2-style byte-level BPE from an iterator of strings (streamed, not held)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    minimum = 256 + 2
-    if vocab_size < minimum:
-        raise TokenizerError(f"--vocab-size {vocab_size} is too small for byte-level BPE: it needs at least "
-                             f"{minimum} (256 byte tokens + {EOT} + {PAD})")
+    check_bpe_vocab_size(vocab_size)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

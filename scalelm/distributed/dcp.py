@@ -23,20 +23,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..checkpoint.dcp import is_sharded_checkpoint, write_shards
+from ..checkpoint.model_dir import model_meta, read_config, read_tokenizer_json, write_json
+from ..checkpoint.names import CONFIG, DCP_METADATA, TOKENIZER_FILES, staging_name
+from ..checkpoint.staging import reset_dir
 from ..errors import CheckpointError
 from ..model.io import consolidated_model, load_model_dir, save_model_dir
-from ..runs import (CONFIG, DCP_METADATA, TOKENIZER, check_output_dir, is_model_dir, is_scalelm_model_dir,
-                    latest_checkpoint)
+from ..runs import check_output_dir, is_model_dir, is_scalelm_model_dir, latest_checkpoint
 from .mesh import ParallelContext
 from .parallelize import model_parts
 
-DCP_DIR = str(DCP_METADATA.parent)
 _PART_PREFIX = re.compile(r"^parts\.\d+\.gpt\.")
-
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / CONFIG).is_file() and (p / DCP_DIR / ".metadata").is_file()
 
 
 # ----------------------------------------------------------------------------- state dicts
@@ -118,22 +115,18 @@ def save_full_model_dir(model: nn.Module, out_dir: Path, tokenizer_json: Optiona
                         ctx: ParallelContext) -> None:
     """A model directory of a sharded/pipelined model (e.g. ``RUN_DIR/best``): every rank saves
     its shards to a staging DCP dir, rank 0 consolidates them. Collective: call on all ranks."""
-    import torch.distributed.checkpoint as dcp
-
     out_dir = Path(out_dir)
-    staging = out_dir.parent / f".staging-{out_dir.name}-dcp"
+    staging = out_dir.parent / staging_name(f"{out_dir.name}-dcp")  # a temporary sharded checkpoint, never published
     if ctx.is_main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        reset_dir(staging)
     barrier(ctx)
     canon, _ = training_state_dicts(model, None)
-    dcp.save(canon, checkpoint_id=str(staging / DCP_DIR), no_dist=not ctx.distributed)
+    write_shards(canon, staging, ctx.distributed)
     barrier(ctx)
     if ctx.is_main:
         import dataclasses
 
-        cfg = model_parts(model)[0].cfg
-        (staging / CONFIG).write_text(json.dumps({"format": "scalelm", "model": dataclasses.asdict(cfg)}))
+        write_json(staging / CONFIG, model_meta(dataclasses.asdict(model_parts(model)[0].cfg)))
         try:
             save_model_dir(consolidated_model(staging), out_dir, tokenizer_json, extra=extra)
         finally:
@@ -142,25 +135,26 @@ def save_full_model_dir(model: nn.Module, out_dir: Path, tokenizer_json: Optiona
 
 
 def add_export_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a sharded checkpoint (RUN_DIR/ckpt-N) or a RUN_DIR (its latest)")
+    from ..cliargs import DTYPES, add_dtype_arg, add_model_arg, add_overwrite_arg
+
+    add_model_arg(p, help="a model directory, a sharded checkpoint (RUN_DIR/ckpt-N) or a RUN_DIR (its latest)")
     p.add_argument("--out", required=True, help="the model directory to write")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="cast the weights (default: as saved)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace --out if it holds an earlier model directory (never a run or another folder)")
+    add_dtype_arg(p, default=None, choices=DTYPES, help="cast the weights (default: as saved)")
+    add_overwrite_arg(p, "model directory")
 
 
 def run_export(args: argparse.Namespace) -> int:
-    src = Path(args.checkpoint)
+    src = Path(args.model)
     if not src.exists():
         raise CheckpointError(f"checkpoint not found: {src}")
     if not is_model_dir(src):  # a RUN_DIR: its latest checkpoint
         latest = latest_checkpoint(src)
         if latest is None:
             raise CheckpointError(f"{src} is neither a checkpoint or model directory ({CONFIG} + weights or "
-                                  f"{DCP_DIR}/.metadata) nor a run directory holding one")
+                                  f"{DCP_METADATA}) nor a run directory holding one")
         src = latest
     out = Path(args.out)
-    check_output_dir(out, "scalelm model directory", is_scalelm_model_dir, sources=[args.checkpoint, src],
+    check_output_dir(out, "scalelm model directory", is_scalelm_model_dir, sources=[args.model, src],
                      overwrite=args.overwrite)
     if not is_sharded_checkpoint(src):  # already a model directory: copy what generate/eval read
         model = load_model_dir(src)
@@ -169,10 +163,11 @@ def run_export(args: argparse.Namespace) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}.get(args.dtype or "")
     if dtype is not None:
         model = model.to(dtype)
-    tok = src / TOKENIZER
-    meta = json.loads((src / CONFIG).read_text())
-    save_model_dir(model, out, tok.read_text() if tok.is_file() else None,
-                   extra={k: meta[k] for k in ("step",) if k in meta})
+    meta = read_config(src)
+    # what the model is for goes along: a translation model's task entry, the special ids, a chat template
+    files = {n: (src / n).read_text(encoding="utf-8") for n in TOKENIZER_FILES[1:] if (src / n).is_file()}
+    extra = {k: meta[k] for k in ("step", "task", "hf") if k in meta}
+    save_model_dir(model, out, read_tokenizer_json(src), extra=extra, files=files)
     print(json.dumps({"checkpoint": str(src), "out": str(out), "params": model.num_params(),
                       "dtype": str(next(model.parameters()).dtype).replace("torch.", "")}))
     return 0

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from .harness_data import check_local_data
 
 TASKS_DIR = Path(__file__).with_name("tasks")
 
@@ -162,10 +163,17 @@ def run_harness(ckpt, tasks: str, include: Optional[str], limit: Optional[float]
         raise UserError(f"{', '.join(local)} read a local file: pass --harness-data FILE")
     if data_file and not Path(data_file).is_file():
         raise UserError(f"--harness-data {data_file}: no such file")
+    # read as the local tasks will, before the model loads: refused if unreadable, skipped lines counted
+    data_report = check_local_data(local, data_file) if local else {}
     lm = lm_cls(str(ckpt), device=device, batch_size=batch_size, verify=verify)
+    from ..quiet import no_git_probe
+
+    no_git_probe()
     res = simple_evaluate(model=lm, tasks=names, task_manager=tm, limit=limit, log_samples=log_samples,
                           metadata=metadata)
     out = {"results": res["results"], "n_samples": res.get("n-samples"), "versions": res.get("versions")}
+    if data_report:
+        out["harness_data"] = {"file": str(data_file), **data_report}
     if log_samples:
         out["samples"] = res["samples"]
     return out

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from typing import Optional
 
+from ..checkpoint.kinds import CLASSIFIER, ENCDEC, GPT, LANGUAGE_MODELS, LORA, TRANSLATION, require_kind
+from ..cliargs import add_deprecated, add_dtype_arg, add_model_arg
 from ..fileio import json_safe
 from ..train.validation import evaluate, loss_sums, summarize  # noqa: F401 (the Python API of eval)
 
 # ----------------------------------------------------------------------------- CLI
 
 def add_eval_parser(p: argparse.ArgumentParser) -> None:
-    p.add_argument("ckpt", help="a model directory, or a RUN_DIR (its latest checkpoint)")
+    add_model_arg(p)
     p.add_argument("--data", help="a DATA_DIR written by `scalelm prepare` (with --task classify: a labelled file)")
     from ..tasks.classify.cli import add_eval_args
 
@@ -38,15 +42,33 @@ def add_eval_parser(p: argparse.ArgumentParser) -> None:
                    "scalelm_sst2, a text file for scalelm_text_ppl)")
     h.add_argument("--limit", type=float, help="at most this many examples per task (or a fraction, < 1)")
     p.add_argument("--split", default="val", help="which split to score (default: val)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's block_size)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the model's block_size)")
     p.add_argument("--max-batches", type=int, default=None,
                    help="cap the number of batches (spread evenly over the split); default: the whole split")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="auto: bf16 where the hardware has it, else fp32")
+    add_dtype_arg(p, help="autocast dtype of the forward passes; auto: bf16 where the hardware has it, else fp32")
+    add_deprecated(p, "--precision", "--dtype")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the model's files against its manifest.json (sha256 of each)")
+
+
+def check_limit(limit: Optional[float]) -> None:
+    """``--limit``: a whole number of examples, or a fraction of them below 1 (as lm-eval reads it).
+    nan, inf, 0 or a negative is refused: none of them is a number of examples."""
+    from ..errors import UserError
+
+    if limit is None:
+        return
+    if not (math.isfinite(limit) and limit > 0):
+        raise UserError(f"--limit must be a positive number of examples (or a fraction below 1), got {limit}")
+    if limit >= 1 and not limit.is_integer():
+        raise UserError(f"--limit {limit:g}: give a whole number of examples, or a fraction below 1")
+
+
+# --task -> (the model kinds it takes, the kind it needs: scalelm.checkpoint.kinds)
+TASK_KINDS = {"classify": ((GPT, LORA, CLASSIFIER), CLASSIFIER), "translate": ((GPT, LORA, ENCDEC), TRANSLATION),
+              "qa": (LANGUAGE_MODELS, None)}
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -57,6 +79,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..precision import autocast_context, pick_device, resolve_precision
     from ..runs import resolve_checkpoint
 
+    check_limit(args.limit)
+    if args.task in TASK_KINDS:  # the model must suit the task before anything is loaded
+        supported, needs = TASK_KINDS[args.task]
+        require_kind(args.model, f"scalelm eval --task {args.task}", supported, needs=needs)
     if args.task == "classify":
         from ..tasks.classify.cli import run_eval_classify
 
@@ -74,7 +100,9 @@ def run_eval(args: argparse.Namespace) -> int:
         raise UserError(f"give one of --data DATA_DIR, --text FILE or --harness TASKS, not {' and '.join(given)}"
                         if given else "what to score: --data DATA_DIR (made by `scalelm prepare`), --text FILE "
                         "or --harness TASKS")
-    ckpt = resolve_checkpoint(args.ckpt)
+    ckpt = resolve_checkpoint(args.model)
+    require_kind(ckpt, f"scalelm eval {given[0]}", LANGUAGE_MODELS,
+                 hint="score a translation model with `scalelm eval --task translate --source FILE --reference FILE`")
     if args.harness:
         return _run_eval_harness(args, ckpt)
     if args.text is not None:
@@ -94,7 +122,7 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.batch_size < 1 or (args.max_batches is not None and args.max_batches < 1):
         raise UserError("--batch-size and --max-batches must be positive")
     data.check_window(args.split, seq_len)
-    precision = resolve_precision(args.precision, device)
+    precision = resolve_precision(args.dtype, device)
     print(f"evaluating {ckpt} on {args.data} [{args.split}] with {precision} on {device}", file=sys.stderr)
     res = evaluate(model, data, args.split, args.batch_size, seq_len, args.max_batches, device,
                    autocast_context(precision, device))
@@ -125,7 +153,7 @@ def _run_eval_text(args: argparse.Namespace, ckpt) -> int:
         raise UserError(f"--seq-len must be between 1 and the model's block_size {model.cfg.block_size}")
     if args.batch_size < 1:
         raise UserError("--batch-size must be positive")
-    precision = resolve_precision(args.precision, device)
+    precision = resolve_precision(args.dtype, device)
     print(f"evaluating {ckpt} on {args.text} with {precision} on {device}", file=sys.stderr)
     res = text_perplexity(model, tok, text, eos if eos is not None else 0, seq_len,
                           seq_len if args.stride is None else args.stride, args.batch_size, device,
@@ -139,8 +167,8 @@ def _run_eval_harness(args: argparse.Namespace, ckpt) -> int:
     from ..precision import pick_device
     from .harness import run_harness
 
-    if args.batch_size < 1 or (args.limit is not None and args.limit <= 0):
-        raise UserError("--batch-size and --limit must be positive")
+    if args.batch_size < 1:
+        raise UserError("--batch-size must be positive")
     res = run_harness(ckpt, args.harness, args.harness_include, args.limit, args.harness_data, args.batch_size,
                       str(pick_device(args.device)))
     print(json.dumps(json_safe(res), default=str, allow_nan=False))

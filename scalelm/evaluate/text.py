@@ -21,17 +21,18 @@ from ..model.loss import IGNORE_INDEX
 from ..train.validation import loss_sums
 
 
-def read_text(path: str | Path) -> str:
+def read_text(path: str | Path, option: str = "--text",
+              advice: str = "convert it, or prepare it with `scalelm prepare` (which replaces invalid bytes)") -> str:
+    """A UTF-8 text file that has some text, or a UserError naming ``option`` (the flag that gave it)."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"--text {p}: no such file")
+        raise UserError(f"{option} {p}: no such file")
     try:
         text = p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
-        raise UserError(f"--text {p} is not UTF-8 text (byte {e.start} cannot be decoded): convert it, or "
-                        f"prepare it with `scalelm prepare` (which replaces invalid bytes)") from None
+        raise UserError(f"{option} {p} is not UTF-8 text (byte {e.start} cannot be decoded): {advice}") from None
     if not text.strip():
-        raise UserError(f"--text {p} is empty")
+        raise UserError(f"{option} {p} is empty")
     return text
 
 

@@ -20,6 +20,7 @@ from typing import Sequence, Union
 import torch
 
 from .outputs import Completion, GenerationError
+from .sampling import NonFiniteLogits
 
 Prompt = Union[str, Sequence[int]]
 
@@ -47,83 +48,131 @@ class _Hypotheses:
 
 @torch.inference_mode()
 def beam_search(gen, prompts: Union[Prompt, list[Prompt]], num_beams: int = 4,
-                max_new_tokens: int = 128, length_penalty: float = 1.0, early_stopping: bool = True,
-                truncate: bool = False, ignore_eos: bool = False) -> list[Completion]:
+                max_new_tokens: Union[int, Sequence[int]] = 128, length_penalty: float = 1.0,
+                early_stopping: bool = True, truncate: bool = False, ignore_eos: bool = False) -> list[Completion]:
     """The best-scoring continuation of each prompt (one Completion per prompt) of ``gen``, a
-    :class:`~scalelm.generate.generator.Generator` (its model, cache and prefill)."""
+    :class:`~scalelm.generate.generator.Generator` (its model, cache and prefill).
+
+    ``max_new_tokens``: one budget, or one per prompt. The search does not slide the context: a
+    prompt's budget is at most what its own context has room for (``stopped_at_context`` when that
+    cut it short), whatever the lengths of the other prompts of the batch."""
     if num_beams < 1:
         raise GenerationError(f"num_beams={num_beams} is invalid: must be >= 1")
-    if max_new_tokens < 1:
+    if isinstance(max_new_tokens, int) and max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
-    if isinstance(prompts, torch.Tensor):
-        prompts = prompts.tolist()
-    single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
-    rows = [gen.prompt_ids(p, truncate) for p in ([prompts] if single else list(prompts))]
-    if not rows:
-        raise GenerationError("no prompt given")
-    B, K, cfg = len(rows), num_beams, gen.cfg
+    rows, cuts = gen._prompt_rows(prompts, truncate)
+    budgets, short = gen.budgets(rows, max_new_tokens, slide=False)
+    B, K = len(rows), num_beams
     eos: Sequence[int] = () if ignore_eos else sorted(gen.eos_ids)
-    capacity = min(cfg.block_size, max(map(len, rows)) + max_new_tokens)
-    cache = gen._new_cache(B, capacity)
+    # rows line up at the right (left padding) and keep their own positions, so a short prompt's
+    # budget may run past block_size slots: the cache holds every row's prompt and budget, and a
+    # finished prompt's beams leave the batch (their positions would run past the context)
+    cache = gen._new_cache(B, max(map(len, rows)) + max(budgets) - 1)
     first = gen._prefill(cache, rows)  # (B, V): one prefill per prompt, then K copies of it
     cache.index_rows(torch.arange(B, device=gen.device).repeat_interleave(K))
     logits = first.repeat_interleave(K, dim=0)
+    active = list(range(B))  # the prompts in the cache, K rows each
     beam_lp = torch.full((B, K), float("-inf"), device=gen.device, dtype=torch.float32)
     beam_lp[:, 0] = 0.0  # at the start the K beams are one: only the first may extend
-    tokens: list[list[int]] = [[] for _ in range(B * K)]
+    tokens: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]  # [prompt][beam]
     hyps = [_Hypotheses(K, length_penalty, early_stopping) for _ in range(B)]
-    done = [False] * B
     V = logits.shape[-1]
     n_cand = K * (1 + len(eos))  # enough that K candidates survive even if every beam ends
-    for step in range(max_new_tokens):
+    for step in range(max(budgets)):
+        A = len(active)
         logp = torch.log_softmax(logits.float(), dim=-1)
-        scores = (beam_lp.view(B * K, 1) + logp).view(B, K * V)
+        scores = (beam_lp.view(A * K, 1) + logp).view(A, K * V)
         top_lp, top_idx = scores.topk(min(n_cand, K * V), dim=1)
         top_lp, top_idx = top_lp.tolist(), top_idx.tolist()  # one host sync per step
-        new_lp = torch.full((B, K), float("-inf"), dtype=torch.float32)
-        order, next_tok, new_tokens = [], [], []
-        for b in range(B):
-            kept = 0
-            for rank, (lp, idx) in enumerate(zip(top_lp[b], top_idx[b])):
+        bad = next((b for j, b in enumerate(active) if top_lp[j] and top_lp[j][0] != top_lp[j][0]), None)  # NaN first
+        if bad is not None:  # logits with a NaN or inf (a broken model or graph): no beam can be scored
+            raise NonFiniteLogits(step + 1, bad)
+        new_lp = torch.full((A, K), float("-inf"), dtype=torch.float32)
+        order, next_tok = [], []
+        for j, b in enumerate(active):
+            kept, beams = 0, []
+            for rank, (lp, idx) in enumerate(zip(top_lp[j], top_idx[j])):
                 if kept == K:
                     break
                 beam, tok = divmod(idx, V)
-                src = b * K + beam
                 if lp == float("-inf"):
                     continue
                 if tok in eos:
-                    if rank < K and not done[b]:
-                        hyps[b].add(lp, list(tokens[src]), "eos")
+                    if rank < K:
+                        hyps[b].add(lp, list(tokens[b][beam]), "eos")
                     continue
-                new_lp[b, kept] = lp
-                order.append(src)
+                new_lp[j, kept] = lp
+                order.append(j * K + beam)
                 next_tok.append(tok)
-                new_tokens.append(tokens[src] + [tok])
+                beams.append(tokens[b][beam] + [tok])
                 kept += 1
             while kept < K:  # fewer live candidates than beams (tiny vocab): pad with dead rows
-                order.append(b * K)
+                order.append(j * K)
                 next_tok.append(0)
-                new_tokens.append(list(tokens[b * K]))
+                beams.append(list(tokens[b][0]))
                 kept += 1
-        beam_lp = new_lp.to(gen.device)
-        tokens = new_tokens
+            tokens[b] = beams
         length = step + 1
-        for b in range(B):
-            if not done[b]:
-                done[b] = hyps[b].done(float(new_lp[b].max()), length)
-        if all(done) or step == max_new_tokens - 1 or cache.pos >= cache.max_len:
+        keep = []
+        for j, b in enumerate(active):
+            if hyps[b].done(float(new_lp[j].max()), length):
+                continue
+            if length >= budgets[b]:  # out of tokens or context: the live beams are finished too
+                for k in range(K):
+                    lp = float(new_lp[j, k])
+                    if lp > float("-inf"):
+                        hyps[b].add(lp, tokens[b][k], "length")
+                continue
+            keep.append(j)
+        if not keep:
             break
+        if len(keep) < A:
+            rows_kept = [j * K + k for j in keep for k in range(K)]
+            order, next_tok = [order[r] for r in rows_kept], [next_tok[r] for r in rows_kept]
+            new_lp, active = new_lp[keep], [active[j] for j in keep]
+        beam_lp = new_lp.to(gen.device)
         cache.index_rows(torch.tensor(order, device=gen.device))
         logits = gen._step(torch.tensor(next_tok, device=gen.device)[:, None], kv_cache=cache,
                            last_only=True)[0][:, -1]
     out = []
     for b in range(B):
-        if not done[b]:  # out of tokens or context: the live beams are finished too
-            for k in range(K):
-                lp = float(beam_lp[b, k])
-                if lp > float("-inf"):
-                    hyps[b].add(lp, tokens[b * K + k], "length")
         _, toks, reason = hyps[b].items[0]
-        c = Completion(b, list(rows[b]), list(toks), gen.decode(toks) if gen.tokenizer is not None else "", reason)
+        c = Completion(b, list(rows[b]), list(toks), gen.decode(toks) if gen.tokenizer is not None else "", reason,
+                       prompt_cut_tokens=cuts[b], stopped_at_context=short[b] and reason == "length")
         out.append(c)
     return out
+
+
+# ----------------------------------------------------------------------------- `scalelm generate --beams N`
+
+# what only sampling, streaming or speculative decoding use: refused with --beams above 1, where
+# it would be silently ignored (the search is deterministic and knows its best text only at the end)
+_NOT_WITH_BEAMS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
+                   "repetition_penalty": "--repetition-penalty", "seed": "--seed", "num_samples": "--num-samples",
+                   "stream": "--stream", "stop": "--stop", "draft": "--draft", "prompt_lookup": "--prompt-lookup",
+                   "speculate_k": "--speculate-k", "backend": "--backend"}
+
+
+def add_beam_args(p) -> None:
+    """``--beams N``. Add it after the sampling and speculative options: it records their defaults,
+    so that :func:`check_beam_args` can tell which of them were given."""
+    p.add_argument("--beams", type=int, default=1, metavar="N",
+                   help="beam search with N beams: the most likely continuation of each prompt, deterministic "
+                        "(default 1: decode as the sampling options say)")
+    p.set_defaults(beam_conflict_defaults={d: p.get_default(d) for d in _NOT_WITH_BEAMS
+                                           if d in {a.dest for a in p._actions}})
+
+
+def check_beam_args(args) -> bool:
+    """True when ``args`` ask for beam search; refuses the options beam search cannot honour."""
+    if args.beams < 1:
+        raise GenerationError(f"--beams={args.beams} is invalid: must be >= 1 (1: no beam search)")
+    if args.beams == 1:
+        return False
+    defaults = getattr(args, "beam_conflict_defaults", {})
+    given = [opt for dest, opt in _NOT_WITH_BEAMS.items() if dest in defaults and getattr(args, dest) != defaults[dest]]
+    if given:
+        raise GenerationError(f"--beams {args.beams} searches for the most likely continuation; {', '.join(given)} "
+                              f"belong{'s' if len(given) == 1 else ''} to sampling, streaming or speculative decoding "
+                              f"(with --beams 1): leave {'it' if len(given) == 1 else 'them'} out")
+    return True

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..data.chat_template import ChatTemplate, special_token_text, template_source
+from ..data.chat_template import ChatTemplate, ControlTokens, special_token_text, template_source
 from .terminal import for_stdout
 from .generator import (
     GenerationError,
@@ -64,6 +64,8 @@ class ChatFormat:
         self.template = None if plain else checkpoint_template(gen, tokenizer_dir,
                                                                 "fix it, or chat without it with --plain")
         self.stops = [] if self.template else PLAIN_STOPS
+        # message text stays text: only the template writes control tokens (as SFT training encodes)
+        self.controls = ControlTokens(gen.tokenizer) if self.template and gen.tokenizer is not None else None
 
     def render(self, messages: list[dict]) -> str:
         if self.template is not None:
@@ -77,7 +79,8 @@ class ChatFormat:
         return "".join(parts)
 
     def encode(self, messages: list[dict]) -> list[int]:
-        # a template writes its own special tokens (bos); do not let the tokenizer add them again
+        if self.controls is not None:  # a template writes its own special tokens (bos): none added
+            return self.controls.encode(self.template.prompt_marked(messages, self.controls))
         return self.gen.encode(self.render(messages), add_special_tokens=self.template is None)
 
 
@@ -107,6 +110,9 @@ def add_chat_parser(p) -> None:
 
 
 def run_chat(args) -> int:
+    from ..checkpoint.kinds import LANGUAGE_MODELS, require_kind
+
+    require_kind(args.model, "scalelm chat", LANGUAGE_MODELS)
     sampling = sampling_from_args(args)
     gen = generator_from_args(args)
     if gen.tokenizer is None:

@@ -92,6 +92,17 @@ def pack_linears(model: GPT) -> GPT:
     return out
 
 
+def param_count(cfg) -> int:
+    """The model's unique parameters (``GPT.num_params``: a tied head once) from its config alone.
+    Counting a decoding model's ``parameters()`` falls short: a packed copy holds its Linear weights
+    as buffers, a quantized model its int weights, and an ONNX session none of them. A bare model
+    built on the meta device allocates nothing."""
+    from ..model.build import build_model
+
+    with torch.device("meta"):
+        return build_model(cfg).num_params()
+
+
 def should_pack(device: torch.device) -> bool:
     """Only CPU BLAS shows the layout gap; cuBLAS is as fast with either layout."""
     return device.type == "cpu"

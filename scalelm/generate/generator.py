@@ -11,10 +11,13 @@ Python API::
 How a batch runs: prompts are left-padded to one length (the cache's per-row ``start`` masks
 the padding and shifts position ids, so each row sees exactly what it would alone), prefilled
 in one forward, then decoded one token per step for every row. A row ends at end-of-text, a
-stop string, or ``max_new_tokens``; the others go on. The cache is pre-allocated for
-``prompt + max_new_tokens`` slots, at most ``block_size``. When a row would outgrow the
-context, the window slides: the last 3/4 of the context is prefilled again and decoding
-continues (learned positions cannot go beyond ``block_size``).
+stop string, or its own ``max_new_tokens`` (one for all, or one per prompt); the others go on.
+Every row gets what it would get alone, whatever the lengths of its neighbours: the cache holds
+each row's prompt and budget (its positions are its own, so a short row may use slots past
+``block_size``). When a row would outgrow the context, its window slides: its last 3/4 is
+prefilled again and decoding continues (learned positions cannot go beyond ``block_size``); with
+``slide=False`` (translation, beam search) it ends there instead. Completions say what the context
+did: ``prompt_cut_tokens`` (``truncate``), ``context_slides``, ``stopped_at_context``.
 
 The ``scalelm generate`` command is at the end of this file; ``scalelm chat`` is in
 :mod:`scalelm.generate.chat`.
@@ -24,7 +27,6 @@ from __future__ import annotations
 
 import json
 import random
-from functools import partial
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
@@ -40,9 +42,9 @@ from ..model.kv_cache import GeneratorKVCache, PreallocatedKVCache
 from ..precision import pick_device
 from ..runs import TOKENIZER, resolve_checkpoint
 from .beam import add_beam_args, check_beam_args
-from .cpu_layout import compile_decode_step, pack_linears, shallow_copy, should_pack
+from .cpu_layout import compile_decode_step, pack_linears, param_count, shallow_copy, should_pack
 from .outputs import Completion, Event, GenerationError  # defined there, imported from here too
-from .sampling import SamplingParams, next_token
+from .sampling import NON_FINITE, NonFiniteLogits, SamplingParams, next_token_checked
 from .speculative import (
     Speculator,
     add_speculative_args,
@@ -166,6 +168,10 @@ class Generator:
 
     def prompt_ids(self, prompt: Prompt, truncate: bool = False) -> list[int]:
         """Token ids of a prompt; empty starts from end-of-text; too long is an error unless truncated."""
+        return self._prompt_and_cut(prompt, truncate)[0]
+
+    def _prompt_and_cut(self, prompt: Prompt, truncate: bool) -> tuple[list[int], int]:
+        """:meth:`prompt_ids`, and how many tokens truncation dropped from its start."""
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             if self.bos_id is None:
@@ -179,8 +185,44 @@ class Generator:
                 raise GenerationError(
                     f"the prompt has {len(ids)} tokens but the model's context is {self.cfg.block_size}: "
                     "shorten it, or pass --truncate to keep its last tokens")
-            ids = ids[-self.window_keep:]
-        return ids
+            return ids[-self.window_keep:], len(ids) - self.window_keep
+        return ids, 0
+
+    @staticmethod
+    def _prompt_list(prompts) -> list:
+        """A text, a list of token ids, or a list of either, as a list of prompts."""
+        if isinstance(prompts, torch.Tensor):
+            prompts = prompts.tolist()
+        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
+        plist = [prompts] if single else list(prompts)
+        if not plist:
+            raise GenerationError("no prompt given")
+        return plist
+
+    def _prompt_rows(self, prompts, truncate: bool) -> tuple[list[list[int]], list[int]]:
+        """The rows to decode from (one per prompt) and the tokens truncation cut from each (the
+        encoder-decoder's rows are its start token, its prompts the sources)."""
+        rows, cuts = zip(*(self._prompt_and_cut(p, truncate) for p in self._prompt_list(prompts)))
+        return list(rows), list(cuts)
+
+    def budgets(self, rows: list[list[int]], max_new_tokens: Union[int, Sequence[int]],
+                slide: bool = True) -> tuple[list[int], list[bool]]:
+        """Each row's own token budget, and whether its context cut it short of ``max_new_tokens``.
+
+        ``max_new_tokens``: one for every row, or one per row. Without sliding a row can take
+        ``block_size - len(row) + 1`` tokens (the last one predicted from a full context), whatever
+        the other rows of its batch: a batch gives each row what it would get alone."""
+        n = [int(max_new_tokens)] * len(rows) if isinstance(max_new_tokens, int) else [int(m) for m in max_new_tokens]
+        if len(n) != len(rows):
+            raise GenerationError(f"max_new_tokens has {len(n)} budgets for {len(rows)} prompts: give one, or one "
+                                  f"per prompt")
+        bad = next((m for m in n if m < 1), None)
+        if bad is not None:
+            raise GenerationError(f"max_new_tokens={bad} is invalid: must be >= 1")
+        if slide:
+            return n, [False] * len(rows)
+        room = [self.cfg.block_size - len(r) + 1 for r in rows]
+        return [min(m, r) for m, r in zip(n, room)], [r < m for m, r in zip(n, room)]
 
     @property
     def window_keep(self) -> int:
@@ -202,46 +244,69 @@ class Generator:
 
         return beam_search(self, prompts, num_beams, max_new_tokens, **kw)
 
-    def stream(self, prompts: Union[Prompt, list[Prompt]], max_new_tokens: int = 128,
+    def stream(self, prompts: Union[Prompt, list[Prompt]], max_new_tokens: Union[int, Sequence[int]] = 128,
                sampling: Optional[SamplingParams] = None, stop: Sequence[str] = (),
                seed: Optional[int] = None, num_samples: int = 1, truncate: bool = False,
-               ignore_eos: bool = False, completions: Optional[dict] = None) -> Iterator[Event]:
+               ignore_eos: bool = False, completions: Optional[dict] = None, slide: bool = True) -> Iterator[Event]:
         """An iterator of Events: one per generated token per row, then a closing one per row.
 
         ``prompts``: a text, a list of token ids, or a list of either (a batch). Rows are the
-        prompts in order, each repeated ``num_samples`` times. Bad arguments fail here, before
+        prompts in order, each repeated ``num_samples`` times. ``max_new_tokens``: one budget, or
+        one per prompt. ``slide=False``: a row whose context fills ends there (``"length"``,
+        ``stopped_at_context``) instead of sliding its window. Bad arguments fail here, before
         iterating. ``completions`` (a dict) receives each row's Completion when it finishes.
         """
-        if isinstance(prompts, torch.Tensor):
-            prompts = prompts.tolist()
         sampling = (sampling or SamplingParams()).validate()
-        if max_new_tokens < 1:
+        if isinstance(max_new_tokens, int) and max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
         if num_samples < 1:
             raise GenerationError(f"num_samples={num_samples} is invalid: must be >= 1")
         if stop and self.tokenizer is None:
             raise GenerationError("stop strings need a tokenizer (this checkpoint has none)")
-        single = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], int))
-        plist = [prompts] if single else list(prompts)
-        if not plist:
-            raise GenerationError("no prompt given")
-        rows = [ids for ids in (self.prompt_ids(p, truncate) for p in plist) for _ in range(num_samples)]
+        prompt_rows, prompt_cuts = self._prompt_rows(prompts, truncate)
+        budgets, short = self.budgets(prompt_rows, max_new_tokens, slide)
+        k = num_samples
+        rows = [r for r in prompt_rows for _ in range(k)]
+        budgets, short = [n for n in budgets for _ in range(k)], [s for s in short for _ in range(k)]
+        cuts = [c for c in prompt_cuts for _ in range(k)]
         gen = None
         if not sampling.greedy:  # a private generator: the global RNG is neither used nor disturbed
             gen = torch.Generator(device=self.device)
             gen.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
         done = completions if completions is not None else {}
-        decode = self._decode if self.speculator is None else partial(self.speculator.decode, self)
-        return decode(rows, max_new_tokens, sampling, list(stop), gen,
-                      frozenset() if ignore_eos else self.eos_ids, done)
+        eos = frozenset() if ignore_eos else self.eos_ids
+        if self.speculator is None:
+            events = self._decode(rows, budgets, sampling, list(stop), gen, eos, done)
+        elif slide and len(set(budgets)) == 1:
+            events = self.speculator.decode(self, rows, budgets[0], sampling, list(stop), gen, eos, done)
+        else:
+            raise GenerationError("speculative decoding takes one max_new_tokens for every prompt and slides the "
+                                  "context: decode without --draft/--prompt-lookup")
+        return self._noted(events, done, cuts, short)
+
+    @staticmethod
+    def _noted(events: Iterator[Event], done: dict, cuts: list[int], short: list[bool]) -> Iterator[Event]:
+        """``events``, each row's Completion marked with what the context did to it as it finishes."""
+        for ev in events:
+            if ev.finish_reason is not None:
+                c = done[ev.index]
+                c.prompt_cut_tokens = cuts[ev.index]
+                c.stopped_at_context = short[ev.index] and ev.finish_reason == "length"
+            yield ev
 
     @torch.inference_mode()
-    def _decode(self, rows: list[list[int]], max_new: int, sampling: SamplingParams,
+    def _decode(self, rows: list[list[int]], budgets: list[int], sampling: SamplingParams,
                 stops: list[str], gen: Optional[torch.Generator], eos: frozenset,
                 done: dict[int, Completion]) -> Iterator[Event]:
-        B = len(rows)
-        capacity = min(self.cfg.block_size, max(map(len, rows)) + max_new)
-        cache = self._new_cache(B, capacity)
+        """Each row as it would decode alone. Rows line up at the right (left padding) and a
+        finished row leaves the batch (``index_rows``). When every row's prompt and budget fit the
+        context, the cache is made long enough for all of them (each row's positions are its own,
+        so a short row may use slots past ``block_size``) and nothing is recomputed. Otherwise the
+        batch is prefilled again when a row fills its context (that row keeps its last 3/4, the
+        others all they have: no row loses context to a longer neighbour) or when the slots run out."""
+        B, T = len(rows), self.cfg.block_size
+        fits = all(len(r) + n - 1 <= T for r, n in zip(rows, budgets))
+        cache = self._new_cache(B, max(map(len, rows)) + max(budgets) - 1 if fits else T)
         seqs = [list(r) for r in rows]
         texts = [TextStream(self.tokenizer, r, stops) for r in rows]
         comps = [Completion(i, list(r)) for i, r in enumerate(rows)]
@@ -250,14 +315,18 @@ class Generator:
             seen = torch.zeros(B, self.cfg.vocab_size, dtype=torch.bool, device=self.device)
             for b, r in enumerate(rows):
                 seen[b, r] = True
-        live = list(range(B))
+        live = list(range(B))  # the cache's rows, in order
+        held = [len(r) for r in rows]  # live[j]'s tokens in the cache: the last held[j] of its sequence
         logits = self._prefill(cache, seqs)
-        for step in range(max_new):
-            tok = next_token(logits, sampling, gen, seen)
+        while True:
+            tok = next_token_checked(logits, sampling, gen, seen)
             ids = tok.tolist()  # the one host sync per step: text, stops and eos need the ids
+            if NON_FINITE in ids:  # logits that are no distribution (a broken model or graph): stop and say so
+                b = live[ids.index(NON_FINITE)]
+                raise NonFiniteLogits(len(comps[b].tokens) + 1, b)
             still = []
-            for b in live:
-                t, c = ids[b], comps[b]
+            for j, b in enumerate(live):
+                t, c = ids[j], comps[b]
                 if t in eos:
                     yield self._finish(c, texts[b], "eos", done)
                     continue
@@ -270,18 +339,30 @@ class Generator:
                     yield self._finish(c, texts[b], "stop", done)
                     continue
                 yield Event(b, t, delta)
-                still.append(b)
-            live = still
-            if not live or step == max_new - 1:
+                if len(c.tokens) >= budgets[b]:
+                    yield self._finish(c, texts[b], "length", done)
+                    continue
+                still.append(j)
+            if not still:
                 break
+            if len(still) < len(live):
+                sel = torch.tensor(still, device=self.device)
+                cache.index_rows(sel)
+                tok = tok[sel]
+                seen = seen[sel] if seen is not None else None
+                live, held = [live[j] for j in still], [held[j] for j in still]
             if seen is not None:
                 seen.scatter_(1, tok[:, None], True)
-            if cache.pos >= cache.max_len:  # context full: slide the window
-                logits = self._prefill(cache, [s[-self.window_keep:] for s in seqs])
+            full = {j for j in range(len(live)) if held[j] >= T}  # rows that outgrew the context: slide
+            if full or cache.pos >= cache.max_len:
+                window = [seqs[b][-(self.window_keep if j in full else held[j] + 1):] for j, b in enumerate(live)]
+                for j in full:
+                    comps[live[j]].context_slides += 1
+                logits = self._prefill(cache, window)
+                held = [len(w) for w in window]
             else:
                 logits = self._step(tok[:, None], kv_cache=cache, last_only=True)[0][:, -1]
-        for b in live:
-            yield self._finish(comps[b], texts[b], "length", done)
+                held = [h + 1 for h in held]
 
     def _new_cache(self, batch_size: int, capacity: int) -> GeneratorKVCache:
         """The cache one ``_decode`` fills (another runtime's model brings its own, see onnx_backend)."""
@@ -373,7 +454,7 @@ def generator_from_args(args) -> Generator:
     gen = Generator.from_checkpoint(
         args.model, args.tokenizer, args.device, TORCH_NAMES.get(args.dtype, args.dtype), args.compile,
         verify=not getattr(args, "no_verify", False), backend=backend, **spec)
-    print(f"loaded {gen.cfg.n_layer}-layer model ({sum(p.numel() for p in gen.model.parameters()) / 1e6:.1f}M "
+    print(f"loaded {gen.cfg.n_layer}-layer model ({param_count(gen.cfg) / 1e6:.2f}M "
           f"params, {str(gen.dtype).removeprefix('torch.')}, {gen.device}) in {time.perf_counter() - t:.1f}s",
           file=sys.stderr)
     if gen.speculator is not None:
@@ -508,6 +589,10 @@ def run_generate(args) -> int:
     import time
 
     beams = check_beam_args(args)  # before loading anything: a wrong combination fails fast
+    if args.backend != "onnxruntime":  # a decoder-only LM (an ONNX export is checked by its loader)
+        from ..checkpoint.kinds import LANGUAGE_MODELS, require_kind
+
+        require_kind(args.model, "scalelm generate", LANGUAGE_MODELS)
     sampling = sampling_from_args(args)
     prompts = _read_prompts(args)
     gen = generator_from_args(args)
@@ -540,6 +625,8 @@ def run_generate(args) -> int:
             print(json.dumps(json_safe({"index": c.index, "prompt_index": c.index // args.num_samples,
                                         "prompt_tokens": len(c.prompt_tokens), "tokens": c.tokens,
                                         "text": c.text, "finish_reason": c.finish_reason,
+                                        "prompt_cut_tokens": c.prompt_cut_tokens, "context_slides": c.context_slides,
+                                        "stopped_at_context": c.stopped_at_context,
                                         **speculative_json(c)}), allow_nan=False))
     elif printer:
         print()
@@ -552,4 +639,25 @@ def run_generate(args) -> int:
           f"finish: {', '.join(c.finish_reason for c in comps)}", file=sys.stderr)
     if speculative_summary(comps):
         print(speculative_summary(comps), file=sys.stderr)
+    warning = context_warning(comps, args.num_samples if not beams else 1, gen.window_keep)
+    if warning:
+        print(warning, file=sys.stderr)
     return 0
+
+
+def context_warning(comps: list[Completion], num_samples: int = 1, keep: int = 0) -> Optional[str]:
+    """One stderr line on what the context limit did to a batch (None when nothing): prompts cut
+    by ``--truncate``, outputs whose window slid, outputs that stopped at the limit (beam search)."""
+    cut = len({c.index // num_samples for c in comps if c.prompt_cut_tokens})
+    slid = sum(1 for c in comps if c.context_slides)
+    stopped = sum(1 for c in comps if c.stopped_at_context)
+    parts = []
+    if cut:
+        parts.append(f"{cut} prompt{'s were' if cut > 1 else ' was'} longer than the context (cut to "
+                     f"{'their' if cut > 1 else 'its'} last {keep} tokens)")
+    if slid:
+        parts.append(f"{slid} output{'s' if slid > 1 else ''} outgrew the context (the window slid: the start of "
+                     f"{'their' if slid > 1 else 'its'} text was no longer seen)")
+    if stopped:
+        parts.append(f"{stopped} output{'s' if stopped > 1 else ''} stopped at the context limit")
+    return "warning: " + "; ".join(parts) if parts else None

@@ -25,14 +25,13 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..checkpoint.manifest import verify_manifest
+from ..checkpoint.names import CONFIG, ONNX_FILE, WEIGHTS
 from ..config import ModelConfig
 from ..errors import CheckpointError
 from ..model.kv_cache import GeneratorKVCache
-from ..model.manifest import verify_manifest
-from ..runs import CONFIG
 from .outputs import GenerationError
 
-ONNX_FILE = "model.onnx"
 FORMAT = "scalelm-onnx"
 INPUTS = ("input_ids", "position_ids", "attention_mask", "past_key", "past_value", "logit_positions")
 OUTPUTS = ("logits", "present_key", "present_value")
@@ -53,7 +52,7 @@ def read_onnx_config(d: Path) -> tuple[ModelConfig, dict]:
 
     if not is_onnx_dir(d):
         hint = (" (a model directory: export it first with `scalelm export DIR --format onnx --out ONNX_DIR`)"
-                if (d / "model.safetensors").is_file() else "")
+                if (d / WEIGHTS).is_file() else "")
         raise CheckpointError(f"{d} is not an ONNX export directory ({ONNX_FILE} + a {FORMAT} {CONFIG}){hint}")
     meta = json.loads((d / CONFIG).read_text())
     if not isinstance(meta.get("model"), dict):
@@ -114,7 +113,22 @@ class OrtModel:
         if sorted(names) != sorted(INPUTS):
             raise CheckpointError(f"{onnx_path} has inputs {names}, not scalelm's decode graph {list(INPUTS)}: "
                                   f"export the model again with `scalelm export --format onnx`")
-        self.cfg, self.n_params = cfg, n_params
+        self.cfg, self.n_params, self.path = cfg, n_params, onnx_path
+        outputs = {o.name: o.shape for o in self.session.get_outputs()}
+        if sorted(outputs) != sorted(OUTPUTS):
+            raise CheckpointError(f"{onnx_path} has outputs {sorted(outputs)}, not scalelm's decode graph "
+                                  f"{list(OUTPUTS)}: export the model again with `scalelm export --format onnx`")
+        width = (outputs["logits"] or [None])[-1]
+        if isinstance(width, int):  # a fixed width (as exported) is checked now; a symbolic one at the first run
+            self._check_width(width)
+
+    def _check_width(self, width: int) -> None:
+        """Logits over another vocabulary than the config's would be sampled into ids the tokenizer
+        does not have (or never give ids it does): the graph and its config.json do not belong together."""
+        if width != self.cfg.vocab_size:
+            raise CheckpointError(f"{self.path} gives logits over {width} tokens but its {CONFIG} says the "
+                                  f"vocabulary has {self.cfg.vocab_size}: the graph and the config do not belong "
+                                  f"together; export the model again with `scalelm export --format onnx`")
 
     def parameters(self):
         yield torch.empty(1).expand(self.n_params)  # for counting, device and dtype (the weights live in the session)
@@ -132,6 +146,8 @@ class OrtModel:
             "input_ids": ids, "position_ids": position_ids, "attention_mask": cache.mask, "past_key": cache.k,
             "past_value": cache.v, "logit_positions": positions})
         cache.advance(T)
+        if logits.shape[-1] != self.cfg.vocab_size:
+            self._check_width(logits.shape[-1])
         return logits
 
     def __call__(self, idx: torch.Tensor, kv_cache: OrtCache, last_only: bool = False, **_):

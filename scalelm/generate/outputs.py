@@ -31,3 +31,7 @@ class Completion:
     tokens: list[int] = field(default_factory=list)  # generated ids (end-of-text not included)
     text: str = ""  # generated text, cut before a stop string
     finish_reason: str = "length"
+    # what the context limit did to this row, so that callers can report it rather than hide it
+    prompt_cut_tokens: int = 0  # prompt tokens dropped to fit the context (truncate=True)
+    stopped_at_context: bool = False  # ended ("length") with a full context, short of max_new_tokens
+    context_slides: int = 0  # times the row outgrew the context and its window slid

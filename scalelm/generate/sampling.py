@@ -12,10 +12,23 @@ from typing import Optional
 import torch
 
 from ..errors import UserError
+from .outputs import GenerationError
 
 
 class SamplingError(UserError, ValueError):
     """A sampling setting outside its valid range."""
+
+
+class NonFiniteLogits(GenerationError):
+    """The model gave logits that are no distribution (NaN or inf): broken weights or a broken graph."""
+
+    def __init__(self, new_token: int, row: int):
+        super().__init__(f"the model's logits for new token {new_token} (row {row}) are not finite (NaN or inf): its "
+                         f"weights or its ONNX graph are broken; check a checkpoint with `scalelm eval`, export "
+                         f"an ONNX graph again")
+
+
+NON_FINITE = -1  # the id next_token_checked gives a row whose logits are not finite
 
 
 @dataclass
@@ -83,3 +96,14 @@ def next_token(logits: torch.Tensor, params: SamplingParams, generator: Optional
     logits = filter_top_p(filter_top_k(logits / params.temperature, params.top_k), params.top_p)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def next_token_checked(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator] = None,
+                       seen: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`next_token`, except that a row whose logits are no distribution (a NaN or +inf
+    anywhere, or all -inf) gets ``NON_FINITE`` instead of a token: sampling it would raise, and the
+    argmax of NaNs is a meaningless id. Flagged in the ids, so the check costs no host sync of its
+    own: the caller reads the ids back anyway and stops with :class:`NonFiniteLogits`."""
+    bad = ~torch.isfinite(logits.amax(dim=-1))  # amax is NaN when any logit is
+    tok = next_token(logits.masked_fill(bad[:, None], 0.0), params, generator, seen)
+    return tok.masked_fill(bad, NON_FINITE)

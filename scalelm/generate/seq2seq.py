@@ -38,23 +38,12 @@ class Seq2SeqGenerator(Generator):
     def _decoder_step(self, tok: torch.Tensor, kv_cache: Seq2SeqCache, last_only: bool = True):
         return self.model.step(tok, kv_cache, last_only), None
 
-    # sources in, the decoder's start token as every row's "prompt"
-    def _with_sources(self, sources, truncate: bool) -> list[list[int]]:
-        if isinstance(sources, torch.Tensor):
-            sources = sources.tolist()
-        single = isinstance(sources, str) or (len(sources) > 0 and isinstance(sources[0], int))
-        srcs = [self.prompt_ids(s, truncate) for s in ([sources] if single else list(sources))]
-        if not srcs:
-            raise GenerationError("no source given")
-        self._src = srcs
-        return [[self.bos_id] for _ in srcs]
-
-    def stream(self, sources, max_new_tokens: int = 128, truncate: bool = False, **kw):
-        # (generate() runs through stream())
-        return super().stream(self._with_sources(sources, truncate), max_new_tokens, **kw)
-
-    def beam_search(self, sources, num_beams: int = 4, max_new_tokens: int = 128, truncate: bool = False, **kw):
-        return super().beam_search(self._with_sources(sources, truncate), num_beams, max_new_tokens, **kw)
+    # sources in, the decoder's start token as every row's "prompt": generate(), stream() and
+    # beam_search() are the Generator's own, budgets included (a row's context is its decoder's)
+    def _prompt_rows(self, sources, truncate: bool) -> tuple[list[list[int]], list[int]]:
+        srcs, cuts = zip(*(self._prompt_and_cut(s, truncate) for s in self._prompt_list(sources)))
+        self._src = list(srcs)
+        return [[self.bos_id] for _ in srcs], list(cuts)
 
     def _new_cache(self, batch_size: int, capacity: int) -> Seq2SeqCache:
         srcs = self._src

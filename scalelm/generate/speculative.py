@@ -50,7 +50,7 @@ from ..model.gpt import GPT
 from ..model.io import load_model_dir
 from ..model.kv_cache import PreallocatedKVCache
 from ..runs import TOKENIZER, resolve_checkpoint
-from .cpu_layout import pack_linears, shallow_copy, should_pack
+from .cpu_layout import pack_linears, param_count, shallow_copy, should_pack
 from .outputs import Completion, Event, GenerationError
 from .sampling import SamplingParams, apply_repetition_penalty, filter_top_k, filter_top_p
 from .textstream import TextStream
@@ -247,8 +247,7 @@ class Speculator:
             self.draft = (pack_linears(draft) if packed else shallow_copy(draft)).eval()
 
     def describe(self) -> str:
-        what = (f"a {self.draft.cfg.n_layer}-layer draft ({sum(p.numel() for p in self.draft.parameters()) / 1e6:.1f}M"
-                f" params)" if self.draft is not None else f"prompt lookup (n-grams of up to {self.lookup} tokens)")
+        what = (f"a {self.draft.cfg.n_layer}-layer draft ({param_count(self.draft.cfg) / 1e6:.2f}M params)" if self.draft is not None else f"prompt lookup (n-grams of up to {self.lookup} tokens)")
         return f"speculative decoding: {what}, up to {self.k} tokens proposed per step"
 
     def _propose(self, drafter: Optional[_CachedLM], seqs: list[list[int]], left: list[int], X: int,

@@ -3,11 +3,12 @@
 :class:`LoRAFiles` is the trainer's ``model_io`` when ``lora.r > 0`` (it wraps the objective's
 own, whose metadata, e.g. a classifier's ``"task"``, it keeps). :func:`lora_base_dir` says which
 base model a run starts from or resumes on. The directory format is in
-:mod:`scalelm.model.adapters`, which also reads it back for inference.
+:mod:`scalelm.checkpoint.adapters` (``scalelm.model.io`` reads it back for inference).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -16,9 +17,11 @@ import torch.nn as nn
 
 from ..config import ConfigError, LoRAConfig
 from ..errors import CheckpointError
-from ..model.adapters import base_sha256, check_base, lora_entry, save_adapter_dir
-from ..model.io import load_weights, read_model_config
-from ..runs import ADAPTER, WEIGHTS, resolve_checkpoint
+from ..checkpoint.adapters import base_sha256, check_base, lora_entry, save_adapter_dir
+from ..checkpoint.model_dir import read_tensors
+from ..checkpoint.names import ADAPTER, WEIGHTS
+from ..model.io import read_model_config
+from ..runs import resolve_checkpoint
 from .layer import lora_layers, parse_targets, targets_of
 
 NEEDS_BASE = ("LoRA adapts a trained model: pass --init-from MODEL_DIR (train) or --base MODEL_DIR (finetune)")
@@ -56,8 +59,8 @@ class LoRAFiles:
         missing = [k for k in self.keys if k not in state_dict]
         if missing:
             raise CheckpointError(f"internal error: the state dict lacks the trained tensors {missing[:5]}")
-        save_adapter_dir(model.cfg, {k: state_dict[k] for k in self.keys}, out_dir, tokenizer_json,
-                         {**self.metadata(model), **extra}, manifest=manifest)
+        save_adapter_dir(dataclasses.asdict(model.cfg), {k: state_dict[k] for k in self.keys}, out_dir,
+                         tokenizer_json, {**self.metadata(model), **extra}, manifest=manifest)
 
     def weights(self, ckpt: Path) -> dict[str, torch.Tensor]:
         ckpt = Path(ckpt)
@@ -71,7 +74,7 @@ class LoRAFiles:
             raise CheckpointError(f"{ckpt}'s adapters were trained on a base whose weights have sha256 "
                                   f"{entry.get('base_sha256')}, but this model's base {self.base_dir} has "
                                   f"{self.base_sha256}: resume on the run's own base ({entry.get('base')})")
-        return load_weights(ckpt / ADAPTER)
+        return read_tensors(ckpt / ADAPTER)
 
     def load(self, model: nn.Module, ckpt: Path) -> None:
         sd = self.weights(ckpt)

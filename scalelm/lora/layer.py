@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoint.adapters import fold_lora
 from ..config import ConfigError, LoRAConfig, ModelConfig
 
 # target -> (sub-module of a Block, attribute)
@@ -134,9 +135,7 @@ def merge_lora(gpt: nn.Module) -> nn.Module:
     for name, layer in lora_layers(gpt).items():
         parent_name, _, attr = name.rpartition(".")
         parent = gpt.get_submodule(parent_name)
-        w = layer.weight
-        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-        w.copy_((w.to(acc) + (layer.lora_B.to(acc) @ layer.lora_A.to(acc)) * layer.scale).to(w.dtype))
+        fold_lora(layer.weight, layer.lora_A, layer.lora_B, layer.scale)  # the loader's merge, too
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         plain.weight = layer.weight
         plain.bias = layer.bias

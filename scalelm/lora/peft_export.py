@@ -12,19 +12,19 @@ weights transposed, hence ``fan_in_fan_out``; PEFT's A/B are stored (r, in) / (o
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..checkpoint import staged_dir
+from ..checkpoint.adapters import read_adapters
+from ..checkpoint.model_dir import write_tensors
+from ..checkpoint.names import PEFT_CONFIG, PEFT_WEIGHTS
 from ..errors import CheckpointError
-from ..fileio import publish_dir
 from ..model.hf import ConversionError, hf_family
-from ..model.io import read_adapters, read_model_config
+from ..model.io import read_model_config
 from ..runs import resolve_checkpoint
 
-PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _LLAMA = {"attn.q_proj": "self_attn.q_proj", "attn.k_proj": "self_attn.k_proj", "attn.v_proj": "self_attn.v_proj",
           "attn.o_proj": "self_attn.o_proj", "mlp.gate": "mlp.gate_proj", "mlp.up": "mlp.up_proj",
           "mlp.down": "mlp.down_proj"}
@@ -92,19 +92,12 @@ def export_peft_dir(ckpt: str | Path, out_dir: str | Path, dtype: torch.dtype = 
         from peft import LoraConfig
     except ImportError:
         raise ConversionError("exporting to PEFT needs peft: pip install 'scalelm[hf]'") from None
-    from safetensors.torch import save_file
 
     src = resolve_checkpoint(ckpt)
     entry, tensors = read_adapters(src)
     kw, sd = peft_adapters(read_model_config(src), entry, tensors)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        LoraConfig(**kw).save_pretrained(str(tmp))
-        save_file({k: v.to(dtype) for k, v in sd.items()}, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_dir(out, manifest=False) as d:  # PEFT's format: its two files, nothing of ours
+        LoraConfig(**kw).save_pretrained(str(d))
+        write_tensors(d / PEFT_WEIGHTS, {k: v.to(dtype) for k, v in sd.items()})
     return out

@@ -9,36 +9,41 @@ Tokenizer files (``tokenizer.json``, ``tokenizer_config.json`` with its chat tem
 ``chat_template.jinja``) are carried across in both directions.
 
 CLI (in ``scalelm.convert``): ``scalelm convert --from-hf HF_DIR --out CKPT_DIR`` and
-``scalelm convert CKPT --to-hf OUT``.
+``scalelm convert MODEL --to-hf OUT``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
 import torch
 
+from ..checkpoint import staged_dir
+from ..checkpoint.model_dir import copy_files, read_json, write_json, write_model_files
+from ..checkpoint.names import (  # noqa: F401 (TOKENIZER_FILES: re-exported)
+    FORMAT,
+    HF_CONFIG,
+    HF_GENERATION_CONFIG,
+    HF_PICKLE_WEIGHTS,
+    HF_WEIGHTS,
+    HF_WEIGHTS_INDEX,
+    TOKENIZER,
+    TOKENIZER_CONFIG,
+    TOKENIZER_FILES,
+)
 from ..config import ConfigError, ModelConfig, _coerce, _field_types
 from ..errors import CheckpointError
-from ..fileio import publish_dir
-from ..runs import TOKENIZER, resolve_checkpoint
+from ..runs import resolve_checkpoint
 from .gpt import GPT
 from .io import (
     load_model_dir,
     load_state_dict_into,
     model_state_dict,
     read_model_config,
-    save_model_dir,
 )
-from .manifest import write_manifest
-
-# tokenizer-side files copied as they are, both ways (chat templates live in the last two)
-TOKENIZER_FILES = (TOKENIZER, "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 EOT = "<|endoftext|>"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -109,7 +114,7 @@ def _unsupported(model_type: str, key: str, value: Any, need: str) -> Conversion
                            f"can import only {need}")
 
 
-def read_hf_json(path: Path, what: str = "config.json") -> dict:
+def read_hf_json(path: Path, what: str = HF_CONFIG) -> dict:
     """An HF JSON file as a dict, or a ConversionError saying what is wrong with it."""
     try:
         d = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -291,9 +296,9 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF directory: single or sharded safetensors, or a weights-only .bin."""
     from safetensors.torch import load_file
 
-    index = hf_dir / "model.safetensors.index.json"
-    if (hf_dir / "model.safetensors").is_file():
-        return load_file(str(hf_dir / "model.safetensors"))
+    index = hf_dir / HF_WEIGHTS_INDEX
+    if (hf_dir / HF_WEIGHTS).is_file():
+        return load_file(str(hf_dir / HF_WEIGHTS))
     if index.is_file():
         try:
             shards = sorted(set(read_hf_json(index, index.name)["weight_map"].values()))
@@ -304,14 +309,13 @@ def read_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
         for shard in shards:
             sd.update(load_file(str(hf_dir / shard)))
         return sd
-    if (hf_dir / "pytorch_model.bin").is_file():
+    if (hf_dir / HF_PICKLE_WEIGHTS).is_file():
         try:  # weights_only: plain tensors, never arbitrary pickled objects
-            return torch.load(hf_dir / "pytorch_model.bin", map_location="cpu", weights_only=True)
+            return torch.load(hf_dir / HF_PICKLE_WEIGHTS, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ConversionError(f"{hf_dir / 'pytorch_model.bin'} could not be read safely "
+            raise ConversionError(f"{hf_dir / HF_PICKLE_WEIGHTS} could not be read safely "
                                   f"(weights only): {e}") from None
-    raise ConversionError(f"{hf_dir} has no model.safetensors, model.safetensors.index.json "
-                          "or pytorch_model.bin")
+    raise ConversionError(f"{hf_dir} has no {HF_WEIGHTS}, {HF_WEIGHTS_INDEX} or {HF_PICKLE_WEIGHTS}")
 
 
 # ----------------------------------------------------------------------------- models
@@ -320,9 +324,9 @@ def from_hf(src: Union[str, Path, Any], dtype: torch.dtype = torch.float32) -> G
     """A scalelm ``GPT`` from a ``transformers`` model or an HF model directory."""
     if isinstance(src, (str, Path)):
         d = Path(src)
-        if not (d / "config.json").is_file():
-            raise ConversionError(f"{d} is not a Hugging Face model directory (no config.json)")
-        hf_cfg = read_hf_json(d / "config.json")
+        if not (d / HF_CONFIG).is_file():
+            raise ConversionError(f"{d} is not a Hugging Face model directory (no {HF_CONFIG})")
+        hf_cfg = read_hf_json(d / HF_CONFIG)
         model_config_from_hf(hf_cfg)  # a bad config fails before the weights are read
         hf_sd = read_hf_weights(d)
     else:
@@ -358,7 +362,7 @@ def special_token_ids(ckpt_dir: Union[str, Path]) -> tuple[Any, Any]:
     """(bos, eos) ids of a model directory: an imported HF model's own config wins; otherwise
     our tokenizers use ``<|endoftext|>`` for both. eos may be a list (Llama 3 has several)."""
     d = Path(ckpt_dir)
-    meta = json.loads((d / "config.json").read_text()).get("hf") or {}
+    meta = json.loads((d / HF_CONFIG).read_text()).get("hf") or {}
     if meta.get("eos_token_id") is not None:
         return meta.get("bos_token_id"), meta["eos_token_id"]
     if not (d / TOKENIZER).is_file():
@@ -370,12 +374,7 @@ def special_token_ids(ckpt_dir: Union[str, Path]) -> tuple[Any, Any]:
 
 
 def _copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copyfile(src / name, dst / name)
-            copied.append(name)
-    return copied
+    return copy_files(src, dst, TOKENIZER_FILES)
 
 
 def import_hf_dir(hf_dir: Union[str, Path], out_dir: Union[str, Path],
@@ -385,18 +384,18 @@ def import_hf_dir(hf_dir: Union[str, Path], out_dir: Union[str, Path],
     if not src.is_dir():
         raise ConversionError(f"Hugging Face model directory not found: {src}")
     model = from_hf(src, dtype)
-    hf_cfg = read_hf_json(src / "config.json")
+    hf_cfg = read_hf_json(src / HF_CONFIG)
     meta = {k: hf_cfg.get(k) for k in ("model_type", "architectures", "bos_token_id", "eos_token_id",
                                         "pad_token_id")}
-    gen_cfg = src / "generation_config.json"
+    gen_cfg = src / HF_GENERATION_CONFIG
     if gen_cfg.is_file():  # chat models list their end-of-turn tokens here (eos may be a list)
-        g = read_hf_json(gen_cfg, "generation_config.json")
+        g = read_hf_json(gen_cfg, HF_GENERATION_CONFIG)
         meta.update({k: g[k] for k in ("bos_token_id", "eos_token_id") if g.get(k) is not None})
     extra = {"hf": meta, "source": str(src.resolve())}
-    out = save_model_dir(model, out_dir, extra=extra)
-    if _copy_tokenizer_files(src, out):
-        write_manifest(out)  # again: the manifest covers the copied tokenizer files too
-    return out
+    with staged_dir(out_dir) as d:  # the weights, config and the copied tokenizer files, published at once
+        write_model_files(d, dataclasses.asdict(model.cfg), model.state_dict(), extra=extra)
+        _copy_tokenizer_files(src, d)
+    return Path(out_dir)
 
 
 def export_hf_dir(ckpt: Union[str, Path], out_dir: Union[str, Path],
@@ -408,23 +407,17 @@ def export_hf_dir(ckpt: Union[str, Path], out_dir: Union[str, Path],
     bos, eos = special_token_ids(src)
     hf = to_hf(load_model_dir(src, dtype=dtype, allow_quantized=False).eval(), eos_id=eos, bos_id=bos)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out, manifest=False) as tmp:  # Hugging Face's format: no manifest of ours
         hf.save_pretrained(tmp, safe_serialization=True)
         copied = _copy_tokenizer_files(src, tmp)
-        if TOKENIZER in copied and "tokenizer_config.json" not in copied:
+        if TOKENIZER in copied and TOKENIZER_CONFIG not in copied:
             # lets AutoTokenizer.from_pretrained(out) work on a tokenizer that scalelm trained
             tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size}
             from tokenizers import Tokenizer
 
             if Tokenizer.from_file(str(tmp / TOKENIZER)).token_to_id(EOT) is not None:
                 tc.update(eos_token=EOT, bos_token=EOT)
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_json(tmp / TOKENIZER_CONFIG, tc)
     return out
 
 
@@ -432,8 +425,5 @@ def export_hf_dir(ckpt: Union[str, Path], out_dir: Union[str, Path],
 
 def is_hf_model_dir(path: Path) -> bool:
     """A directory ``save_pretrained`` wrote: a config.json with a model_type (and no scalelm format)."""
-    try:
-        cfg = json.loads((Path(path) / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(cfg, dict) and "model_type" in cfg and cfg.get("format") != "scalelm"
+    cfg = read_json(Path(path) / HF_CONFIG)
+    return cfg is not None and "model_type" in cfg and cfg.get("format") != FORMAT

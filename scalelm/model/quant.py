@@ -27,21 +27,17 @@ weight-only tensors were measured and not used: see the README's quantization se
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Iterable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoint.quantized import GROUP_SIZES, SCHEMES, quant_meta, read_quantization  # noqa: F401 (the format)
 from ..config import ModelConfig
 from ..errors import CheckpointError, UserError
-from ..runs import CONFIG
 from .gpt import GPT
 
-SCHEMES = ("int8", "int4")
-GROUP_SIZES = (32, 64, 128)
 METHODS = ("rtn", "gptq")
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate", "up", "down")
 MIN_SCALE = 2.0 ** -14  # float16's smallest normal: a zero row or group gets a usable scale
@@ -297,11 +293,6 @@ def is_quantized(model: nn.Module) -> bool:
     return any(isinstance(m, QuantLinear) for m in model.modules())
 
 
-def quant_meta(scheme: str, group_size: int, method: str, modules: Iterable[str]) -> dict:
-    return {"scheme": scheme, "group_size": group_size if scheme == "int4" else None, "method": method,
-            "modules": sorted(modules)}
-
-
 def check_group_size(model: GPT, scheme: str, group_size: int, names: Iterable[str]) -> None:
     if scheme not in SCHEMES:
         raise UserError(f"unknown quantization scheme {scheme!r}: choose {' or '.join(SCHEMES)}")
@@ -316,25 +307,6 @@ def check_group_size(model: GPT, scheme: str, group_size: int, names: Iterable[s
             raise UserError(f"--group-size {group_size} does not divide the input width {k} of {name}: choose "
                             + (f"--group-size {' or '.join(map(str, ok))}" if ok else "--scheme int8 (no int4 group "
                                "size divides it)"))
-
-
-def read_quantization(ckpt_dir: str | Path) -> Optional[dict]:
-    """The ``quantization`` entry of a model directory's config.json (None: a float model), checked."""
-    p = Path(ckpt_dir) / CONFIG
-    try:
-        q = json.loads(p.read_text()).get("quantization")
-    except (OSError, ValueError, AttributeError):
-        return None  # read_model_config reports a missing or broken config.json
-    if q is None:
-        return None
-    bad = f"{p}: the \"quantization\" entry is damaged"
-    if not isinstance(q, dict) or q.get("scheme") not in SCHEMES or not isinstance(q.get("modules"), list) \
-            or not all(isinstance(m, str) for m in q["modules"]):
-        raise CheckpointError(f"{bad} (it needs scheme int8|int4 and a list of modules); quantize the float model "
-                              f"again")
-    if q["scheme"] == "int4" and q.get("group_size") not in GROUP_SIZES:
-        raise CheckpointError(f"{bad}: int4 group_size {q.get('group_size')!r} is not one of {GROUP_SIZES}")
-    return q
 
 
 def quantized_gpt(cfg: ModelConfig, quant: dict, device="cpu") -> GPT:

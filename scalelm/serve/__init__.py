@@ -6,5 +6,5 @@ server.py   requests to sequences and back: limits, prompts, sampling settings, 
 gate.py     middleware in front of every route (API key, body limit, request metrics); errors
 app.py      the FastAPI app: routes, streaming (server-sent events), error handlers
 metrics.py  Prometheus metrics (prometheus-client)
-cli.py      the command: ``scalelm serve MODEL_DIR [--port 8000] [--api-key KEY] ...``
+cli.py      the command: ``scalelm serve MODEL [--port 8000] [--api-key KEY] ...``
 """

@@ -75,13 +75,40 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict]:
 
 
 def chat_prompt_ids(server: Server, body: ChatCompletionRequest) -> list[int]:
-    """The prompt of a chat request: its messages rendered as ``scalelm chat`` renders them (the
-    model's :class:`~scalelm.data.chat_template.ChatTemplate`, the one SFT training used), tokenized."""
+    """The prompt of a chat request: its messages rendered and tokenized as ``scalelm chat`` does (the
+    model's :class:`~scalelm.data.chat_template.ChatTemplate`, the one SFT training used). A control
+    token's text inside a message stays text: a client cannot end its turn or forge a system turn."""
+    if server.gen.tokenizer is None:
+        raise APIError(400, "This model has no tokenizer: chat needs one.", param="messages")
     try:
-        text = server.chat.render(chat_messages(body))
+        ids = server.chat.encode(chat_messages(body))
     except UserError as e:
         raise APIError(400, str(e), param="messages") from None
-    return server.check_ids(server.encode(text, "messages", special=server.chat.template is None), "messages")
+    except TypeError:  # the tokenizer refuses e.g. unpaired surrogates
+        raise APIError(400, "The text could not be tokenized (is it valid Unicode?).", param="messages") from None
+    return server.check_ids(ids, "messages")
+
+
+# ----------------------------------------------------------------------------- errors
+EXPECTED = {"int_type": "an integer", "float_type": "a number", "bool_type": "a boolean", "string_type": "a string",
+            "list_type": "an array", "dict_type": "an object", "model_type": "an object"}
+JSON_TYPES = ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"), (list, "an array"),
+              (dict, "an object"), (type(None), "null"))
+
+
+def type_error(errs: list) -> Optional[JSONResponse]:
+    """The first error, when it is a field of the wrong JSON type, answered as OpenAI answers it
+    (``invalid_type``); None for other errors. A field whose type is a union (``prompt``) fails once
+    per member, under the members' names: those keep the general message."""
+    err = errs[0] if errs else {}
+    loc = [x for x in err.get("loc", ()) if x != "body"]
+    if err.get("type") not in EXPECTED or not loc or \
+            sum(1 for x in errs if [y for y in x.get("loc", ()) if y != "body"][:1] == loc[:1]) > 1:
+        return None
+    name = str(loc[0]) + "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in loc[1:])
+    got = next((what for t, what in JSON_TYPES if isinstance(err.get("input"), t)), "another type")
+    return error_response(400, f"Invalid type for '{name}': expected {EXPECTED[err['type']]}, but got {got} "
+                               "instead.", param=name, code="invalid_type")
 
 
 # ----------------------------------------------------------------------------- the app
@@ -91,11 +118,11 @@ def error_chunk(ev) -> str:
                           "param": None, "code": None}})
 
 
-def stream_end(server: Server, body, head: dict, sub: Submission, prompts: list) -> Iterator[str]:
+def stream_end(server: Server, body, head: dict, sub: Submission, prompts: list, dropped: int) -> Iterator[str]:
     """The usage chunk (when ``stream_options.include_usage``), then ``[DONE]``."""
     if body.stream_options is not None and body.stream_options.include_usage:
         gen_tokens = sum(len(s.tokens) for s in sub.seqs)
-        yield sse({**head, "choices": [], "usage": server.usage(prompts, gen_tokens)})
+        yield sse({**head, "choices": [], "usage": server.usage(prompts, gen_tokens, dropped)})
     yield "data: [DONE]\n\n"
 
 
@@ -133,6 +160,9 @@ def create_app(server: Server) -> FastAPI:
         errs = e.errors()
         if errs and errs[0].get("type") == "json_invalid":
             return error_response(400, "The request body is not valid JSON.", code="invalid_json")
+        wrong = type_error(errs)
+        if wrong is not None:
+            return wrong
         parts, param = [], None
         for err in errs[:3]:
             loc = [str(x) for x in err.get("loc", ()) if x != "body"]
@@ -157,6 +187,9 @@ def create_app(server: Server) -> FastAPI:
                 "active_rows": eng.active, "queued": eng.queued, "max_batch": eng.max_batch,
                 "max_queue": eng.max_queue}
         return JSONResponse(body, status_code=200 if eng.alive else 503)
+
+    # probes that send HEAD (load balancers, curl -I) get GET's status and headers, no body
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False)
 
     @app.get("/metrics")
     async def metrics():
@@ -187,14 +220,15 @@ def create_app(server: Server) -> FastAPI:
         items = [p] if isinstance(p, str) or (p and all(isinstance(x, int) for x in p)) else list(p)
         if not items:
             raise APIError(400, "The prompt is empty: give a text, token ids, or a list of them.", param="prompt")
-        prompts, texts = [], []
+        given, texts = [], []
         for x in items:
             ids = server.check_ids(server.encode(x, "prompt") if isinstance(x, str) else list(x), "prompt")
-            prompts.append(ids)
+            given.append(ids)
             texts.append(x if isinstance(x, str) else server.decode(ids))
         max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
-        for ids in prompts:
-            server.check_length(ids, max_tokens, "prompt")
+        # the model reads prompts[i], the last tokens of given[i]: cuts[i] were dropped (truncation)
+        fitted = [server.fit_prompt(ids, max_tokens, body.truncate_prompt_tokens, "prompt") for ids in given]
+        prompts, cuts = [ids for ids, _ in fitted], [cut for _, cut in fitted]
         params = server.seq_params(body, max_tokens, body.logprobs, body.echo and body.logprobs is not None)
         sub = Submission(server.engine)
         sub.start(server.make_seqs(sub, prompts, body.n, params))
@@ -204,7 +238,9 @@ def create_app(server: Server) -> FastAPI:
         want_lp = body.logprobs is not None
 
         def prompt_pairs(i: int, plp: Optional[list]) -> list:
-            return [(t, lp, top) for t, (lp, top) in zip(prompts[i], plp or [(None, None)] * len(prompts[i]))]
+            """The echoed prompt is the one sent: tokens truncation dropped have no logprob, as the first."""
+            return [(t, None, None) for t in given[i][:cuts[i]]] + \
+                [(t, lp, top) for t, (lp, top) in zip(prompts[i], plp or [(None, None)] * len(prompts[i]))]
 
         if body.stream:
             async def chunks():
@@ -229,7 +265,7 @@ def create_app(server: Server) -> FastAPI:
                         "index": ev.index, "text": text,
                         "logprobs": server.completion_logprobs(pairs, off) if want_lp else None,
                         "finish_reason": FINISH.get(ev.finish_reason)}]})
-                for line in stream_end(server, body, head, sub, prompts):
+                for line in stream_end(server, body, head, sub, prompts, sum(cuts)):
                     yield line
             return _Stream(chunks(), sub)
 
@@ -245,7 +281,7 @@ def create_app(server: Server) -> FastAPI:
                         [(t, a, b) for t, (a, b) in zip(c.tokens, c.lps)]
                 lp = server.completion_logprobs(pairs)
             out.append({"index": i, "text": prefix + c.text, "logprobs": lp, "finish_reason": FINISH.get(c.finish)})
-        return {**head, "choices": out, "usage": server.usage(prompts, sum(len(c.tokens) for c in choices))}
+        return {**head, "choices": out, "usage": server.usage(prompts, sum(len(c.tokens) for c in choices), sum(cuts))}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
@@ -253,14 +289,11 @@ def create_app(server: Server) -> FastAPI:
         if server.chat is None:
             raise APIError(400, server.chat_error, param="messages", code="no_chat_template")
         ready()
-        ids = chat_prompt_ids(server, body)
-        ctx = server.gen.cfg.block_size
-        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        if max_tokens is None:
-            if len(ids) >= ctx:
-                server.check_length(ids, 1, "messages")
-            max_tokens = ctx - len(ids)
-        server.check_length(ids, max_tokens, "messages")
+        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        # without max_tokens the reply may fill the context: the prompt needs room for one token
+        ids, cut = server.fit_prompt(chat_prompt_ids(server, body), 1 if asked is None else asked,
+                                     body.truncate_prompt_tokens, "messages")
+        max_tokens = server.gen.cfg.block_size - len(ids) if asked is None else asked
         k = (body.top_logprobs or 0) if body.logprobs else None
         params = server.seq_params(body, max_tokens, k, False, extra_stops=server.chat.stops)
         sub = Submission(server.engine)
@@ -286,7 +319,7 @@ def create_app(server: Server) -> FastAPI:
                     yield sse({**obj, "choices": [{"index": ev.index,
                                                    "delta": {"content": ev.text} if ev.text else {},
                                                    "logprobs": lp, "finish_reason": FINISH.get(ev.finish_reason)}]})
-                for line in stream_end(server, body, obj, sub, [ids]):
+                for line in stream_end(server, body, obj, sub, [ids], cut):
                     yield line
             return _Stream(chunks(), sub)
 
@@ -298,6 +331,6 @@ def create_app(server: Server) -> FastAPI:
                 if k is not None else None,
                 "finish_reason": FINISH.get(c.finish)} for i, c in enumerate(choices)]
         return {**head, "object": "chat.completion", "choices": out,
-                "usage": server.usage([ids], sum(len(c.tokens) for c in choices))}
+                "usage": server.usage([ids], sum(len(c.tokens) for c in choices), cut)}
 
     return app

@@ -1,70 +1,83 @@
 """Request bodies of the OpenAI API (completions, chat completions), with vLLM's sampling extras.
 
 Fields a client sends that are not listed here are ignored (OpenAI clients send a few, e.g.
-``user``); out-of-range values are a 400 in OpenAI's error shape (see ``app.py``). Responses
-are plain dicts in OpenAI's shape, built in ``app.py``.
+``user``); out-of-range values are a 400 in OpenAI's error shape (see ``app.py``). Types are
+strict, as OpenAI's are: ``"5"`` or ``true`` is not an integer and ``"yes"`` not a boolean (a
+coerced value would be a setting the client did not mean); numbers accept integers, and integers
+accept integral numbers (``5.0``: JSON does not tell them apart). Responses are plain dicts in
+OpenAI's shape, built in ``app.py``.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Annotated, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 MAX_N = 128  # choices per prompt (OpenAI's limit)
 MAX_STOPS = 16
 MAX_LOGPROBS = 20
 SEED_RANGE = dict(ge=-(2**63), le=2**64 - 1)  # what torch.Generator.manual_seed accepts
+STRICT = ConfigDict(extra="ignore", strict=True)
+
+
+def _integral(v):
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     include_usage: bool = False
 
 
 class SamplingFields(BaseModel):
     """Fields shared by both endpoints."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
 
     model: Optional[str] = Field(None, description="the served model's name (see /v1/models); "
                                  "omitted = the served model")
-    max_tokens: Optional[int] = Field(None, ge=0, description="tokens to generate at most; prompt + "
+    max_tokens: Optional[Int] = Field(None, ge=0, description="tokens to generate at most; prompt + "
                                       "max_tokens must fit the context")
     temperature: float = Field(1.0, ge=0.0, le=1e6, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=MAX_N, description="choices per prompt")
+    n: Int = Field(1, ge=1, le=MAX_N, description="choices per prompt")
     stop: Optional[Union[str, list[str]]] = Field(None, description=f"up to {MAX_STOPS} stop strings")
-    seed: Optional[int] = Field(None, **SEED_RANGE)
+    seed: Optional[Int] = Field(None, **SEED_RANGE)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: Optional[dict[str, float]] = Field(None, description="token id -> bias in [-100, 100]")
     # vLLM's extras
-    top_k: int = Field(-1, ge=-1, description="-1 or 0 = off")
+    top_k: Int = Field(-1, ge=-1, description="-1 or 0 = off")
     repetition_penalty: float = Field(1.0, ge=0.01, le=10.0, description="> 1 discourages repeats (HF's)")
-    min_tokens: int = Field(0, ge=0)
+    min_tokens: Int = Field(0, ge=0)
     ignore_eos: bool = False
-    stop_token_ids: Optional[list[int]] = Field(None, max_length=MAX_STOPS)
+    stop_token_ids: Optional[list[Int]] = Field(None, max_length=MAX_STOPS)
+    truncate_prompt_tokens: Optional[Int] = Field(None, ge=1, description="keep only the last N tokens of "
+                                                  "a longer prompt (N at most the context)")
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Union[str, list[str], list[int], list[list[int]]] = Field(
+    prompt: Union[str, list[str], list[Int], list[list[Int]]] = Field(
         ..., description="a text, a list of texts, token ids, or a list of token-id lists")
     echo: bool = Field(False, description="return the prompt before the completion (with max_tokens=0 "
                        "and logprobs: the prompt tokens' logprobs)")
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS, description="the k most likely tokens "
+    logprobs: Optional[Int] = Field(None, ge=0, le=MAX_LOGPROBS, description="the k most likely tokens "
                                     "at each position, with the chosen token's logprob")
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     type: str
     text: Optional[str] = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[str] = None
@@ -72,6 +85,6 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=0, description="OpenAI's newer name for max_tokens")
+    max_completion_tokens: Optional[Int] = Field(None, ge=0, description="OpenAI's newer name for max_tokens")
     logprobs: bool = False
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: Optional[Int] = Field(None, ge=0, le=MAX_LOGPROBS)

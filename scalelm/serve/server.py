@@ -114,8 +114,10 @@ class Server:
     """What the routes share: the generator (model + tokenizer), engine, metrics, settings."""
 
     def __init__(self, gen: Generator, name: str, max_batch: int = 8, max_queue: int = 64,
-                 api_key: Optional[str] = None, max_body: int = MAX_BODY, model_dir=None):
+                 api_key: Optional[str] = None, max_body: int = MAX_BODY, model_dir=None,
+                 truncate_prompts: bool = False):
         self.gen, self.name, self.api_key, self.max_body = gen, name, api_key or None, max_body
+        self.truncate_prompts = truncate_prompts
         self.metrics = Metrics()
         self.engine = Engine(gen, max_batch=max_batch, max_queue=max_queue, metrics=self.metrics)
         self.metrics.bind(self.engine)
@@ -170,6 +172,20 @@ class Server:
                                 f"{len(ids) + max_tokens} tokens ({len(ids)} in the prompt, {max_tokens} for the "
                                 "completion). Please reduce the prompt or max_tokens.", param="max_tokens",
                            code="context_length_exceeded")
+
+    def fit_prompt(self, ids: list[int], max_tokens: int, keep: Optional[int], param: str) -> tuple[list[int], int]:
+        """``(the prompt the model reads, how many tokens were dropped from its start)``: the last
+        ``keep`` tokens (a request's ``truncate_prompt_tokens``), or with ``truncate_prompts`` the
+        last ones that leave room for ``max_tokens``; else the prompt, if it fits the context."""
+        ctx = self.gen.cfg.block_size
+        if keep is not None and keep > ctx:
+            raise APIError(400, f"truncate_prompt_tokens={keep} is more than this model's context of {ctx} tokens.",
+                           param="truncate_prompt_tokens")
+        if keep is None and self.truncate_prompts and max_tokens < ctx:
+            keep = ctx - max_tokens
+        cut = max(0, len(ids) - keep) if keep is not None else 0
+        self.check_length(ids[cut:], max_tokens, param)
+        return ids[cut:], cut
 
     def decode(self, ids: list[int]) -> str:
         return self.gen.decode(ids) if self.gen.tokenizer is not None else ""
@@ -258,6 +274,9 @@ class Server:
         return {"content": [{**entry(t, lp), "top_logprobs": [entry(i, v) for i, v in (top or [])]}
                             for t, lp, top in pairs]}
 
-    def usage(self, prompts: list[list[int]], completion_tokens: int) -> dict:
+    def usage(self, prompts: list[list[int]], completion_tokens: int, dropped: int = 0) -> dict:
+        """OpenAI's usage; ``prompt_tokens_dropped`` (only when some were) counts the prompt tokens
+        that truncation kept from the model (``prompt_tokens`` counts the ones it read)."""
         p = sum(len(x) for x in prompts)
-        return {"prompt_tokens": p, "completion_tokens": completion_tokens, "total_tokens": p + completion_tokens}
+        return {"prompt_tokens": p, "completion_tokens": completion_tokens, "total_tokens": p + completion_tokens,
+                **({"prompt_tokens_dropped": dropped} if dropped else {})}

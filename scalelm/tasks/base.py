@@ -19,7 +19,7 @@ import numpy as np
 
 from ..config import Config, ConfigError
 from ..errors import UserError
-from ..runs import TOKENIZER
+from ..checkpoint.names import CONFIG, TOKENIZER, TOKENIZER_CONFIG
 from ..train.recipe import resolve_run_config
 
 # fine-tuning a trained model (--base, not --preset) starts from gentler defaults than pretraining
@@ -64,17 +64,23 @@ def tokenizer_json_of(spec: str) -> str:
     return byte_tokenizer().to_str() if spec == "byte" else load_tokenizer(spec).to_str()
 
 
-def read_base(base: str) -> Base:
+def read_base(base: str, supported: tuple = (), command: str = "scalelm finetune") -> Base:
+    """The base of ``--base``; ``supported``: the model kinds (:mod:`scalelm.checkpoint.kinds`) the
+    task starts from (empty: any), refused in one line before anything is loaded."""
+    from ..checkpoint.kinds import ENCDEC, require_kind
     from ..generate.generator import read_chat_template
     from ..model.io import read_model_config
     from ..runs import resolve_checkpoint
 
     d = resolve_checkpoint(base)
+    if supported:
+        require_kind(d, f"{command} --base", supported,
+                     hint={ENCDEC: "an encoder-decoder trains further with `scalelm finetune translate --base`"})
     if not (d / TOKENIZER).is_file():
         raise UserError(f"the base {d} has no {TOKENIZER}: fine-tuning reads text with the base's tokenizer")
-    meta = json.loads((d / "config.json").read_text())
+    meta = json.loads((d / CONFIG).read_text())
     bos = eos = None
-    tc = d / "tokenizer_config.json"
+    tc = d / TOKENIZER_CONFIG
     if tc.is_file():
         try:
             t = json.loads(tc.read_text())
@@ -86,10 +92,11 @@ def read_base(base: str) -> Base:
     return Base(d, read_model_config(d), (d / TOKENIZER).read_text(), read_chat_template(d), bos, eos, hf)
 
 
-def base_or_tokenizer(s: dict, needs: str) -> Base:
-    """The base of ``--base``, or a from-scratch start on ``--tokenizer`` (``needs`` names what it may be)."""
+def base_or_tokenizer(s: dict, needs: str, supported: tuple = (), command: str = "scalelm finetune") -> Base:
+    """The base of ``--base`` (of a kind in ``supported``), or a from-scratch start on ``--tokenizer``
+    (``needs`` names what it may be)."""
     if s["base"]:
-        return read_base(s["base"])
+        return read_base(s["base"], supported, command)
     if not s.get("tokenizer"):
         raise UserError(f"--preset {s['preset']} trains from scratch and needs a tokenizer: --tokenizer {needs}")
     return Base(None, None, tokenizer_json_of(s["tokenizer"]))

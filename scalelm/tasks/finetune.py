@@ -14,7 +14,8 @@ import importlib
 TASKS: dict[str, tuple[str, str]] = {
     "classify": ("scalelm.tasks.classify.train", "a text classifier: a linear head on a GPT (full or LoRA)"),
     "sft": ("scalelm.tasks.sft.train", "instruction tuning: chat template, loss on replies, packing (full or LoRA)"),
-    "translate": ("scalelm.tasks.translate.train", "translation as 'source => target' on a decoder-only GPT"),
+    "translate": ("scalelm.tasks.translate.train", "translation: a decoder-only GPT on 'source => target', or an encoder-decoder "
+                  "(--preset transformer-small)"),
 }
 
 

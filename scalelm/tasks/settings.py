@@ -10,9 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..checkpoint.names import TASK_FILE  # noqa: F401 (re-exported to the task commands)
 from ..errors import UserError
-
-TASK_FILE = "task.json"
 
 
 def read_task_file(out: Path) -> dict | None:

@@ -7,10 +7,10 @@ The user fixes the minutes and the data; everything else follows from them:
 1. **Candidates**: one model family, width ``w`` = 64, 96, ... (heads of 32), depth
    ``max(2, round(w / 32))`` (nanoGPT's CPU baby is 4x128). The user's style keys (norm, mlp,
    positions, ...) are kept; only the shape changes.
-2. **Speed, measured**: every candidate trains ``PROBE_STEPS`` real steps here (forward, backward,
-   AdamW, with the run's precision and weights: bf16 with fp32 masters where that is the default),
-   so the tokens it can see in the minutes left, ``D``, come from this machine, not from a FLOP
-   rate (small models are far from the matmul peak).
+2. **Speed, measured**: every candidate trains ``PROBE_STEPS`` real steps here (the trainer's own
+   step, ``scalelm.train.probe``: the run's precision and weights, bf16 with fp32 masters where
+   that is the default, clipping, AdamW), so the tokens it can see in the minutes left, ``D``,
+   come from this machine, not from a FLOP rate (small models are far from the matmul peak).
 3. **Predicted loss**: ``L = E + A / N^alpha + B / D'^beta`` with Chinchilla's fit (Hoffmann et al.
    2022, approach 3), N the non-embedding parameters. ``D'`` is the effective data of Muennighoff
    et al. (2023, "Scaling Data-Constrained Language Models"): epochs after the first are worth less
@@ -37,33 +37,26 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
 from ..config import Config, ConfigError
+from .scaling import CHINCHILLA, HEAD_DIM, family_config, kaplan_lr  # shared with `scalelm sweep`
 
 PROBE_STEPS = 2
 PROBE_MICRO_BATCH = 8
-HEAD_DIM, ASPECT, MAX_WIDTH = 32, 32, 1024
+MAX_WIDTH = 1024
 BLOCK_SIZE = 256
 TARGET_STEPS = 1500
 EVALS, PATIENCE = 20, 5
-# Hoffmann et al. (2022), approach 3; Muennighoff et al. (2023), the half-life of repeated data
-CHINCHILLA = dict(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28)
-R_STAR = 15.4
+R_STAR = 15.4  # Muennighoff et al. (2023), the half-life of repeated data
 BATCH_KEYS = {"train.micro_batch_size", "train.global_batch_size", "train.global_batch_tokens",
               "train.grad_accum_steps"}
 EVAL_SHARE = 0.05  # of the time, for the ~20 validation passes (eval_iters is sized to fit)
-
-
-def kaplan_lr(n_params: float) -> float:
-    """Kaplan et al. (2020), eq. D.1: the learning rate that worked best for N non-embedding params."""
-    return max(1e-4, 0.003239 - 0.0001395 * math.log(max(n_params, 1.0)))
 
 
 def effective_tokens(tokens: float, unique: float, r_star: float = R_STAR) -> float:
@@ -104,46 +97,16 @@ class Candidate:
 
 
 def shape_config(base, width: int):
-    n_layer = max(2, round(width / ASPECT))
-    return dataclasses.replace(base, n_embd=width, n_layer=n_layer, n_head=width // HEAD_DIM, n_kv_head=None,
-                               intermediate_size=None, n_shared_blocks=None, head_size=None)
+    """The family member ``width`` wide (the sweep's family: ``scalelm.train.scaling``)."""
+    return family_config(base, width)
 
 
 def time_step(cfg: Config, model_cfg, micro_batch: int, steps: int = PROBE_STEPS) -> float:
-    """Median seconds of one real optimizer step (forward, backward, AdamW) after a warm-up step."""
-    from ..model.gpt import GPT
-    from ..precision import autocast_context, pick_device, resolve_precision
-    from .master_weights import MasterWeights, wants_master_weights
-    from .optim import build_optimizer
+    """Median seconds of one optimizer step of ``model_cfg``, as the trainer takes it for ``cfg``
+    (forward, backward, clipping, AdamW; its precision and master weights), after a warm-up step."""
+    from .probe import time_steps
 
-    device = pick_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = GPT(model_cfg).to(device)
-        # as the trainer will run it: bf16 weights with fp32 masters where those are the default
-        wants = precision == "bf16" and wants_master_weights(cfg, precision, device)
-        master = MasterWeights(model) if wants else None
-        autocast = autocast_context("fp32" if master else precision, device)
-        opt = build_optimizer(model, cfg.optim, master=master)
-        x = torch.randint(0, model_cfg.vocab_size, (micro_batch, model_cfg.block_size), device=device)
-        times = []
-        for i in range(steps + 1):  # the first is a warm-up (allocator, optimizer state)
-            t0 = time.perf_counter()
-            with autocast():
-                loss = model(x, x)[1]
-            loss.backward()
-            if master:
-                master.grads_to_master()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            if master:
-                master.master_to_model()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if i:
-                times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_steps(cfg, model_cfg, micro_batch=micro_batch, repeats=steps)
 
 
 def survey(cfg: Config, unique_tokens: int, seconds: float,

@@ -7,7 +7,7 @@ log-softmax are still computed in fp32 inside the model), so there are no per-st
 half the memory traffic; the optimizer owns fp32 copies, so small updates are not rounded
 away. On this project's CPU it is the fastest setting (README "Performance"). The trainer uses
 it by default where it applies: bf16 precision on a CPU, one process, no LoRA, no pipeline stages
-(``Trainer._wants_master_weights``; the run's summary says ``"master_weights": true``).
+(:func:`wants_master_weights`, asked by ``step.TrainStep``; the run's summary says ``"master_weights": true``).
 ``--train.master_weights=true`` asks for it anywhere it can run (an error where it cannot:
 not bf16, or under torchrun), ``false`` keeps fp32 weights with bf16 autocast. The trainer saves
 and loads checkpoints through :meth:`MasterWeights.fp32_view`, so they hold the fp32 masters and

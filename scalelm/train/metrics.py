@@ -17,10 +17,9 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint.names import METRICS  # noqa: F401 (RUN_DIR/metrics.jsonl; re-exported)
 from ..errors import UserError
 from ..fileio import atomic_write_text
-
-METRICS = "metrics.jsonl"
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -104,26 +103,36 @@ class MetricsLogger:
 
 
 class Progress:
-    """A tqdm bar on a terminal; elsewhere (a log file, a pipe) one plain line per log step."""
+    """A tqdm bar on a terminal; elsewhere (a log file, a pipe) one plain line per log step.
 
-    def __init__(self, total: int, initial: int, enabled: bool):
-        self.enabled = enabled
+    ``total`` None: the clock governs the run (``budget_s``), so progress is time, not steps."""
+
+    def __init__(self, total: Optional[int], initial: int, enabled: bool, budget_s: Optional[float] = None):
+        self.enabled, self.total, self.budget_s = enabled, total, budget_s
         self.bar = None
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, file=sys.stderr, unit="step",
                             dynamic_ncols=True, smoothing=0.1)
-        self.total = total
+
+    def _clock(self, rec: Optional[dict]) -> str:
+        """Time used of the budget and the time-based ETA (what a time-budgeted run ends by)."""
+        if self.budget_s is None or rec is None or rec.get("elapsed_s") is None:
+            return ""
+        used = rec["elapsed_s"]
+        return f"{_mmss(used)}/{_mmss(self.budget_s)}, ETA {_mmss(max(0.0, self.budget_s - used))}"
 
     def update(self, step: int, rec: Optional[dict] = None) -> None:
+        clock = self._clock(rec)
         if self.bar is not None:
             self.bar.n = step
             if rec is not None:
-                self.bar.set_postfix_str(_fmt(rec), refresh=False)
+                self.bar.set_postfix_str(" | ".join(filter(None, [_fmt(rec), clock])), refresh=False)
             self.bar.refresh()
         elif self.enabled and rec is not None:
-            print(f"step {step}/{self.total} {_fmt(rec)}", file=sys.stderr, flush=True)
+            of = f"/{self.total}" if self.total is not None else ""
+            print(f"step {step}{of} {_fmt(rec)}{f' | {clock}' if clock else ''}", file=sys.stderr, flush=True)
 
     def write(self, msg: str) -> None:
         if self.bar is not None:
@@ -134,6 +143,11 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def _mmss(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
 
 
 def _fmt(rec: dict) -> str:

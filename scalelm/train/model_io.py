@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ..checkpoint.names import WEIGHTS
 from ..model.io import load_state_dict_into, load_weights, save_state_dir
-from ..runs import WEIGHTS
 
 
 class ModelIO:
@@ -29,6 +29,16 @@ class ModelIO:
     #: True when a checkpoint holds only some tensors (e.g. adapters): the others keep the
     #: values the model was built with, and resuming loads just the stored ones.
     partial = False
+
+    #: True when the files are exactly a GPT model directory, so that under torchrun ``best/`` can be
+    #: written straight from the shards or pipeline stages (``distributed.dcp.save_full_model_dir``)
+    #: rather than through :meth:`save`. Only this class: a subclass writes other files (a task's
+    #: labels, adapters, templates) unless it declares ``plain_lm = True`` itself.
+    plain_lm = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.plain_lm = bool(cls.__dict__.get("plain_lm", False))
 
     def metadata(self, model: nn.Module) -> dict:
         """Extra ``config.json`` entries that describe the model (e.g. ``{"task": {...}}``)."""

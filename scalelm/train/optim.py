@@ -8,6 +8,8 @@ pure function of the step, so resuming needs nothing but the step and a changed
 
 from __future__ import annotations
 
+from typing import Optional
+
 import math
 
 import torch
@@ -61,14 +63,15 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, master=None) -> torch.op
                              fused=fused or None, foreach=None if fused else True)
 
 
-def lr_at(step: int, cfg: OptimConfig, max_steps: int) -> float:
+def lr_at(step: int, cfg: OptimConfig, max_steps: int, warmup: Optional[int] = None) -> float:
     """Learning rate for optimizer step ``step`` (0-based).
 
     ``cosine``: linear warmup, then cosine from ``lr`` down to ``min_lr`` at ``max_steps``.
     ``wsd`` (warmup-stable-decay): warmup, flat at ``lr``, then a linear decay to ``min_lr``
-    over the last ``decay_fraction`` of the steps. ``constant``: warmup, then flat.
+    over the last ``decay_fraction`` of the steps. ``constant``: warmup, then flat. ``warmup``
+    replaces ``cfg.warmup_steps`` (a time-budgeted run scales it to its projected length).
     """
-    warmup = max(0, cfg.warmup_steps)
+    warmup = max(0, cfg.warmup_steps if warmup is None else warmup)
     if step < warmup:
         return cfg.lr * (step + 1) / (warmup + 1)
     if cfg.schedule == "constant":

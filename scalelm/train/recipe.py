@@ -9,10 +9,12 @@ rest, in one order for every command:
     read RUN_DIR's saved config and refuse a run of another command
     -> recipe.prepare (settings, config, data)
     -> start the process group, refuse a wrong --out, lock RUN_DIR, find the checkpoint to resume
-    -> write config.json, run.json and the recipe's files (first: what follows may write into RUN_DIR,
-       which must then count as a run)
+    -> a new run: write config.json, run.json and the recipe's files (first: what follows may write
+       into RUN_DIR, which must then count as a run; a failure before training removes them)
     -> seed, recipe.build_model, the batch geometry, recipe.batches
-    -> the Trainer (the only place a training command constructs one) -> fit
+    -> the Trainer (the only place a training command constructs one; it loads the checkpoint)
+    -> a resumed run: write those files now (a checkpoint that fails to load leaves RUN_DIR untouched)
+    -> fit
     -> the summary (the Trainer's fields + the recipe's), printed as one JSON line.
 
 A new recipe is one module of declarations plus its data code; it never touches this file.
@@ -34,7 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..checkpoint.names import DISTILL_RECORD, TASK_FILE
-from ..config import Config, ConfigError, ModelConfig
+from ..config import CLOCK_STEPS, Config, ConfigError, ModelConfig
 from ..distributed.mesh import ParallelContext, destroy_parallel, init_parallel
 from ..errors import CheckpointError
 from ..fileio import atomic_write_text, json_safe
@@ -155,6 +157,26 @@ def vocab_is_explicit(args: argparse.Namespace) -> bool:
     return False
 
 
+def sets(args: argparse.Namespace, preset: Optional[str], key: str) -> bool:
+    """Did this command line ask for ``key`` (``section.name``): an override, the --config file, or the preset?"""
+    if any(a.lstrip("-").replace("-", "_").split("=")[0] == key for a in args.overrides):
+        return True
+    section, name = key.split(".")
+    if getattr(args, "config", None):
+        import tomllib
+
+        try:
+            if name in tomllib.loads(Path(args.config).read_text()).get(section, {}):
+                return True
+        except (OSError, tomllib.TOMLDecodeError):
+            pass  # resolve() reports the problem
+    if preset:
+        from ..presets import PRESETS
+
+        return name in (PRESETS.get(preset) or {}).get(section, {})
+    return False
+
+
 def resolve_run_config(args: argparse.Namespace, saved: Optional[Config], *, preset: Optional[str] = None,
                        model: Optional[ModelConfig] = None, fixed: Optional[str] = None,
                        defaults: Optional[dict] = None, vocab_size: Optional[int] = None,
@@ -181,6 +203,8 @@ def resolve_run_config(args: argparse.Namespace, saved: Optional[Config], *, pre
         cfg = resolve(preset=preset, config_file=getattr(args, "config", None), overrides=args.overrides)
         if vocab_size is not None and not vocab_is_explicit(args):
             cfg.model.vocab_size = vocab_size
+    if not reuse_saved and cfg.train.max_minutes is not None and not sets(args, preset, "train.max_steps"):
+        cfg.train.max_steps = CLOCK_STEPS  # a time budget and no step limit asked for: the clock governs
     if fixed and model is not None:
         diffs = [f"model.{k} is {getattr(model, k)!r} in the base, {getattr(cfg.model, k)!r} here"
                  for k in vars(model) if k != "dropout" and getattr(model, k) != getattr(cfg.model, k)]
@@ -346,9 +370,10 @@ def run_recipe(recipe: Recipe, args: argparse.Namespace) -> int:
     existed = out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir())
     with open_run(out, cfg, plan.record, saved, recipe.command) as (ctx, resume_from):
         try:
-            if ctx.is_main:
-                _write_run_files(out, plan, recipe.command, ctx)
-            ctx.barrier()
+            if resume_from is None:  # a new run: RUN_DIR counts as a run before the model may write into it
+                if ctx.is_main:
+                    _write_run_files(out, plan, recipe.command, ctx)
+                ctx.barrier()
             torch.manual_seed(cfg.train.seed)  # the same initial weights (and task head) on every rank
             model, base_dir = recipe.build_model(plan, ctx, resume_from)
             micro_batch, accum = batch_geometry(cfg, ctx.dp_world)
@@ -362,6 +387,10 @@ def run_recipe(recipe: Recipe, args: argparse.Namespace) -> int:
             if ctx.is_main and resume_from is None:
                 _forget_new_run(out, existed)
             raise
+        if resume_from is not None:  # a resumed run is rewritten only once its checkpoint has loaded
+            if ctx.is_main:
+                _write_run_files(out, plan, recipe.command, ctx)
+            ctx.barrier()
         line = recipe.describe(plan, trainer.batches)
         if line and trainer.is_main:
             print(line, file=sys.stderr)

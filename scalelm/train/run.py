@@ -45,6 +45,7 @@ class PretrainRecipe(Recipe):
     command = "train"
 
     def prepare(self, args: argparse.Namespace, out: Path, saved: Optional[Config]) -> PretrainPlan:
+        from ..checkpoint.kinds import ENCDEC, FLOAT_LANGUAGE_MODELS, require_kind
         from ..data.loader import TokenData
         from ..model.io import read_model_config
         from ..runs import latest_checkpoint, resolve_checkpoint
@@ -53,6 +54,9 @@ class PretrainRecipe(Recipe):
         if auto and saved is not None:  # resuming an auto run: its choice is in its recorded config
             print(f"auto: resuming with the recipe recorded in {out}", file=sys.stderr)
         init = resolve_checkpoint(args.init_from) if args.init_from else None
+        if init is not None:
+            require_kind(init, "scalelm train --init-from", FLOAT_LANGUAGE_MODELS,
+                         hint={ENCDEC: "train it on sentence pairs with `scalelm finetune translate`"})
         if init is not None and (args.resume or (saved is not None and latest_checkpoint(out) is not None)):
             raise UserError(f"{out} already holds a run to resume; --init-from starts a new one: use another --out")
         reuse_saved = saved is not None and (auto or not (args.preset or args.config))
@@ -62,6 +66,10 @@ class PretrainRecipe(Recipe):
                                  model=read_model_config(init) if init_shape else None,
                                  fixed=f"--init-from {args.init_from}" if init_shape else None,
                                  reuse_saved=reuse_saved, check_vocab=False)
+        if cfg.model.arch != "gpt":  # next-token windows of a DATA_DIR are a decoder-only objective
+            what = f"--init-from {args.init_from} is" if init_shape else f"the model (model.arch={cfg.model.arch}) is"
+            raise UserError(f"`scalelm train` pretrains decoder-only language models (GPT, Llama-style, LoRA); {what} "
+                            f"an encoder-decoder: train it on sentence pairs with `scalelm finetune translate`")
         if args.data:
             cfg.data.path = args.data
         if not cfg.data.path:
@@ -72,10 +80,11 @@ class PretrainRecipe(Recipe):
         cfg.validate()
         plan = PretrainPlan(cfg, data, init_from=init)
         if auto and saved is None:
+            from ..checkpoint.names import AUTO_RECORD
             from .auto import choose
 
             plan.cfg, record = choose(cfg, data, args.overrides)
-            plan.files["auto.json"] = json.dumps(json_safe(record), indent=2) + "\n"
+            plan.files[AUTO_RECORD] = json.dumps(json_safe(record), indent=2) + "\n"
         if init is not None:
             try:
                 ts.check_model_config(init, plan.cfg.model)

@@ -15,60 +15,34 @@ layout too (:func:`load_full_training_checkpoint`).
 from __future__ import annotations
 
 import dataclasses
-import json
-import shutil
 import sys
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
-from ..distributed.dcp import (
-    DCP_DIR,
-    barrier,
+from ..checkpoint.dcp import (
     is_sharded_checkpoint,
-    set_loaded,
-    training_state_dicts,
+    read_rank_rng,
+    read_shards,
+    sharded_meta,
+    write_rank_rng,
+    write_shards,
+    write_sharded_files,
 )
+from ..checkpoint.manifest import verify_manifest
+from ..checkpoint.names import DCP_METADATA, OPTIMIZER, RNG_DIR, STATE, ckpt_name, staging_name
+from ..checkpoint.staging import reset_dir
+from ..checkpoint.training import checkpoint_stage, is_training_checkpoint, read_optimizer, read_state
+from ..distributed.dcp import barrier, set_loaded, training_state_dicts
 from ..distributed.mesh import ParallelContext
 from ..distributed.parallelize import model_parts
 from ..errors import CheckpointError
-from ..fileio import atomic_write_text, publish_dir
-from ..model.manifest import verify_manifest, write_manifest
-from ..runs import CONFIG, LATEST, TOKENIZER, ckpt_name
-from .state import (
-    OPTIMIZER,
-    STATE,
-    check_state,
-    is_training_checkpoint,
-    prune_checkpoints,
-    rng_state,
-    set_rng_state,
-)
-
-RNG_DIR = "rng"
-
-
-# ----------------------------------------------------------------------------- RNG per rank
-
-def _save_rng(dir_: Path, rank: int) -> None:
-    tensors, js = rng_state()
-    dir_.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(dir_ / f"rank-{rank:05d}.safetensors"))
-    (dir_ / f"rank-{rank:05d}.json").write_text(json.dumps(js))
-
-
-def _load_rng(dir_: Path, rank: int) -> bool:
-    st, js = dir_ / f"rank-{rank:05d}.safetensors", dir_ / f"rank-{rank:05d}.json"
-    if not (st.is_file() and js.is_file()):
-        return False  # saved with fewer ranks: this rank keeps its seeded generators
-    set_rng_state(load_file(str(st)), json.loads(js.read_text()))
-    return True
-
+from .state import check_state, rng_state, set_rng_state
 
 # ----------------------------------------------------------------------------- save / load
+
 
 def save_sharded_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, tokenizer_json: Optional[str],
                             state: dict, ctx: ParallelContext, keep_last: int = 3,
@@ -76,31 +50,21 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: nn.Module, optimize
     """Every rank writes its shards into a staging directory; rank 0 publishes it atomically
     as ``ckpt-<step>``, then points ``latest`` at it. A kill leaves the last one intact.
     ``extra``: config.json entries describing the model (``model_io.metadata``, e.g. LoRA's base)."""
-    import torch.distributed.checkpoint as dcp
-
     run_dir = Path(run_dir)
     name = ckpt_name(step)
-    staging = run_dir / f".staging-{name}"
+    staging = run_dir / staging_name(name)
     if ctx.is_main:
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        reset_dir(staging)
     barrier(ctx)
     canon, _ = training_state_dicts(model, optimizer)
-    dcp.save(canon, checkpoint_id=str(staging / DCP_DIR), no_dist=not ctx.distributed)
-    _save_rng(staging / RNG_DIR, ctx.rank)
+    write_shards(canon, staging, ctx.distributed)
+    write_rank_rng(staging / RNG_DIR, ctx.rank, *rng_state())
     barrier(ctx)
     if ctx.is_main:
         cfg = model_parts(model)[0].cfg
-        meta = {"format": "scalelm", "model": dataclasses.asdict(cfg), **(extra or {}), "step": step, "sharded": True,
-                "world_size": ctx.world_size, "layout": ctx.layout.describe()}
-        (staging / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        if tokenizer_json is not None:
-            (staging / TOKENIZER).write_text(tokenizer_json)
-        (staging / STATE).write_text(json.dumps(dict(state, step=step), indent=1) + "\n")
-        write_manifest(staging)  # last: covers every rank's shards and RNG files
-        publish_dir(staging, run_dir / name)
-        atomic_write_text(run_dir / LATEST, name + "\n")
-        prune_checkpoints(run_dir, keep_last, protect=name)
+        meta = sharded_meta(dataclasses.asdict(cfg), extra, step, ctx.world_size, ctx.layout.describe())
+        with checkpoint_stage(run_dir, step, keep_last, adopt=True) as d:  # the manifest covers every rank's files
+            write_sharded_files(d, meta, tokenizer_json, dict(state, step=step))
     barrier(ctx)
     return run_dir / name
 
@@ -108,24 +72,19 @@ def save_sharded_checkpoint(run_dir: Path, step: int, model: nn.Module, optimize
 def load_sharded_checkpoint(ckpt: Path, model: nn.Module, optimizer, ctx: ParallelContext,
                             verify: bool = True) -> dict:
     """Load a DCP checkpoint into this layout (any world size); returns ``state.json``."""
-    import torch.distributed.checkpoint as dcp
-
     ckpt = Path(ckpt)
     if not is_sharded_checkpoint(ckpt):
-        raise CheckpointError(f"{ckpt} is not a sharded checkpoint ({DCP_DIR}/.metadata is missing)")
+        raise CheckpointError(f"{ckpt} is not a sharded checkpoint ({DCP_METADATA} is missing)")
     if verify:  # every rank checks the same files, so all ranks fail alike
         verify_manifest(ckpt, how=_RESUME_EARLIER.format(ckpt=ckpt))
-    try:
-        state = json.loads((ckpt / STATE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt / STATE} is missing or corrupt: {e}") from None
+    state = read_state(ckpt)
     canon, back = training_state_dicts(model, optimizer)
-    try:
-        dcp.load(canon, checkpoint_id=str(ckpt / DCP_DIR), no_dist=not ctx.distributed)
-    except Exception as e:  # DCP wraps per-rank failures (missing keys, bad files) in CheckpointException
-        raise CheckpointError(f"could not load {ckpt / DCP_DIR}: {str(e).splitlines()[0][:400]}") from None
+    read_shards(canon, ckpt, ctx.distributed)
     set_loaded(model, optimizer, canon, back)
-    if not _load_rng(ckpt / RNG_DIR, ctx.rank) and ctx.is_main:
+    rng = read_rank_rng(ckpt / RNG_DIR, ctx.rank)
+    if rng is not None:
+        set_rng_state(*rng)
+    elif ctx.is_main:  # saved with fewer ranks: this rank keeps its seeded generators
         print(f"note: {ckpt} was saved by {state.get('world_size', '?')} ranks; ranks beyond those keep "
               f"freshly seeded random generators (only dropout draws from them)", file=sys.stderr)
     return state
@@ -155,10 +114,7 @@ def load_full_training_checkpoint(ckpt: Path, model: nn.Module, optimizer, verif
                               f"a new run from its weights, use --init-from instead of resuming")
     if verify:
         verify_manifest(ckpt, how=_RESUME_EARLIER.format(ckpt=ckpt))
-    try:
-        state = json.loads((ckpt / STATE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{ckpt / STATE} is missing or corrupt: {e}") from None
+    state = read_state(ckpt)
     check_state(state, ckpt / STATE, ("optimizer_param_groups",) if optimizer is not None else ())
     canon, back = training_state_dicts(model, optimizer)
     from .model_io import ModelIO
@@ -172,10 +128,7 @@ def load_full_training_checkpoint(ckpt: Path, model: nn.Module, optimizer, verif
         raise CheckpointError(f"{ckpt} lacks tensors this model needs: {missing[:5]}")
     canon["model"] = {c: _shard_like(v, weights[c]) for c, v in canon["model"].items()}
     if optimizer is not None:
-        try:
-            opt_tensors = load_file(str(ckpt / OPTIMIZER))
-        except Exception as e:  # safetensors raises several types for a damaged file
-            raise CheckpointError(f"{ckpt / OPTIMIZER} is missing or corrupt: {e}") from None
+        opt_tensors = read_optimizer(ckpt)
         groups = {fqn: g for g in state["optimizer_param_groups"] for fqn in g["params"]}
         for c, v in list(canon["optim"].items()):
             head, rest = c.split(".", 1)

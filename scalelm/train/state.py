@@ -4,9 +4,9 @@
 ``tokenizer.json``) plus ``optimizer.safetensors`` (AdamW moments keyed by parameter name),
 ``rng.safetensors`` (torch generator states) and ``state.json`` (step, loader position,
 best validation loss, Python/NumPy RNG states, optimizer hyper-parameters), with a
-``manifest.json`` hashing all of them (checked before resuming). It is staged in a
-hidden directory, fsynced and renamed into place, then ``RUN_DIR/latest`` is rewritten
-atomically: a kill at any moment leaves the previous checkpoint intact. No pickle anywhere.
+``manifest.json`` hashing all of them (checked before resuming). The files, staging and
+publishing are :mod:`scalelm.checkpoint.training`'s; this module turns a model, its optimizer
+and the random generators into those state dicts and back, and decides what ``--out`` means.
 """
 
 from __future__ import annotations
@@ -21,18 +21,23 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
 
+from ..checkpoint.manifest import verify_manifest
+from ..checkpoint.names import BEST, CONFIG, METRICS, RUN_INFO, STATE, ckpt_name  # noqa: F401 (re-exported)
+from ..checkpoint.rundir import clean_staging, latest_checkpoint, list_checkpoints
+from ..checkpoint.training import (
+    checkpoint_stage,
+    is_training_checkpoint,
+    missing_training_files,
+    read_optimizer,
+    read_rng,
+    read_state,
+    write_training_files,
+)
 from ..config import ModelConfig
 from ..errors import CheckpointError
-from ..fileio import atomic_write_text, publish_dir
+from ..fileio import atomic_write_text
 from ..model.io import read_model_config
-from ..model.manifest import verify_manifest, write_manifest
-from ..runs import CONFIG, LATEST, TOKENIZER, ckpt_name, list_checkpoints
-
-OPTIMIZER = "optimizer.safetensors"
-RNG = "rng.safetensors"
-STATE = "state.json"
 
 
 # ----------------------------------------------------------------------------- RNG states
@@ -106,51 +111,13 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer: torch
     from .model_io import ModelIO
 
     model_io = model_io or ModelIO()
-    run_dir = Path(run_dir)
-    name = ckpt_name(step)
-    staging = run_dir / f".staging-{name}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
-        model_io.save(model, model.state_dict(), staging, tokenizer_json, {"step": step}, manifest=False)
+    with checkpoint_stage(run_dir, step, keep_last) as d:
+        model_io.save(model, model.state_dict(), d, tokenizer_json, {"step": step}, manifest=False)
         opt_tensors, groups = optimizer_state(model, optimizer)
-        save_file(opt_tensors, str(staging / OPTIMIZER), metadata={"format": "pt"})
         rng_tensors, rng_js = rng_state()
-        save_file(rng_tensors, str(staging / RNG))
-        full = dict(state, step=step, optimizer_param_groups=groups, rng=rng_js)
-        (staging / STATE).write_text(json.dumps(full, indent=1) + "\n")
-        write_manifest(staging)  # last: it covers the model files and the optimizer, RNG and state files
-        publish_dir(staging, run_dir / name)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    atomic_write_text(run_dir / LATEST, name + "\n")
-    prune_checkpoints(run_dir, keep_last, protect=name)
-    return run_dir / name
-
-
-def prune_checkpoints(run_dir: Path, keep_last: int, protect: str) -> None:
-    if keep_last <= 0:
-        return
-    ckpts = list_checkpoints(run_dir)
-    for old in ckpts[:-keep_last]:
-        if old.name != protect:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-STAGING = (".staging-*", "..staging-*", ".ckpt-*", ".best.*", ".best-*")
-
-
-def clean_staging(run_dir: Path) -> None:
-    """Remove half-written checkpoints left by a kill (they were never visible). Safe only under
-    the run's lock: a live writer's staging dirs have the same names."""
-    for pattern in STAGING:  # ..staging-*: save_model_dir's temporary dir inside a staging name
-        for p in Path(run_dir).glob(pattern):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-
-
-def is_training_checkpoint(path: Path) -> bool:
-    return all((Path(path) / f).is_file() for f in (CONFIG, OPTIMIZER, RNG, STATE))
+        write_training_files(d, opt_tensors, rng_tensors, dict(state, step=step, optimizer_param_groups=groups,
+                                                                 rng=rng_js))
+    return Path(run_dir) / ckpt_name(step)
 
 
 def check_model_config(ckpt: Path, expected: ModelConfig) -> None:
@@ -165,10 +132,10 @@ def check_model_config(ckpt: Path, expected: ModelConfig) -> None:
 
 def check_tokenizer(ckpt: Path, data_dir: Path) -> None:
     """The data must be tokenized with the checkpoint's tokenizer (else ids mean other text)."""
+    from ..checkpoint.model_dir import read_tokenizer_json
     from ..data.tokenizer import check_same_tokenizer
 
-    p = Path(ckpt) / TOKENIZER
-    check_same_tokenizer(data_dir, p.read_text() if p.is_file() else None, what=f"the checkpoint {ckpt}")
+    check_same_tokenizer(data_dir, read_tokenizer_json(ckpt), what=f"the checkpoint {ckpt}")
 
 
 # what resuming reads from state.json, and the JSON type each must have
@@ -200,28 +167,21 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: Optional[torch.opti
     ``verify`` first checks every file against ``manifest.json`` (when there is one)."""
     ckpt = Path(ckpt)
     if not is_training_checkpoint(ckpt):
-        missing = [f for f in (OPTIMIZER, RNG, STATE) if not (ckpt / f).is_file()]
+        missing = missing_training_files(ckpt)
         raise CheckpointError(f"{ckpt} is not a training checkpoint ({', '.join(missing)} missing): to start "
                               f"a new run from its weights, use it as an initial model instead of resuming")
     if verify:
         verify_manifest(ckpt, how=f"resume from an earlier checkpoint (--resume {ckpt.parent}/ckpt-N), or "
                                   f"move {ckpt.name} out of the run to resume from the one before it")
-    try:
-        state = json.loads((ckpt / STATE).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{ckpt / STATE} is corrupt: {e}") from None
+    state = read_state(ckpt)
     check_state(state, ckpt / STATE, ("step", "rng") + (("optimizer_param_groups",) if optimizer is not None else ()))
     from .model_io import ModelIO
 
     (model_io or ModelIO()).load(model, ckpt)
     if optimizer is not None:
-        try:
-            opt_tensors = load_file(str(ckpt / OPTIMIZER))
-        except Exception as e:  # safetensors raises several types for a damaged file
-            raise CheckpointError(f"{ckpt / OPTIMIZER} is corrupt: {e}") from None
-        load_optimizer_state(model, optimizer, opt_tensors, state["optimizer_param_groups"])
+        load_optimizer_state(model, optimizer, read_optimizer(ckpt), state["optimizer_param_groups"])
     try:
-        set_rng_state(load_file(str(ckpt / RNG)), state["rng"])
+        set_rng_state(read_rng(ckpt), state["rng"])
     except Exception as e:  # a damaged rng.safetensors or a malformed state.json "rng" entry
         raise CheckpointError(f"the RNG state of {ckpt} is damaged ({type(e).__name__}: {e}): resume from an "
                               f"earlier checkpoint with --resume, or start anew with --init-from {ckpt}") from None
@@ -230,8 +190,6 @@ def load_checkpoint(ckpt: Path, model: nn.Module, optimizer: Optional[torch.opti
 
 
 # ----------------------------------------------------------------------------- the run directory
-
-RUN_INFO = "run.json"  # which data the run trains on (the tokenizer's hash names it)
 
 
 def read_run_config(run_dir: Path):
@@ -286,8 +244,7 @@ def prepare_run_dir(run_dir: Path, cfg, data, saved, write: bool = True) -> Opti
     ``write`` removes leftovers (half-written checkpoints, metrics of a run killed before its
     first checkpoint).
     """
-    from ..runs import BEST, latest_checkpoint, resolve_checkpoint
-    from .metrics import METRICS
+    from ..runs import resolve_checkpoint
 
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():

@@ -2,13 +2,15 @@
 
     scalelm train --preset baby --data data/shakespeare --out runs/baby [--section.key=value ...]
 
-Each optimizer step sets the learning rate from the schedule, runs :meth:`Trainer.forward_backward`
-over the step's micro-batches (gradients synchronised only on the last one), clips, and steps
-AdamW. Every ``log_every`` steps a metrics record; every ``eval_every`` a validation pass (the
-best model is kept in ``RUN_DIR/best``); every ``save_every``, at the end, on SIGINT/SIGTERM
-and when the time budget runs out, an atomic checkpoint that resumes bit for bit.
+Each optimizer step sets the learning rate from the schedule and takes the step
+(:class:`~scalelm.train.step.TrainStep`: forward and backward over the step's micro-batches,
+gradients synchronised only on the last one, clipping, AdamW). Every ``log_every`` steps a
+metrics record; every ``eval_every`` a validation pass (the best model is kept in
+``RUN_DIR/best``); every ``save_every``, at the end, on SIGINT/SIGTERM and when the time budget
+runs out, an atomic checkpoint that resumes bit for bit.
 What a batch is and how its loss is computed are arguments (``batches``, ``loss_fn``), so
-other objectives reuse this loop unchanged.
+other objectives reuse this loop unchanged; what each argument must offer is written down in
+:mod:`scalelm.train.protocols`.
 """
 
 from __future__ import annotations
@@ -19,27 +21,29 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from ..config import Config, ConfigError
+from ..config import CLOCK_STEPS, Config, ConfigError
 from ..distributed.mesh import (
     ParallelContext,
     all_reduce_mean_loss,
     init_parallel,
 )
-from ..distributed.parallelize import clip_grad_norm, grad_sync, parallelize
+from ..distributed.parallelize import parallelize
 from ..errors import UserError
 from ..model.build import build_model
 from ..model.gpt import flops_per_token
-from ..precision import DTYPES, autocast_context, pick_device, resolve_precision  # noqa: F401 (re-exported)
+from ..precision import DTYPES, resolve_precision
 from . import state as ts
 from .metrics import MetricsLogger, Progress, env_summary, peak_flops, peak_memory_mb
 from .model_io import ModelIO
-from .optim import build_optimizer, lr_at, set_lr
+from .optim import lr_at, set_lr
+from .protocols import Batches, CountedBatches, DataDir, TrainData, backbone
+from .step import TrainStep, default_loss
 
 
 class OutOfMemory(UserError):
@@ -81,12 +85,6 @@ def is_oom(e: BaseException) -> bool:
         s in msg for s in ("out of memory", "can't allocate memory", "not enough memory", "bad_alloc"))
 
 
-def default_loss(model: nn.Module, batch) -> torch.Tensor:
-    """Next-token cross-entropy: ``batch`` is ``(inputs, targets)``."""
-    x, y = batch
-    return model(x, y)[1]
-
-
 def keep_freed_memory() -> bool:
     """glibc only: serve every allocation from the heap (no per-tensor mmap) and never trim it,
     so memory a step frees is reused by the next one instead of being unmapped and faulted in
@@ -112,34 +110,36 @@ def keep_freed_memory() -> bool:
 class Trainer:
     """Owns the model, optimizer, data and run directory; :meth:`fit` is the training loop."""
 
-    def __init__(self, cfg: Config, data, run_dir: str | Path, *, ctx: Optional[ParallelContext] = None,
+    def __init__(self, cfg: Config, data: TrainData, run_dir: str | Path, *, ctx: Optional[ParallelContext] = None,
                  model: Optional[nn.Module] = None, resume_from: Optional[Path] = None,
-                 batches=None, loss_fn: Callable = default_loss, evaluate_fn: Optional[Callable] = None,
-                 metric: str = "val_loss", higher_is_better: bool = False, model_io: Optional[ModelIO] = None,
-                 base_dir: Optional[Path] = None, wrap_model_io: Optional[Callable[[ModelIO], ModelIO]] = None):
-        """``batches``/``loss_fn`` define a step (default: LM windows of ``data`` and next-token CE);
-        ``evaluate_fn(trainer) -> {name: value}`` a validation pass (default: LM loss on ``data``'s
-        val split), logged as ``val_<name>``; ``metric`` (one of those, prefixed) picks ``best/``;
-        ``model_io`` writes and reads the model (default: a GPT model directory). ``model`` may be a
-        module around a GPT (its ``gpt`` attribute), which is where parallelism is applied.
-        ``base_dir``: the model directory ``model``'s weights came from (LoRA records it and its hash).
-        ``wrap_model_io(io) -> io`` wraps the final one (after LoRA's adapter files), to add files to
-        every saved model. ``batches`` that count the ``tokens`` (non-padding) and ``supervised_tokens``
-        they served get both, and their rates, in each training record."""
+                 batches: Optional[Batches] = None, loss_fn: Callable = default_loss,
+                 evaluate_fn: Optional[Callable] = None, metric: str = "val_loss", higher_is_better: bool = False,
+                 model_io: Optional[ModelIO] = None, base_dir: Optional[Path] = None,
+                 wrap_model_io: Optional[Callable[[ModelIO], ModelIO]] = None,
+                 show_metrics: Sequence[str] = ("val_loss", "val_bits_per_byte")):
+        """``batches``/``loss_fn`` define a step (default: LM windows of ``data``, a ``DataDir``, and
+        next-token CE); ``evaluate_fn(trainer) -> {name: value}`` a validation pass (default: LM loss
+        on ``data``'s val split), logged as ``val_<name>``; ``metric`` (one of those, prefixed) picks
+        ``best/``; ``show_metrics`` are the ones the progress line prints after an evaluation (those
+        the evaluation gives). ``model_io`` writes and reads the model (default: a GPT model
+        directory). ``model`` may be a ``WrapsGPT`` (a module around a GPT), whose ``gpt`` is where
+        LoRA and parallelism are applied. ``base_dir``: the model directory ``model``'s weights came
+        from (LoRA records it and its hash). ``wrap_model_io(io) -> io`` wraps the final one (after
+        LoRA's adapter files), to add files to every saved model. ``CountedBatches`` (they count the
+        real and the supervised tokens they served) get both, and their rates, in each training
+        record."""
         self.cfg, self.data, self.run_dir = cfg, data, Path(run_dir)
         t = cfg.train
         self.ctx = ctx or init_parallel(cfg)
         self.device = self.ctx.device
         self.is_main = self.ctx.is_main
-        if getattr(data, "vocab_size", 0) > cfg.model.vocab_size:
+        if data.vocab_size > cfg.model.vocab_size:
             raise ConfigError(f"the data's vocabulary has {data.vocab_size} tokens but the model's vocab_size is "
                               f"{cfg.model.vocab_size}: leave model.vocab_size unset (it follows the data) or "
                               f"set --model.vocab_size={data.vocab_size} or more")
         if self.device.type == "cpu" and t.keep_freed_memory:
             keep_freed_memory()
-        self.precision = resolve_precision(t.precision, self.device)
-        self.autocast = autocast_context(self.precision, self.device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        resolve_precision(t.precision, self.device)  # a precision the device lacks: refused before any work
         self.micro_batch, self.accum = batch_geometry(cfg, self.ctx.dp_world)
         self.seq_len = cfg.model.block_size
         self.tokens_per_step = self.micro_batch * self.accum * self.ctx.dp_world * self.seq_len
@@ -149,11 +149,12 @@ class Trainer:
         if t.eval_every > 0 and evaluate_fn is None:
             data.check_window("val", self.seq_len)
         self.evaluate_fn, self.metric, self.higher_is_better = evaluate_fn, metric, higher_is_better
+        self.show_metrics = tuple(show_metrics)
         self.model_io = model_io or ModelIO()
 
         torch.manual_seed(t.seed)  # the same initial weights on every rank and layout
         self.raw_model = (model or build_model(cfg.model)).to(self.device)
-        self.gpt = getattr(self.raw_model, "gpt", self.raw_model)  # a task model's backbone, or the model
+        self.gpt = backbone(self.raw_model)  # a task model's GPT, or the model
         if cfg.lora.r > 0:  # adapters from outside, like parallelism: only they (and a task head) train
             from ..lora import LoRAFiles, apply_lora
 
@@ -171,9 +172,10 @@ class Trainer:
             raise ConfigError("pipeline parallelism (--parallel.pp > 1) trains a plain language model; use "
                               "data or tensor parallelism (--parallel.dp_shard / --parallel.tp) for this task")
         self.model = parallelize(self.gpt, cfg, self.ctx, root=self.raw_model)
-        self.master = self._master_weights() if self._wants_master_weights() else None
-        self.optimizer = build_optimizer(self.model, cfg.optim, master=self.master)
-        self.loss_fn = loss_fn
+        # precision, master weights, AdamW, clipping: the step the probes time too (scalelm.train.probe)
+        self.stepper = TrainStep(cfg, self.model, raw_model=self.raw_model, ctx=self.ctx, loss_fn=loss_fn)
+        self.precision, self.autocast, self.scaler = self.stepper.precision, self.stepper.autocast, self.stepper.scaler
+        self.master, self.optimizer, self.loss_fn = self.stepper.master, self.stepper.optimizer, loss_fn
         if self.ctx.dp_rank:  # dropout masks differ across data-parallel ranks
             torch.manual_seed(t.seed + self.ctx.dp_rank)
 
@@ -190,88 +192,25 @@ class Trainer:
         self.last_saved = self.last_eval = None
         self.history: dict[str, float] = {}
         self._signal: Optional[int] = None
+        self._t_start: Optional[float] = None  # when fit() started (elapsed() counts from it)
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard)
         if resume_from is not None:
             self.load_checkpoint(Path(resume_from))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def _wants_master_weights(self) -> bool:
-        from .master_weights import wants_master_weights
-
-        return wants_master_weights(self.cfg, self.precision, self.device, self.ctx.distributed,
-                                    pipelined=hasattr(self.model, "forward_backward"))
-
-    def _master_weights(self):
-        """bf16 weights with fp32 masters (``--train.master_weights``): checks, then casts the model."""
-        from .master_weights import MasterWeights
-
-        if self.precision != "bf16":
-            raise ConfigError(f"--train.master_weights=true keeps bf16 weights: it needs --train.precision=bf16 "
-                              f"(or auto on hardware with bf16), not {self.precision}")
-        if self.ctx.distributed:
-            raise ConfigError("--train.master_weights=true is for one process; under torchrun FSDP2 keeps fp32 "
-                              "masters and computes in bf16 already (--parallel.dp_shard with "
-                              "--parallel.fsdp_param_dtype=bf16)")
-        self.autocast = autocast_context("fp32", self.device)  # the weights are bf16: nothing to cast
-        return MasterWeights(self.raw_model, torch.bfloat16)
-
     def _full_precision(self):
         """Inside: the model's parameters are the fp32 masters (for saving and loading checkpoints)."""
-        return self.master.fp32_view(self.raw_model) if self.master is not None else contextlib.nullcontext()
+        return self.stepper.full_precision()
 
     # ------------------------------------------------------------------ one optimizer step
     def forward_backward(self, micro_batches: list) -> torch.Tensor:
-        """Accumulate gradients over the step's micro-batches; returns their mean loss (detached).
-
-        Each micro-loss is divided by the number of micro-batches, so k micro-batches of size
-        b give the gradient of one batch of size k*b. Pipeline parallelism replaces this method.
-        """
-        if hasattr(self.model, "forward_backward"):  # pipeline parallel: one schedule runs them all
-            return self._pipeline_forward_backward(micro_batches)
-        n = len(micro_batches)
-        total = torch.zeros((), device=self.device)
-        for i, batch in enumerate(micro_batches):
-            with grad_sync(self.model, enabled=i == n - 1):
-                with self.autocast():
-                    loss = self.loss_fn(self.model, batch)
-                scaled = loss / n
-                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
-            if self.master is not None:  # sum the micro-batches' bf16 gradients in fp32
-                self.master.grads_to_master()
-            total += loss.detach().float()
-        return total / n
-
-    def _pipeline_forward_backward(self, micro_batches: list) -> torch.Tensor:
-        """The schedule (GPipe / 1F1B / interleaved) runs forward and backward of every micro-batch;
-        stages before the last have no loss and return 0 (the logged loss is reduced from the last)."""
-        if self.loss_fn is not default_loss or self.scaler is not None:
-            raise ConfigError("pipeline parallelism (--parallel.pp > 1) trains the language-model loss in "
-                              "bf16 or fp32; use --parallel.pp=1 for other objectives or fp16")
-        with self.autocast():
-            loss = self.model.forward_backward(micro_batches)
-        return loss.float() if loss is not None else torch.zeros((), device=self.device)
+        """Accumulate gradients over the step's micro-batches; returns their mean loss (detached)."""
+        return self.stepper.forward_backward(micro_batches)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        micro_batches = [self.batches.next_batch() for _ in range(self.accum)]
-        loss = self.forward_backward(micro_batches)
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.optim.grad_clip
-        if self.master is not None:
-            norm = torch.nn.utils.clip_grad_norm_([p for p in self.master.params if p.grad is not None],
-                                                  clip if clip > 0 else math.inf)
-        else:
-            norm = clip_grad_norm(self.model, clip if clip > 0 else math.inf, self.ctx)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.master is not None:
-            self.master.master_to_model()
-        return loss, norm
+        """One optimizer step on the next ``accum`` micro-batches: (mean loss, gradient norm)."""
+        return self.stepper([self.batches.next_batch() for _ in range(self.accum)])
 
     # ------------------------------------------------------------------ evaluation
     def _worst(self) -> float:
@@ -300,14 +239,13 @@ class Trainer:
         for k, v in scalars.items():
             self.history.setdefault(f"initial_{k}", v)
         self.history.update(scalars)
-        shown = [k for k in ("val_loss", "val_bits_per_byte", "val_accuracy", "val_macro_f1") if k in res]
+        shown = [k for k in self.show_metrics if k in res]
         msg = f"step {self.step}: " + ", ".join(f"{k[4:].replace('_', ' ')} {res[k]:.4f}" for k in shown)
         value = res[self.metric]
         if self._improves(value):
             self.best_val, self.best_step, self.evals_since_best = value, self.step, 0
-            if self.step > 0:
-                self.save_best()
-                msg += " (best)"
+            self.save_best()  # step 0 too: a run none of whose evaluations beats its start still has a best/
+            msg += " (best)"
         else:
             self.evals_since_best += 1
         if self.is_main:
@@ -343,9 +281,10 @@ class Trainer:
     def save_best(self) -> None:
         from ..runs import BEST
 
-        extra = {"step": self.step, self.metric: self.best_val}
-        plain_lm = type(self.model_io) is ModelIO and self.gpt is self.raw_model
-        if self.ctx.distributed and plain_lm:  # shards (or pipeline stages) gathered by rank 0
+        extra = {"step": self.step, **({} if math.isinf(self.best_val) else {self.metric: self.best_val})}
+        # (LoRA's and the templates' files are ModelIOs in shape only: they live below train/)
+        plain_lm = isinstance(self.model_io, ModelIO) and self.model_io.plain_lm and self.gpt is self.raw_model
+        if self.ctx.distributed and plain_lm:  # a GPT model directory: shards (or pipeline stages) gathered by rank 0
             from ..distributed.dcp import save_full_model_dir
 
             save_full_model_dir(self.model, self.run_dir / BEST, self.data.tokenizer_json, extra, self.ctx)
@@ -366,7 +305,7 @@ class Trainer:
 
     def load_checkpoint(self, ckpt: Path) -> None:
         ts.check_model_config(ckpt, self.cfg.model)
-        if hasattr(self.data, "dir"):
+        if isinstance(self.data, DataDir):
             ts.check_tokenizer(ckpt, self.data.dir)
         from ..distributed.dcp import is_sharded_checkpoint
         from .sharded_state import (
@@ -403,7 +342,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ stopping
     def elapsed(self) -> float:
-        return self.elapsed_before + (time.perf_counter() - self._t_start if hasattr(self, "_t_start") else 0.0)
+        return self.elapsed_before + (time.perf_counter() - self._t_start if self._t_start is not None else 0.0)
 
     def _agree_clock(self, flag: bool) -> tuple[bool, float]:
         """(any rank's ``flag``, the largest elapsed seconds of any rank): one all-reduce, so every rank
@@ -416,8 +355,9 @@ class Trainer:
         return bool(t[0].item()), float(t[1].item())
 
     def _served(self) -> Optional[tuple[int, int]]:
+        """(real, supervised) tokens served so far, for batches that count them."""
         b = self.batches
-        if not (hasattr(b, "tokens") and hasattr(b, "supervised_tokens")):
+        if not isinstance(b, CountedBatches):
             return None
         return int(b.tokens), int(b.supervised_tokens)
 
@@ -434,6 +374,27 @@ class Trainer:
         if time_frac <= self.step / t.max_steps:
             return t.max_steps
         return max(self.step + 1, min(t.max_steps, math.ceil(self.step / time_frac)))
+
+    @property
+    def clock_governs(self) -> bool:
+        """A time budget with no step limit of its own (``max_steps`` left unset: CLOCK_STEPS)."""
+        t = self.cfg.train
+        return t.max_minutes is not None and t.max_steps >= CLOCK_STEPS
+
+    def budget_scaled(self, value: int, projected: int) -> int:
+        """``value`` (warmup, evaluation interval), at most a tenth of the run when the clock governs:
+        a 2-minute run must reach its peak learning rate and see more than a few evaluations."""
+        if not self.clock_governs or projected >= CLOCK_STEPS:
+            return value
+        return max(1, min(value, projected // 10))
+
+    def _eval_due(self, projected: int) -> bool:
+        t = self.cfg.train
+        if t.eval_every <= 0:
+            return False
+        if not self.clock_governs:
+            return self.step % t.eval_every == 0
+        return self.step - (self.last_eval or 0) >= self.budget_scaled(t.eval_every, projected)
 
     def _on_signal(self, signum, frame) -> None:
         if self._signal is not None:  # a second Ctrl-C: stop now (the last checkpoint is intact)
@@ -464,7 +425,9 @@ class Trainer:
         fpt = flops_per_token(cfg.model, self.seq_len)
         peak = peak_flops(self.device, DTYPES[self.precision])
         peak = peak * self.ctx.world_size if peak else peak  # tokens/s is the whole job's
-        self.progress = Progress(t.max_steps, self.step, cfg.log.progress and self.is_main)
+        budget_s = 60 * t.max_minutes if t.max_minutes is not None else None
+        self.progress = Progress(None if self.clock_governs else t.max_steps, self.step,
+                                 cfg.log.progress and self.is_main, budget_s=budget_s)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
@@ -472,7 +435,8 @@ class Trainer:
             trainable = f" ({n_train:,} trainable)" if n_train != n_params else ""
             print(f"model: {n_params:,} parameters{trainable} | precision: {self.precision}{mode} on {self.device} | batch: "
                   f"{self.micro_batch} x {self.accum} accum x {self.ctx.dp_world} ranks x {self.seq_len} = "
-                  f"{self.tokens_per_step:,} tokens/step | steps {self.step} -> {t.max_steps}", file=sys.stderr)
+                  f"{self.tokens_per_step:,} tokens/step | steps {self.step} -> "
+                  f"{f'{t.max_minutes:g} minutes' if self.clock_governs else t.max_steps}", file=sys.stderr)
         if self.step >= t.max_steps and self.is_main:
             print(f"the run is complete at step {self.step}: raise --train.max_steps to continue it", file=sys.stderr)
         self._t_start = time.perf_counter()
@@ -485,7 +449,8 @@ class Trainer:
                 served_mark = self._served()
                 elapsed = self._agree_clock(False)[1]  # on resume too, every rank starts from the same clock
                 while self.step < t.max_steps and stop is None:
-                    lr = lr_at(self.step, cfg.optim, self.schedule_steps(elapsed))
+                    projected = self.schedule_steps(elapsed)
+                    lr = lr_at(self.step, cfg.optim, projected, self.budget_scaled(cfg.optim.warmup_steps, projected))
                     set_lr(self.optimizer, lr)
                     loss, norm = self._guard(self.train_step)
                     self.step += 1
@@ -514,7 +479,7 @@ class Trainer:
                         mark, excluded, tokens_mark = time.perf_counter(), 0.0, self.tokens_seen
                         served_mark = served
                     t0 = time.perf_counter()
-                    if t.eval_every > 0 and self.step % t.eval_every == 0 and self._guard(self.run_eval):
+                    if self._eval_due(projected) and self._guard(self.run_eval):
                         stop = "early_stop"
                     if self.step % t.save_every == 0 and self.step < t.max_steps:
                         self.save_checkpoint()
@@ -527,6 +492,8 @@ class Trainer:
                     self._guard(self.run_eval)
                 if self.last_saved != self.step:
                     self.save_checkpoint()
+                if self.best_step is None and self.step > 0:  # no evaluation ran: best/ is the final model
+                    self.save_best()
         finally:
             self.progress.close()
             self.metrics.close()
@@ -571,5 +538,8 @@ class Trainer:
                 "trainable_params": n_params if n_train is None else n_train, "best_metric": self.metric,
                 "precision": self.precision, "master_weights": self.master is not None,  # bf16 weights, fp32 masters
                 "tokens": self.tokens_seen, "elapsed_s": round(elapsed, 3),
-                "best_val_loss": None if math.isinf(self.best_val) else self.best_val, "best_step": self.best_step,
+                "best_value": None if math.isinf(self.best_val) else self.best_val, "best_step": self.best_step,
+                # best_val_loss is the best validation loss only where the loss picks best/
+                **({"best_val_loss": None if math.isinf(self.best_val) else self.best_val}
+                   if self.metric == "val_loss" else {}),
                 **self.history, "checkpoint": str(self.run_dir / ts.ckpt_name(self.step)), **env_summary()}

@@ -2,17 +2,16 @@
 
 Small models on a CPU are far from the matmul peak (per-op overheads, attention, the loss),
 so a single FLOP rate would misjudge them. Instead each family member that a plan uses is
-timed for a few real training steps (forward, backward, AdamW, in the precision the trainer
-will use), and a run's time is predicted as process start-up + steps x step time + its two
-evaluations; the fixed part is measured with one real, 3-step trainer run. The grid's compute
-is then scaled until the predicted total fits the minutes.
+timed for a few real training steps (the trainer's own step, ``scalelm.train.probe``: its
+precision, master weights, AdamW and clipping), and a run's time is predicted as process
+start-up + steps x step time + its two evaluations; the fixed part is measured with one real,
+3-step trainer run. The grid's compute is then scaled until the predicted total fits the minutes.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -48,38 +47,12 @@ class StepTimer:
         return self.cache[key]
 
     def _measure(self, m: Member) -> float:
-        import torch
+        """The trainer's own step for the sweep's config (its precision, master weights, AdamW,
+        clipping), ``accum`` micro-batches of ``B`` sequences, on a fresh member."""
+        from ...train.probe import time_steps
 
-        from ...model.gpt import GPT
-        from ...precision import autocast_context, pick_device, resolve_precision
-        from ...train.optim import build_optimizer
-
-        device = pick_device(self.cfg.train.device)
-        autocast = autocast_context(resolve_precision(self.cfg.train.precision, device), device)
-        cfg = self.family.config(m.width, m.n_layer)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            model = GPT(cfg).to(device)
-            opt = build_optimizer(model, self.cfg.optim)
-            x = torch.randint(0, cfg.vocab_size, (self.B, cfg.block_size), device=device)
-
-            def step():
-                for _ in range(self.accum):
-                    with autocast():
-                        loss = model(x, x)[1]
-                    (loss / self.accum).backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-
-            step()  # warm-up: allocator, kernels, optimizer state
-            times = []
-            for _ in range(self.repeats):
-                t0 = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+        return time_steps(self.cfg, self.family.config(m.width, m.n_layer), micro_batch=self.B, accum=self.accum,
+                          repeats=self.repeats)
 
     def startup_seconds(self) -> float:
         """A run's fixed cost: a real trainer process trained for ``PROBE_STEPS`` steps of the smallest

@@ -21,6 +21,7 @@ from pathlib import Path
 from ...errors import UserError
 from ...fileio import atomic_write_text
 from ...runs import check_output_dir
+from ...train.scaling import ASPECT, HEAD_DIM
 from .plan import human
 from .runner import (
     PLAN,
@@ -100,8 +101,8 @@ def add_sweep_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fixed-lengths", type=int, default=3, help="lengths per size in that grid (default 3)")
     g.add_argument("--min-steps", type=int, default=20, help="shortest run in optimizer steps (default 20)")
     f = p.add_argument_group("model family")
-    f.add_argument("--aspect", type=float, default=32.0, help="width / layers (default 32: 128 wide = 4 layers)")
-    f.add_argument("--head-dim", type=int, default=32, help="attention head dimension (default 32)")
+    f.add_argument("--aspect", type=float, default=ASPECT, help="width / layers (default 32: 128 wide = 4 layers)")
+    f.add_argument("--head-dim", type=int, default=HEAD_DIM, help="attention head dimension (default 32)")
     p.add_argument("--threads", type=int, help="CPU threads per trainer (default: torch's, all cores); on a busy "
                    "machine 1 avoids OpenMP threads fighting for cores")
     p.add_argument("--no-dp-check", dest="dp_check", action="store_false",

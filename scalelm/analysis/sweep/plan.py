@@ -5,7 +5,8 @@ multiple of ``head_dim`` (32 by default) and depth is ``round(d / aspect)`` but 
 (aspect 32 by default, so 32 and 64 wide have 2 layers, 128 has 4, 256 has 8). Kaplan et al.
 (2020, section 3.1) found loss depends only weakly on the aspect ratio at fixed N; 32 is
 nanoGPT's CPU "baby" shape (128 wide, 4 layers). Two layers at least, because one-layer models
-cannot form induction heads and scale differently. N is the non-embedding parameter count
+cannot form induction heads and scale differently (``scalelm.train.scaling``: ``--preset auto``
+searches the same family). N is the non-embedding parameter count
 (Kaplan's convention); FLOPs are exact (``scalelm.model.flops_per_token``: 6N + attention +
 LM head) so C = flops_per_token * D.
 
@@ -27,15 +28,11 @@ from typing import Optional, Sequence
 from ...config import ConfigError, ModelConfig
 from ...errors import UserError
 from ...model.gpt import flops_per_token
+from ...train.scaling import ASPECT, HEAD_DIM, family_config, kaplan_lr  # shared with --preset auto
 
 
 class PlanError(UserError):
     """A sweep that cannot be planned as asked (budget too small, bad size list, ...)."""
-
-
-def kaplan_lr(n_params: float) -> float:
-    """Kaplan et al. (2020), eq. D.1: the learning rate that worked best for N non-embedding params."""
-    return max(1e-4, 0.003239 - 0.0001395 * math.log(max(n_params, 1.0)))
 
 
 # ----------------------------------------------------------------------------- numbers
@@ -99,7 +96,7 @@ def count_params(cfg: ModelConfig) -> tuple[int, int]:
 class Family:
     """Models sharing every setting of ``base`` but width, depth and heads."""
 
-    def __init__(self, base: ModelConfig, aspect: float = 32.0, head_dim: int = 32, max_width: int = 4096):
+    def __init__(self, base: ModelConfig, aspect: float = ASPECT, head_dim: int = HEAD_DIM, max_width: int = 4096):
         if head_dim <= 0 or aspect <= 0:
             raise PlanError("--head-dim and --aspect must be positive")
         self.base, self.aspect, self.head_dim, self.max_width = base, float(aspect), int(head_dim), max_width
@@ -115,9 +112,7 @@ class Family:
     def config(self, width: int, n_layer: Optional[int] = None) -> ModelConfig:
         if width % self.head_dim:
             raise PlanError(f"width {width} is not a multiple of the head dimension {self.head_dim}")
-        n_layer = n_layer or max(2, round(width / self.aspect))
-        cfg = dataclasses.replace(self.base, n_embd=width, n_layer=n_layer, n_head=width // self.head_dim,
-                                  n_kv_head=None, intermediate_size=None, n_shared_blocks=None)
+        cfg = family_config(self.base, width, n_layer, self.aspect, self.head_dim)
         try:
             cfg.validate()
         except ConfigError as e:

@@ -23,6 +23,7 @@ from typing import Optional
 
 import numpy as np
 
+from ...train.scaling import CHINCHILLA, kaplan_lr
 from ..scaling_fit import (
     MAX_EXPONENT,
     Fit,
@@ -37,7 +38,7 @@ from .system import dp_efficiency
 PUBLISHED = {
     "kaplan": {"alpha_N": 0.076, "alpha_D": 0.095, "alpha_C": 0.050,
                "note": "Kaplan et al. 2020: WebText2, BPE, N non-embedding 768 to 1.5e9, early-stopped"},
-    "chinchilla": {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28, "a": 0.50, "b": 0.50,
+    "chinchilla": {**CHINCHILLA, "a": 0.50, "b": 0.50,
                    "note": "Hoffmann et al. 2022: MassiveText, 70M to 16B parameters, approach 3 (and 2)"},
 }
 MULTIPLIERS = (10, 100)
@@ -157,8 +158,6 @@ def diagnose(fits: dict, records: list[dict], preds: list[dict]) -> list[str]:
 
 def train_command(plan: dict, pred: dict) -> str:
     """The `scalelm train` line for a predicted compute-optimal family member (the sweep's recipe)."""
-    from .plan import kaplan_lr
-
     layers, width = map(int, pred["model"].split("x"))
     rec = plan["recipe"]
     steps = max(1, round(pred["d"] / rec["tokens_per_step"]))

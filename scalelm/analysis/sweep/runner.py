@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from ...checkpoint.names import CKPT_GLOB, LOCK
 from ...config import ConfigError, resolve
 from ...errors import UserError
 from ...fileio import atomic_write_text
@@ -39,7 +40,7 @@ from .plan import (
     total_flops,
 )
 
-PLAN, RECORDS, SYSTEM, FAILURES, LOCK = "plan.json", "records.jsonl", "system.jsonl", "failures.jsonl", ".lock"
+PLAN, RECORDS, SYSTEM, FAILURES = "plan.json", "records.jsonl", "system.jsonl", "failures.jsonl"  # + LOCK, as a run's
 
 # the sweep's training recipe; any of these can be overridden (--model.block_size=128 ...)
 DEFAULTS = {"model.block_size": 256, "model.dropout": 0.0, "train.micro_batch_size": 16, "train.eval_iters": 20,
@@ -329,7 +330,7 @@ def run_all(plan: dict, out: Path, lock: SweepLock, verbose: bool = False, threa
     failed = []
     for i, run in enumerate(todo):
         run_dir = out / "runs" / run["name"]
-        resumed = run_dir.is_dir() and any(run_dir.glob("ckpt-*"))
+        resumed = run_dir.is_dir() and any(run_dir.glob(CKPT_GLOB))
         left = sum(r.get("est_seconds") or 0 for r in todo[i:])
         est = f", ~{run['est_seconds'] / 60:.1f} min (sweep: ~{left / 60:.0f} min left)" if run.get("est_seconds") else ""
         print(f"[{len(done) + i + 1}/{len(plan['runs'])}] {run['name']}: N={human(run['params'])}, "

@@ -1,7 +1,11 @@
 """Datasets of scalelm's local lm-eval tasks: read the file given by ``--harness-data`` (lm-eval passes
-the run's metadata to ``custom_dataset``). Nothing is downloaded."""
+the run's metadata to ``custom_dataset``). Nothing is downloaded. The parsing is
+:mod:`scalelm.evaluate.harness_data`'s, which ``scalelm eval --harness`` runs first to refuse a
+file that cannot be scored and to count the lines that cannot."""
 
 from pathlib import Path
+
+from scalelm.evaluate.harness_data import read_paragraphs, read_sst
 
 
 def _file(kw: dict, task: str) -> Path:
@@ -18,11 +22,7 @@ def sst(**kw):
     """SST format: '<label> <sentence>' per line (0 negative, 1 positive)."""
     import datasets
 
-    rows = []
-    for line in _file(kw, "scalelm_sst2").read_text(encoding="utf-8").splitlines():
-        label, _, sentence = line.strip().partition(" ")
-        if label in ("0", "1") and sentence:
-            rows.append({"sentence": sentence, "label": int(label)})
+    rows = read_sst(_file(kw, "scalelm_sst2")).rows
     return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
 
 
@@ -30,6 +30,5 @@ def text_file(**kw):
     """One document per blank-line-separated paragraph of a UTF-8 text file."""
     import datasets
 
-    text = _file(kw, "scalelm_text_ppl").read_text(encoding="utf-8")
-    docs = [d.strip("\n") for d in text.split("\n\n") if d.strip()]
+    docs = read_paragraphs(_file(kw, "scalelm_text_ppl"))
     return datasets.DatasetDict({"test": datasets.Dataset.from_list([{"text": d} for d in docs])})

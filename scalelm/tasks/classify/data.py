@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ...data.lines import split_lines
 from ...errors import UserError
 
 FORMATS = ("sst", "tsv", "csv", "jsonl")
@@ -83,8 +84,8 @@ def _text(value, where: str, field: str) -> str:
     return value.strip()
 
 
-def _read_sst(path: Path, text: str, labelled: bool) -> list[Example]:
-    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+def _read_sst(path: Path, text: str, labelled: bool, keep_blank: bool = False) -> list[Example]:
+    lines = [(n, line) for n, line in enumerate(split_lines(text), 1) if line.strip() or keep_blank]
     if not labelled:  # plain texts, one per line
         return [Example(line.strip(), None, f"{path}:{n}") for n, line in lines]
     out = []
@@ -107,22 +108,29 @@ def _read_sst(path: Path, text: str, labelled: bool) -> list[Example]:
     return out
 
 
-def _read_table(path: Path, text: str, fmt: str, text_field: str, label_field: Optional[str]) -> list[Example]:
-    if fmt == "tsv":  # TSV (e.g. GLUE) does not quote: a '"' is part of the sentence
-        reader = csv.DictReader(io.StringIO(text), delimiter="\t", quoting=csv.QUOTE_NONE)
-    else:
-        reader = csv.DictReader(io.StringIO(text))
-    header = reader.fieldnames or []
-    for field, opt in ((text_field, "--text-field"), (label_field, "--label-field")):
-        if field is not None and field not in header:
-            raise ClassifyDataError(f"{path}:1: no column {field!r} in the header {header}"
-                                    f"{_nearest(field, header, opt)} ({opt} names the column)")
+def _read_table(path: Path, text: str, fmt: str, text_field: str, label_field: Optional[str],
+                keep_blank: bool = False) -> list[Example]:
+    # TSV (e.g. GLUE) does not quote: a '"' is part of the sentence. csv.reader, not DictReader: that
+    # one skips empty lines, which texts to label (keep_blank) count as blank rows
+    kw = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if fmt == "tsv" else {}
+    reader = csv.reader(io.StringIO(text), **kw)
     out = []
     try:
-        for row in reader:
+        header = next(reader, [])
+        for field, opt in ((text_field, "--text-field"), (label_field, "--label-field")):
+            if field is not None and field not in header:
+                raise ClassifyDataError(f"{path}:1: no column {field!r} in the header {header}"
+                                        f"{_nearest(field, header, opt)} ({opt} names the column)")
+        for fields in reader:
             where = f"{path}:{reader.line_num}"
-            if not any((v or "").strip() for k, v in row.items() if k is not None):
-                continue  # a blank row
+            row = dict(zip(header, fields))  # a short row lacks its last columns; extra fields are ignored
+            if not any(v.strip() for v in row.values()):
+                if keep_blank:
+                    out.append(Example("", None, where))
+                continue  # a blank row (or an empty line)
+            if keep_blank and not (row.get(text_field) or "").strip():
+                out.append(Example("", None, where))
+                continue
             label = _label(row.get(label_field), where, label_field) if label_field else None
             out.append(Example(_text(row.get(text_field), where, text_field), label, where))
     except csv.Error as e:
@@ -130,7 +138,8 @@ def _read_table(path: Path, text: str, fmt: str, text_field: str, label_field: O
     return out
 
 
-def _read_json(path: Path, text: str, text_field: str, label_field: Optional[str]) -> list[Example]:
+def _read_json(path: Path, text: str, text_field: str, label_field: Optional[str],
+               keep_blank: bool = False) -> list[Example]:
     stripped = text.lstrip()
     if stripped.startswith("["):  # a .json array of objects
         try:
@@ -139,8 +148,10 @@ def _read_json(path: Path, text: str, text_field: str, label_field: Optional[str
             raise ClassifyDataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
     else:
         items = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(split_lines(text), 1):
             if not line.strip():
+                if keep_blank:
+                    items.append((f"{path}:{n}", None))
                 continue
             try:
                 items.append((f"{path}:{n}", json.loads(line)))
@@ -149,6 +160,9 @@ def _read_json(path: Path, text: str, text_field: str, label_field: Optional[str
                                         f"line") from None
     out = []
     for where, obj in items:
+        if obj is None and keep_blank:  # a blank line
+            out.append(Example("", None, where))
+            continue
         if not isinstance(obj, dict):
             raise ClassifyDataError(f"{where}: expected a JSON object with {text_field!r} and {label_field!r}, "
                                     f"got a {type(obj).__name__}")
@@ -156,23 +170,31 @@ def _read_json(path: Path, text: str, text_field: str, label_field: Optional[str
             if field is not None and field not in obj:
                 raise ClassifyDataError(f"{where}: no field {field!r} (the object has {sorted(obj)})"
                                         f"{_nearest(field, obj, opt)} ({opt} names the field)")
+        if keep_blank and isinstance(obj[text_field], str) and not obj[text_field].strip():
+            out.append(Example("", None, where))
+            continue
         label = _label(obj[label_field], where, label_field) if label_field else None
         out.append(Example(_text(obj[text_field], where, text_field), label, where))
     return out
 
 
 def read_examples(path: str | Path, fmt: Optional[str] = None, text_field: str = "text",
-                  label_field: Optional[str] = "label") -> list[Example]:
-    """The examples of a file (``label_field=None``: texts only, a plain text file is one per line)."""
+                  label_field: Optional[str] = "label", keep_blank: bool = False) -> list[Example]:
+    """The examples of a file (``label_field=None``: texts only, a plain text file is one per line).
+
+    Lines end at ``\\n`` only (:func:`scalelm.data.lines.split_lines`). ``keep_blank`` (texts to
+    label): a blank line, blank row or empty text is an input too, an ``Example`` with text ``""``,
+    so that the outputs line up with the inputs."""
     path = Path(path)
     fmt = detect_format(path, fmt)
     text = _read_text(path)
+    keep_blank = keep_blank and label_field is None  # a labelled file's blank lines are no examples
     if fmt == "sst":
-        out = _read_sst(path, text, labelled=label_field is not None)
+        out = _read_sst(path, text, labelled=label_field is not None, keep_blank=keep_blank)
     elif fmt == "jsonl":
-        out = _read_json(path, text, text_field, label_field)
+        out = _read_json(path, text, text_field, label_field, keep_blank)
     else:
-        out = _read_table(path, text, fmt, text_field, label_field)
+        out = _read_table(path, text, fmt, text_field, label_field, keep_blank)
     if not out:
         raise ClassifyDataError(f"{path} holds no examples (only a header or blank lines)")
     return out

@@ -8,41 +8,37 @@
 
 A LoRA run's directories hold ``adapter.safetensors`` instead (the LoRA helper's ``LoRAFiles``
 wraps :class:`ClassifierFiles`; the head is its ``head.*`` tensors) and still carry ``"task"``.
+The files are :mod:`scalelm.checkpoint.head`'s; this module builds the ``Classifier``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from ...checkpoint import staged_dir
+from ...checkpoint.head import HEAD_PREFIX, head_tensors, read_head, write_classifier_files
+from ...checkpoint.manifest import verify_manifest
+from ...checkpoint.model_dir import read_config, read_tensors
+from ...checkpoint.names import ADAPTER, CONFIG, DCP_METADATA, HEAD, WEIGHTS
 from ...errors import CheckpointError
-from ...fileio import publish_dir
-from ...model.io import (
-    load_model_dir,
-    load_state_dict_into,
-    load_weights,
-    save_state_dir,
-)
-from ...model.manifest import verify_manifest, write_manifest
-from ...runs import CONFIG, DCP_METADATA, WEIGHTS, resolve_checkpoint
+from ...model.io import load_model_dir, load_state_dict_into
+from ...runs import resolve_checkpoint
 from ...train.model_io import ModelIO
 from .model import Classifier
 
-HEAD = "head.safetensors"
-ADAPTER = "adapter.safetensors"  # a LoRA run's trainable tensors (scalelm.lora)
 TASK = "classify"
 
 
 def split_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict, dict]:
     """``gpt.*`` / ``head.*`` keys of a Classifier's state dict -> (GPT's, head's), prefixes removed."""
     gpt = {k[4:]: v for k, v in sd.items() if k.startswith("gpt.")}
-    head = {k[5:]: v for k, v in sd.items() if k.startswith("head.")}
-    return gpt, head
+    return gpt, head_tensors(sd)
 
 
 class ClassifierFiles(ModelIO):
@@ -57,46 +53,23 @@ class ClassifierFiles(ModelIO):
 
     def save(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path,
              tokenizer_json: Optional[str], extra: dict, manifest: bool = True) -> None:
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
         gpt_sd, head_sd = split_state_dict(state_dict)
-        stage = out.parent / f".{out.name}.cls"  # cleaned by the run's staging patterns if a kill leaves it
-        shutil.rmtree(stage, ignore_errors=True)
-        try:
-            save_state_dir(model.cfg, gpt_sd, stage, tokenizer_json, {**self.metadata(model), **extra},
-                           manifest=False)
-            save_file({k: v.detach().cpu().contiguous() for k, v in head_sd.items()}, str(stage / HEAD),
-                      metadata={"format": "pt"})
-            if manifest:
-                write_manifest(stage)
-            publish_dir(stage, out)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
+        with staged_dir(out_dir, manifest=manifest) as d:
+            write_classifier_files(d, dataclasses.asdict(model.cfg), gpt_sd, head_sd, tokenizer_json,
+                                   {**self.metadata(model), **extra})
 
     def weights(self, ckpt: Path) -> dict[str, torch.Tensor]:
         ckpt = Path(ckpt)
-        gpt = load_weights(ckpt / WEIGHTS)
-        meta = json.loads((ckpt / CONFIG).read_text())
-        if meta.get("model", {}).get("tie_embeddings") and "tok_emb.weight" in gpt:
+        gpt = read_tensors(ckpt / WEIGHTS)
+        if read_config(ckpt)["model"].get("tie_embeddings") and "tok_emb.weight" in gpt:
             gpt["lm_head.weight"] = gpt["tok_emb.weight"]  # stored once; the model's state dict has both
-        return {**{f"gpt.{k}": v for k, v in gpt.items()}, **{f"head.{k}": v for k, v in read_head(ckpt).items()}}
+        return {**{f"gpt.{k}": v for k, v in gpt.items()},
+                **{f"{HEAD_PREFIX}{k}": v for k, v in read_head(ckpt).items()}}
 
     def load(self, model: nn.Module, ckpt: Path) -> None:
         ckpt = Path(ckpt)
-        load_state_dict_into(model.gpt, load_weights(ckpt / WEIGHTS), source=str(ckpt / WEIGHTS))
+        load_state_dict_into(model.gpt, read_tensors(ckpt / WEIGHTS), source=str(ckpt / WEIGHTS))
         load_head(model, read_head(ckpt), str(ckpt / HEAD))
-
-
-def read_head(d: Path) -> dict[str, torch.Tensor]:
-    """The head's tensors: ``head.safetensors``, or the ``head.*`` entries of a LoRA ``adapter.safetensors``."""
-    d = Path(d)
-    if (d / HEAD).is_file():
-        return load_weights(d / HEAD)
-    if (d / ADAPTER).is_file():
-        return {k[5:]: v for k, v in load_weights(d / ADAPTER).items() if k.startswith("head.")}
-    raise CheckpointError(f"{d} has no {HEAD} (nor a LoRA {ADAPTER}): it is not a classifier's model directory")
 
 
 def load_head(model: Classifier, sd: dict[str, torch.Tensor], source: str) -> None:
@@ -132,27 +105,21 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 def _consolidated(d: Path, task: dict, device, verify: bool) -> Classifier:
     """A classifier from a sharded (torchrun) checkpoint: DCP read in this process, no process group."""
-    import torch.distributed.checkpoint as dcp
-
-    from ...model.adapters import lora_entry
+    from ...checkpoint.adapters import lora_entry, read_adapters
+    from ...checkpoint.dcp import read_model_shards
     from ...model.gpt import GPT
-    from ...model.io import read_adapters, read_model_config
+    from ...model.io import read_model_config
 
     n, pooling = len(task["labels"]), task.get("pooling", "last")
     if lora_entry(d) is not None:  # a LoRA run's: the base with the adapters merged, and the head
         model = Classifier(load_model_dir(d, verify=verify), n, pooling)
-        head = {k[5:]: v for k, v in read_adapters(d, verify=False)[1].items() if k.startswith("head.")}
-        load_head(model, head, str(d))
+        load_head(model, head_tensors(read_adapters(d, verify=False)[1]), str(d))
         return model.to(device)
     if verify:
         verify_manifest(d)
     model = Classifier(GPT(read_model_config(d)), n, pooling)
     sd = model.state_dict()
-    try:
-        dcp.load({"model": sd}, checkpoint_id=str(d / DCP_METADATA.parent), no_dist=True)
-    except Exception as e:
-        raise CheckpointError(f"could not read the classifier in {d / DCP_METADATA.parent}: "
-                              f"{str(e).splitlines()[0][:400]}") from None
+    read_model_shards(d, sd, what="the classifier")
     model.load_state_dict(sd)
     return model.to(device)
 

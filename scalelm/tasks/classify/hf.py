@@ -10,16 +10,15 @@ on the right: HF's positions count from slot 0, so left padding would shift them
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ...checkpoint import staged_dir
+from ...checkpoint.model_dir import write_json
+from ...checkpoint.names import TOKENIZER, TOKENIZER_CONFIG
 from ...model.hf import ConversionError, hf_config_dict, hf_family, scalelm_to_hf_state_dict
 from ...model.io import model_state_dict
-from ...runs import TOKENIZER
 from .files import load_classifier, resolve_model_dir
 
 ARCH = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification"}
@@ -87,7 +86,6 @@ def to_hf_classifier(model, task: dict):
 def export_hf_classifier(src, out_dir, dtype: torch.dtype = torch.float32) -> Path:
     """A classifier's model directory (or RUN_DIR) -> a directory ``AutoModelForSequenceClassification``
     and ``AutoTokenizer`` load."""
-    from ...fileio import publish_dir
     from ...model.io import read_model_config
 
     d = resolve_model_dir(src)
@@ -95,9 +93,7 @@ def export_hf_classifier(src, out_dir, dtype: torch.dtype = torch.float32) -> Pa
     model, task, d = load_classifier(d)
     hf = to_hf_classifier(model.to(dtype), task)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_dir(out, manifest=False) as tmp:  # Hugging Face's format: no manifest of ours
         hf.save_pretrained(tmp, safe_serialization=True)
         if (d / TOKENIZER).is_file():
             from tokenizers import Tokenizer
@@ -110,9 +106,5 @@ def export_hf_classifier(src, out_dir, dtype: torch.dtype = torch.float32) -> Pa
             if task.get("eos_id") is not None:
                 tc["eos_token"] = tok.id_to_token(task["eos_id"])
             tc["pad_token"] = tok.id_to_token(hf.config.pad_token_id)
-            (tmp / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            write_json(tmp / TOKENIZER_CONFIG, tc)
     return out

@@ -19,6 +19,7 @@ from typing import Optional
 
 import numpy as np
 
+from ...checkpoint.names import BEST
 from ...config import Config, ConfigError
 from ...errors import UserError
 from ...train.recipe import Plan, Recipe, RunRecord, run_recipe
@@ -127,11 +128,13 @@ class ClassifyRecipe(Recipe):
     def prepare(self, args, out: Path, saved: Optional[Config]) -> ClassifyPlan:
         from tokenizers import Tokenizer
 
+        from ...checkpoint.kinds import FLOAT_LANGUAGE_MODELS
         from ...data.tokenizer import vocab_size_of
 
         saved_task = read_task_file(out)
         s = _settings(args, saved_task)
-        base = base_or_tokenizer(s, "FILE (a tokenizer.json) or a DATA_DIR / model directory holding one")
+        base = base_or_tokenizer(s, "FILE (a tokenizer.json) or a DATA_DIR / model directory holding one",
+                                 FLOAT_LANGUAGE_MODELS, "scalelm finetune classify")
         vocab = vocab_size_of(Tokenizer.from_str(base.tokenizer_json))
         cfg = task_config(args, s, saved, base, vocab, defaults=None)
         if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
@@ -184,7 +187,7 @@ class ClassifyRecipe(Recipe):
     def summary(self, plan: ClassifyPlan, trainer, batches, summary: dict) -> dict:
         return dict(task="classify", labels=plan.data.names, train_examples=len(plan.data.train_ids),
                     val_examples=len(plan.data.val_ids), epochs=round(batches.epoch, 4),
-                    best_dir=str(trainer.run_dir / "best") if trainer.best_step else None)
+                    best_dir=str(trainer.run_dir / BEST) if (trainer.run_dir / BEST).is_dir() else None)
 
 
 def run_classify(args: argparse.Namespace) -> int:

@@ -2,7 +2,9 @@
 
 Each segment of a rendered conversation (:meth:`~scalelm.data.chat_template.ChatTemplate.segments`)
 is tokenized on its own, as ``scalelm chat`` tokenizes a prompt before the model replies, so
-training sees the token boundaries inference will see. An example's targets are its next tokens
+training sees the token boundaries inference will see. Text that messages wrote is text: a
+control token's string inside a message is tokenized as its characters, as ``scalelm chat`` and
+``scalelm serve`` tokenize it (:class:`~scalelm.data.chat_template.ControlTokens`). An example's targets are its next tokens
 where the next token is part of a reply (``IGNORE_INDEX`` elsewhere); ``loss_on="all"`` counts
 every token instead. Examples longer than the context are cut at the end; one whose reply is cut
 away entirely teaches nothing and is dropped (and reported).
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ...data.chat_template import ChatTemplate
+from ...data.chat_template import ChatTemplate, ControlTokens, Rendered
 from ...errors import UserError
 
 LOSS_ON = ("completion", "all")
@@ -62,17 +64,18 @@ class Encoder:
         if max_length < 2:
             raise UserError(f"--max-length {max_length} leaves no room for a prompt and a reply")
         self.tokenizer, self.template, self.max_length, self.loss_on = tokenizer, template, max_length, loss_on
+        self.controls = ControlTokens(tokenizer)
 
-    def encode_segments(self, segments: list[tuple[str, bool]]) -> Encoded:
-        encs = self.tokenizer.encode_batch([s for s, _ in segments], add_special_tokens=False)
-        ids = np.fromiter((i for e in encs for i in e.ids), dtype=np.int64)
-        sup = np.fromiter((r for e, (_, r) in zip(encs, segments) for _ in e.ids), dtype=bool, count=len(ids))
+    def encode_segments(self, segments: list[tuple[str | Rendered, bool]]) -> Encoded:
+        encs = self.controls.encode_batch([s if isinstance(s, Rendered) else Rendered(s) for s, _ in segments])
+        ids = np.fromiter((i for e in encs for i in e), dtype=np.int64)
+        sup = np.fromiter((r for e, (_, r) in zip(encs, segments) for _ in e), dtype=bool, count=len(ids))
         if self.loss_on == "all":
             sup[:] = True
         return Encoded(ids, sup)
 
     def encode(self, messages: list[dict], where: str = "") -> Encoded:
-        return self.encode_segments(self.template.segments(messages, where))
+        return self.encode_segments(self.template.marked_segments(messages, where, self.controls))
 
     def encode_all(self, items: list[tuple[str, list]], segments: bool = False
                    ) -> tuple[list[Encoded], list[int], EncodeReport]:

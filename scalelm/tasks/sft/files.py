@@ -16,17 +16,14 @@ files), so every checkpoint and ``best/`` carries the template.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ...fileio import publish_dir
-from ...model.manifest import write_manifest
-
-TEMPLATE_FILE = "chat_template.jinja"
-TOKENIZER_CONFIG = "tokenizer_config.json"
+from ...checkpoint import staged_dir
+from ...checkpoint.model_dir import write_text_files
+from ...checkpoint.names import TEMPLATE_FILE, TOKENIZER_CONFIG
 
 
 def tokenizer_config(bos: str, eos: str, specials: list[str], block_size: int, pad: str | None = None) -> dict:
@@ -45,8 +42,7 @@ def template_files(template: str, tok_config: dict) -> dict[str, str]:
 
 
 def write_files(d: Path, files: dict[str, str]) -> None:
-    for name, text in files.items():
-        (Path(d) / name).write_text(text, encoding="utf-8")
+    write_text_files(d, files)
 
 
 class TemplateFiles:
@@ -64,18 +60,9 @@ class TemplateFiles:
 
     def save(self, model: nn.Module, state_dict: dict[str, torch.Tensor], out_dir: Path,
              tokenizer_json: str | None, extra: dict, manifest: bool = True) -> None:
-        out = Path(out_dir)
-        stage = out.parent / f".{out.name}.sft"  # matches the run's staging patterns if a kill leaves it
-        shutil.rmtree(stage, ignore_errors=True)
-        try:
-            self.inner.save(model, state_dict, stage, tokenizer_json, {**self.meta, **extra}, manifest=False)
-            write_files(stage, self.files)
-            if manifest:
-                write_manifest(stage)
-            publish_dir(stage, out)
-        except BaseException:
-            shutil.rmtree(stage, ignore_errors=True)
-            raise
+        with staged_dir(out_dir, manifest=manifest) as d:
+            self.inner.save(model, state_dict, d, tokenizer_json, {**self.meta, **extra}, manifest=False)
+            write_files(d, self.files)
 
     def weights(self, ckpt: Path) -> dict[str, torch.Tensor]:
         return self.inner.weights(ckpt)

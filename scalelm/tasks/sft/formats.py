@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ...data.lines import split_lines
 from ...errors import UserError
 
 ROLES = ("system", "user", "assistant")
@@ -45,7 +46,7 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
         items = [(f"{p}:[{i}]", obj) for i, obj in enumerate(arr)]
     else:
         items = []
-        for n, line in enumerate(text.splitlines(), 1):
+        for n, line in enumerate(split_lines(text), 1):  # at \n only: U+2028 may sit inside a string
             if not line.strip():
                 continue
             try:

@@ -3,8 +3,11 @@
 Each question is put to the model the way ``scalelm chat`` would (its saved chat template), the
 reply decoded greedily, and the final answer pulled out of reply and reference by the same
 regular expression (GSM8K's ``#### 42`` by default; the last match counts, commas, ``$`` and a
-trailing period dropped, numbers compared as numbers). Also the mean loss of the reference
-replies (teacher-forced, reply tokens only), the number ``best/`` is chosen by.
+trailing period dropped, numbers compared as numbers). A reference in which the expression finds
+no answer cannot be compared with: that question is not scored for exact match, and the output
+counts it (``no_reference_answer``, with a warning on stderr). Also the mean loss of the
+reference replies (teacher-forced, reply tokens only, every question), the number ``best/`` is
+chosen by.
 """
 
 from __future__ import annotations
@@ -87,6 +90,24 @@ def run_eval_qa(args: argparse.Namespace) -> int:
     if args.limit is not None:
         n = int(args.limit * len(convs)) if args.limit < 1 else int(args.limit)
         convs = convs[:max(1, n)]
+    questions, golds, unanswered = [], [], []
+    for where, msgs in convs:
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        gold = extract(msgs[last]["content"], pattern)
+        if gold is None:  # nothing to compare a reply with: not scored (counted and reported), never a "miss"
+            unanswered.append(where)
+            continue
+        questions.append(msgs[:last])
+        golds.append(gold)
+    if not questions:
+        raise UserError(f"none of the {len(convs)} references in {args.data} has an answer --answer-regex "
+                        f"{args.answer_regex!r} finds (e.g. {unanswered[0]}): give the regular expression that "
+                        f"finds the final answer in your references")
+    if unanswered:
+        shown = ", ".join(unanswered[:3]) + (", ..." if len(unanswered) > 3 else "")
+        print(f"warning: {len(unanswered)} of {len(convs)} references have no answer --answer-regex "
+              f"{args.answer_regex!r} finds: those questions are not scored for exact match ({shown})",
+              file=sys.stderr)
     device = pick_device(args.device)
     gen = Generator.from_checkpoint(ckpt, device=str(device), verify=not args.no_verify)
     if gen.tokenizer is None:
@@ -94,26 +115,30 @@ def run_eval_qa(args: argparse.Namespace) -> int:
     # the model's own template, as chat renders it; a model without one was trained on plain text
     template = checkpoint_template(gen, ckpt) or \
         ChatTemplate(PLAIN, eos_token=gen.decode([min(gen.eos_ids)]) if gen.eos_ids else "", name="plain")
-    questions, refs = [], []
-    for _, msgs in convs:
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        questions.append(msgs[:last])
-        refs.append(msgs[last]["content"])
-    prompts = [gen.encode(template.prompt(q), add_special_tokens=False) for q in questions]
+    from ...data.chat_template import ControlTokens
+
+    # message text stays text (a control-token string in a question is its characters), as SFT encodes it
+    controls = ControlTokens(gen.tokenizer)
+    prompts = [controls.encode(template.prompt_marked(q, controls)) for q in questions]
     T = gen.cfg.block_size
     greedy = SamplingParams(temperature=0.0)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies = [""] * len(prompts)
     print(f"answering {len(prompts)} questions of {args.data} with {ckpt} on {device}", file=sys.stderr)
+    cut = stopped = 0
     for lo in range(0, len(order), args.batch_size):
         idx = order[lo:lo + args.batch_size]
         rows = [prompts[i][-(T - 1):] for i in idx]
-        n = max(1, min(args.max_new_tokens, T - max(map(len, rows))))
-        # no stop strings: a template's replies end at its end-of-turn token, a plain one's at end-of-text
-        for i, c in zip(idx, gen.generate(rows, max_new_tokens=n, sampling=greedy)):
+        cut += sum(len(prompts[i]) > T - 1 for i in idx)
+        # each question its own budget (its own room in the context), whatever the batch holds; no stop
+        # strings: a template's replies end at its end-of-turn token, a plain one's at end-of-text
+        for i, c in zip(idx, gen.generate(rows, max_new_tokens=args.max_new_tokens, sampling=greedy, slide=False)):
             replies[i] = c.text
+            stopped += bool(c.stopped_at_context)
+    if cut or stopped:
+        print(f"warning: {cut} question(s) longer than the context kept their last {T - 1} tokens; {stopped} "
+              f"answer(s) stopped at the context limit", file=sys.stderr)
     preds = [extract(r, pattern) for r in replies]
-    golds = [extract(r, pattern) or r.strip() for r in refs]
     hits = sum(p is not None and p == g for p, g in zip(preds, golds))
     model = load_model_dir(ckpt, device=device, verify=False)
     enc = Encoder(gen.tokenizer, template, T)
@@ -122,6 +147,7 @@ def run_eval_qa(args: argparse.Namespace) -> int:
     with torch.no_grad():
         loss = completion_loss(model, examples, args.batch_size, device, autocast_context(precision, device))
     res = {"exact_match": hits / len(preds), "n": len(preds), "answered": sum(p is not None for p in preds),
+           "no_reference_answer": len(unanswered), "questions_cut": cut, "stopped_at_context": stopped,
            "loss": loss["loss"], "supervised_tokens": loss["supervised_tokens"], "answer_regex": args.answer_regex}
     print(json.dumps(json_safe(res), allow_nan=False))
     return 0

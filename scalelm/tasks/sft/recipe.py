@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ...checkpoint.names import BEST, LORA_BASE
 from ...config import Config
 from ...train.recipe import Plan, Recipe
 from ..base import Base, ModelFiles
@@ -46,8 +47,6 @@ def lora_base(out: Path, base: Base, cfg: Config, mf: ModelFiles, resume_from, c
     once to ``RUN_DIR/base`` so that the adapters' base can be loaded (and its hash checked)."""
     from ...lora import lora_base_dir
     from ...model.io import load_model_dir, save_model_dir
-    from ...model.manifest import write_manifest
-    from .files import write_files
 
     if resume_from is not None:
         d = lora_base_dir(cfg.lora, resume_from, None)
@@ -56,11 +55,9 @@ def lora_base(out: Path, base: Base, cfg: Config, mf: ModelFiles, resume_from, c
         d = lora_base_dir(cfg.lora, None, base.dir)
         return load_model_dir(d, model_cfg=cfg.model), d
     gpt = build_gpt(base, cfg, mf)
-    d = out / "base"
+    d = out / LORA_BASE
     if ctx.is_main:
-        save_model_dir(gpt, d, mf.tokenizer_json, extra={**mf.meta, "source": str(base.dir)}, manifest=False)
-        write_files(d, mf.files)
-        write_manifest(d)
+        save_model_dir(gpt, d, mf.tokenizer_json, extra={**mf.meta, "source": str(base.dir)}, files=mf.files)
     ctx.barrier()
     return gpt, d
 
@@ -130,7 +127,7 @@ class ExamplesRecipe(Recipe):
 
     def summary(self, plan: ExamplesPlan, trainer, batches, summary: dict) -> dict:
         return {"task": plan.task, "packing": "on" if plan.packing else "off", **self.token_summary(plan, batches, summary),
-                **plan.extra_summary, "best_dir": str(trainer.run_dir / "best") if trainer.best_step else None}
+                **plan.extra_summary, "best_dir": str(trainer.run_dir / BEST) if (trainer.run_dir / BEST).is_dir() else None}
 
     @staticmethod
     def token_summary(plan: ExamplesPlan, batches, summary: dict) -> dict:

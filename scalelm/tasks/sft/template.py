@@ -16,6 +16,7 @@ import re
 from pathlib import Path
 
 from ...data.chat_template import ChatTemplateError
+from ...errors import UserError
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
           "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
@@ -45,6 +46,18 @@ def load_template(spec: str) -> tuple[str, str]:
         return p.stem, p.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ChatTemplateError(f"{p} is not UTF-8 (byte {e.start}): save the template as UTF-8") from None
+
+
+def check_special_tokens(tokens) -> None:
+    """Refuse ``--special-token`` values that cannot be special tokens: an empty one (the tokenizer
+    cannot add it), or one of whitespace only (every such space or newline in the text would become
+    that token, so no text would encode as it did in pretraining)."""
+    for t in tokens or ():
+        if not isinstance(t, str) or not t:
+            raise UserError(f"--special-token {t!r} is empty: give the token's text, e.g. --special-token '<|tool|>'")
+        if not t.strip():
+            raise UserError(f"--special-token {t!r} is only whitespace: every {t!r} in the text would become that "
+                            f"token; give a visible token, e.g. --special-token '<|tool|>'")
 
 
 def special_tokens_of(template: str) -> list[str]:

@@ -28,7 +28,7 @@ from ..settings import TASK_FILE, read_task_file, settings
 from .encode import LOSS_ON, Encoder, require_supervision
 from .formats import read_conversations
 from .recipe import ExamplesPlan, ExamplesRecipe
-from .template import BUILTIN, load_template, special_tokens_of
+from .template import BUILTIN, check_special_tokens, load_template, special_tokens_of
 
 FIXED = ("base", "preset", "tokenizer", "data", "val", "val_fraction", "template", "special_tokens", "prompt_field",
          "completion_field", "packing", "max_length", "loss_on")
@@ -73,6 +73,7 @@ class Chat:
 def prepare_chat(base: Base, spec: str | None, extra_specials: list[str] | None, block_size: int) -> Chat:
     """Load the template, add its special tokens (and end-of-text if missing) to the tokenizer, and
     say what the model directory records: the template files and the ids generation stops at."""
+    check_special_tokens(extra_specials)
     from tokenizers import Tokenizer
 
     from ...data.tokenizer import EOT, special_ids, vocab_size_of
@@ -135,7 +136,10 @@ class SFTRecipe(ExamplesRecipe):
             s["template"] = str(Path(s["template"]).resolve())
         if not s["data"]:
             raise UserError("no training data: pass --data FILE (Alpaca JSON/JSONL, prompt/completion or chat JSONL)")
-        base = base_or_tokenizer(s, "FILE (a tokenizer.json), a DATA_DIR / model directory holding one, or 'byte'")
+        from ...checkpoint.kinds import FLOAT_LANGUAGE_MODELS
+
+        base = base_or_tokenizer(s, "FILE (a tokenizer.json), a DATA_DIR / model directory holding one, or 'byte'",
+                                 FLOAT_LANGUAGE_MODELS, "scalelm finetune sft")
         chat = prepare_chat(base, s["template"], s["special_tokens"], 0)
         vocab = vocab_size_of(chat.tokenizer)
         cfg = task_config(args, s, saved, base, vocab)

@@ -1,4 +1,6 @@
-"""Line-aligned parallel text (line i of the source file translates to line i of the target file)."""
+"""Line-aligned parallel text (line i of the source file translates to line i of the target file).
+
+Files are split into lines by :func:`scalelm.data.lines.read_lines`, as every line input is."""
 
 from __future__ import annotations
 
@@ -6,26 +8,12 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from ...data.lines import read_lines
 from ...errors import UserError
 
 
 class TranslateDataError(UserError):
     """Parallel files that cannot be read as sentence pairs."""
-
-
-def read_lines(path: str | Path, what: str = "file") -> list[str]:
-    p = Path(path)
-    if not p.is_file():
-        raise TranslateDataError(f"{what} {p} not found" if not p.exists() else f"{what} {p} is not a file")
-    try:
-        text = p.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise TranslateDataError(f"{p} is not UTF-8 (byte {e.start}): convert it, e.g. `iconv -f latin1 -t utf-8`") \
-            from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the final newline ends the last line
-    return [line.rstrip("\r") for line in lines]
 
 
 def read_pairs(source: str | Path, target: str | Path) -> list[tuple[str, tuple[str, str]]]:
@@ -46,4 +34,4 @@ def read_pairs(source: str | Path, target: str | Path) -> list[tuple[str, tuple[
 
 def corpus(*paths) -> Iterator[str]:
     for p in paths:
-        yield from read_lines(p)
+        yield from read_lines(p, "file")

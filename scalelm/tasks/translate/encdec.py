@@ -25,6 +25,7 @@ from ...errors import UserError
 from ...model.loss import IGNORE_INDEX
 from ..sft.batches import GroupedBatches
 from ..sft.encode import EncodeReport
+from .decoding import Translations, translate_rows
 
 ARCH = "encoder-decoder"
 LABEL_SMOOTHING = 0.1  # the paper's, for training (validation reports the plain loss)
@@ -171,27 +172,16 @@ class EncDecTranslator:
         return self._gen
 
     def translate(self, sources: Sequence[str], beams: int = 1, batch_size: int = 32,
-                  max_new_tokens: int | None = None) -> list[str]:
-        """Batched by source length, answered in input order; an empty source gives ''."""
-        from ...generate.sampling import SamplingParams
-
+                  max_new_tokens: int | None = None) -> Translations:
+        """One line per source, in order; an empty source gives ''. Each source is translated as it
+        would be alone (see :mod:`.decoding`); the encoder reads at most ``block_size`` tokens, so a
+        longer source is cut to its first ``block_size`` (and reported)."""
         if beams < 1 or batch_size < 1:
             raise UserError("--beams and --batch-size must be at least 1")
         gen = self.generator()
         T = self.model.cfg.block_size
-        ids = [self.tokenizer.encode(s.strip(), add_special_tokens=False).ids for s in sources]
-        out = [""] * len(sources)
-        todo = sorted((i for i, s in enumerate(ids) if s), key=lambda i: len(ids[i]))
-        for lo in range(0, len(todo), batch_size):
-            idx = todo[lo:lo + batch_size]
-            rows = [ids[i][:T] for i in idx]  # the encoder reads at most block_size tokens
-            n = max_new_tokens or 2 * max(map(len, rows)) + 16  # targets are about as long as sources
-            n = max(1, min(n, T - 1))  # the decoder's positions: the start token and n more
-            if beams > 1:
-                comps = gen.beam_search(rows, num_beams=beams, max_new_tokens=n)
-            else:
-                comps = gen.generate(rows, max_new_tokens=n, sampling=SamplingParams(temperature=0.0))
-            for i, c in zip(idx, comps):
-                out[i] = " ".join(self.tokenizer.decode(c.tokens).split())  # one line per input line
-        return out
-
+        rows = [self.tokenizer.encode(s.strip(), add_special_tokens=False).ids or None for s in sources]
+        cut = [i for i, r in enumerate(rows) if r and len(r) > T]
+        for i in cut:
+            rows[i] = rows[i][:T]
+        return translate_rows(gen, self.tokenizer, rows, beams, batch_size, max_new_tokens, cut, T)

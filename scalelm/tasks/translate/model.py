@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ...errors import UserError
+from .decoding import Translations, translate_rows
 
 SEPARATOR = "=>"
 TASK = "translate"
@@ -33,8 +34,9 @@ class TranslationModel(Protocol):
         """The mean loss of a batch (the Trainer's ``loss_fn``; ``model`` is the parallelised module)."""
 
     def translate(self, sources: Sequence[str], beams: int = 1, batch_size: int = 32,
-                  max_new_tokens: int | None = None) -> list[str]:
-        """One translation per source, in order (greedy with ``beams=1``)."""
+                  max_new_tokens: int | None = None) -> Translations:
+        """One translation per source, in order (greedy with ``beams=1``), each as it would be alone,
+        with what the context limit cut (:class:`~.decoding.Translations`)."""
 
 
 class DecoderTranslator:
@@ -75,33 +77,24 @@ class DecoderTranslator:
         return self._gen
 
     def translate(self, sources: Sequence[str], beams: int = 1, batch_size: int = 32,
-                  max_new_tokens: int | None = None) -> list[str]:
-        """Batched by length (least padding), answered in input order; an empty source gives ''."""
-        from ...generate.sampling import SamplingParams
-
-        GREEDY = SamplingParams(temperature=0.0)
-        gen = self.generator()
+                  max_new_tokens: int | None = None) -> Translations:
+        """One line per source, in order; an empty source gives ''. Each source is translated as it
+        would be alone (see :mod:`.decoding`). A source whose prompt fills the context is cut to its
+        first tokens, half the context (the other half is the translation's), and reported."""
         if beams < 1 or batch_size < 1:
             raise UserError("--beams and --batch-size must be at least 1")
-        if beams > 1 and not hasattr(gen, "beam_search"):
-            raise UserError("beam search is not available in this scalelm: use --beams 1 (greedy)")
+        gen = self.generator()
         T = self.gpt.cfg.block_size
-        prompts = [self.tokenizer.encode(self.prompt(s), add_special_tokens=False).ids for s in sources]
-        out = [""] * len(sources)
-        todo = sorted((i for i, s in enumerate(sources) if s.strip()), key=lambda i: len(prompts[i]))
-        for lo in range(0, len(todo), batch_size):
-            idx = todo[lo:lo + batch_size]
-            rows = [prompts[i][-(T - 1):] for i in idx]  # a source longer than the context keeps its end
-            longest = max(map(len, rows))
-            n = max_new_tokens or 2 * longest + 16  # targets are about as long as sources
-            n = max(1, min(n, T - longest))
-            if beams > 1:
-                comps = gen.beam_search(rows, num_beams=beams, max_new_tokens=n)
-            else:
-                comps = gen.generate(rows, max_new_tokens=n, sampling=GREEDY)
-            for i, c in zip(idx, comps):
-                out[i] = " ".join(self.tokenizer.decode(c.tokens).split())  # one line per input line
-        return out
+        sep = self.tokenizer.encode(f" {self.separator}", add_special_tokens=False).ids
+        kept = max(1, (T - len(sep)) // 2)
+        rows, cut = [], []
+        for i, s in enumerate(sources):
+            ids = self.tokenizer.encode(self.prompt(s), add_special_tokens=False).ids if s.strip() else None
+            if ids is not None and len(ids) >= T:  # no room left for a translation
+                ids = self.tokenizer.encode(s.strip(), add_special_tokens=False).ids[:kept] + sep
+                cut.append(i)
+            rows.append(ids)
+        return translate_rows(gen, self.tokenizer, rows, beams, batch_size, max_new_tokens, cut, kept)
 
 
 def load_decoder(model_dir: Path, device="cpu", verify: bool = True) -> DecoderTranslator:
@@ -139,9 +132,10 @@ ARCHS: dict[str, Callable[..., TranslationModel]] = {"decoder": load_decoder, "e
 def read_task(model_dir: Path) -> dict:
     import json
 
+    from ...checkpoint.names import CONFIG
     from ...errors import CheckpointError
 
-    p = Path(model_dir) / "config.json"
+    p = Path(model_dir) / CONFIG
     try:
         meta = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:

@@ -1,4 +1,5 @@
-"""``scalelm finetune translate``: a decoder-only GPT trained on ``"source => target"`` pairs.
+"""``scalelm finetune translate``: a decoder-only GPT trained on ``"source => target"`` pairs, or an
+encoder-decoder trained on (source, target) pairs (below).
 
     scalelm finetune translate --base MODEL_DIR --source train.en --target train.de
                                --val-source val.en --val-target val.de --out RUN_DIR [--section.key=value ...]
@@ -21,6 +22,7 @@ import json
 import sys
 from pathlib import Path
 
+from ...checkpoint.names import TOKENIZER
 from ...config import ConfigError
 from ...errors import UserError
 from ...train.recipe import RunRecord, TokenizerData, run_recipe
@@ -37,7 +39,7 @@ from .train_encdec import EncDecTranslateRecipe, check_encdec
 FIXED = ("base", "preset", "tokenizer", "vocab_size", "source", "target", "val_source", "val_target", "packing",
          "max_length", "label_smoothing")
 DEFAULTS = {"packing": "on", "vocab_size": 8000}
-RUN_TOKENIZER = "tokenizer.json"  # RUN_DIR/tokenizer.json: the BPE trained for a from-scratch run
+RUN_TOKENIZER = TOKENIZER  # RUN_DIR/tokenizer.json: the BPE trained for a from-scratch run
 
 
 def add_translate_parser(p: argparse.ArgumentParser) -> None:
@@ -90,7 +92,10 @@ class TranslateRecipe(ExamplesRecipe):
                             f"val.de)")
         fresh = False
         if s["base"]:
-            base = read_base(s["base"])
+            from ...checkpoint.kinds import ENCDEC as ENCDEC_KIND
+            from ...checkpoint.kinds import FLOAT_LANGUAGE_MODELS
+
+            base = read_base(s["base"], (*FLOAT_LANGUAGE_MODELS, ENCDEC_KIND), "scalelm finetune translate")
         else:
             tok_json, fresh = _tokenizer(s, out)
             base = Base(None, None, tok_json)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ...checkpoint.names import BEST
 from ...config import Config, ConfigError
 from ...errors import UserError
 from ..base import Base, ModelFiles
@@ -56,4 +57,4 @@ class EncDecTranslateRecipe(ExamplesRecipe):
     def summary(self, plan: ExamplesPlan, trainer, batches, summary: dict) -> dict:
         return {"task": "translate", "arch": self.translator.arch, "label_smoothing": self.translator.label_smoothing,
                 **self.token_summary(plan, batches, summary), **plan.extra_summary,
-                "best_dir": str(trainer.run_dir / "best") if trainer.best_step else None}
+                "best_dir": str(trainer.run_dir / BEST) if (trainer.run_dir / BEST).is_dir() else None}

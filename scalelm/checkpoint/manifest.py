@@ -3,6 +3,8 @@
 Written last into a staging directory (after every other file), checked on load, so a flipped
 byte anywhere is an error naming the file instead of NaN losses or garbage text. A directory
 without a manifest (written by an older scalelm) loads unchecked. No torch needed.
+
+:func:`scalelm.checkpoint.staged_dir` writes it (``manifest=True``) just before publishing.
 """
 
 from __future__ import annotations
@@ -13,8 +15,8 @@ from typing import Iterable, Optional
 
 from ..errors import CheckpointError
 from ..fileio import atomic_write_text, sha256_file
+from .names import MANIFEST
 
-MANIFEST = "manifest.json"
 FORMAT = "scalelm-manifest"
 VERSION = 1
 

@@ -1,4 +1,4 @@
-"""LoRA directories, read in the model layer: merged into a plain ``GPT`` for inference.
+"""LoRA directories, files <-> state dicts, and the one LoRA merge (``W += alpha / r * B @ A``).
 
 A LoRA run's checkpoints and ``best/`` hold only what trained, not the frozen base::
 
@@ -9,30 +9,27 @@ A LoRA run's checkpoints and ``best/`` hold only what trained, not the frozen ba
                                    "targets", "prefix", "base", "base_sha256"}, ...}
             tokenizer.json, manifest.json
 
-:func:`scalelm.model.io.load_model_dir` on such a directory loads the base from ``lora.base``
-(its weights' sha256 checked) and folds ``W += alpha / r * B @ A`` into it (``read_adapters``,
-``load_lora_dir`` there), so generate, eval, serve and convert read a LoRA run like any model.
-The adapters themselves (layers, training, ``scalelm merge``, PEFT export) live in
-:mod:`scalelm.lora`, above this layer.
+A sharded LoRA checkpoint holds the base too (in ``dcp/``); :func:`read_adapters` picks the
+trained tensors out of it. :func:`scalelm.model.io.load_model_dir` loads the base named by
+``lora.base`` (its weights' sha256 checked by :func:`check_base`) and folds the adapters in
+with :func:`merge_adapters`; :func:`scalelm.lora.merge_lora` folds live adapter layers with the
+same :func:`fold_lora`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn as nn
 
-from ..config import ModelConfig
 from ..errors import CheckpointError
-from ..fileio import publish_dir, sha256_file
-from ..runs import ADAPTER, CONFIG, DCP_METADATA, TOKENIZER, WEIGHTS
-from .manifest import read_manifest, write_manifest
+from ..fileio import sha256_file
+from .dcp import model_entries, read_model_shards
+from .manifest import read_manifest, verify_manifest
+from .model_dir import model_meta, read_json, read_tensors, write_json, write_tensors
+from .names import ADAPTER, CONFIG, DCP_METADATA, TOKENIZER, WEIGHTS
+from .staging import staged_dir
 
 LORA_LEAVES = ("lora_A", "lora_B")
 
@@ -41,11 +38,8 @@ LORA_LEAVES = ("lora_A", "lora_B")
 
 def lora_entry(ckpt_dir: str | Path) -> Optional[dict]:
     """The ``"lora"`` entry of a directory's ``config.json`` (None: not a LoRA checkpoint)."""
-    try:
-        meta = json.loads((Path(ckpt_dir) / CONFIG).read_text())
-    except (OSError, ValueError):
-        return None
-    entry = meta.get("lora") if isinstance(meta, dict) else None
+    meta = read_json(Path(ckpt_dir) / CONFIG)
+    entry = meta.get("lora") if meta is not None else None
     return entry if isinstance(entry, dict) else None
 
 
@@ -78,7 +72,7 @@ def check_base(entry: dict, where: str | Path) -> Path:
     base, want = entry.get("base"), entry.get("base_sha256")
     if not isinstance(base, str) or not isinstance(want, str):
         raise CheckpointError(f"{where}/{CONFIG}: the lora entry has no base / base_sha256 (damaged or edited): "
-                              f"copy config.json from the run again")
+                              f"copy {CONFIG} from the run again")
     p = Path(base)
     if not (p / CONFIG).is_file():
         raise CheckpointError(f"{where} holds LoRA adapters for the base model {p}, which is not there: put the base "
@@ -94,54 +88,57 @@ def check_base(entry: dict, where: str | Path) -> Path:
 
 # ----------------------------------------------------------------------------- writing
 
-def save_adapter_dir(cfg: ModelConfig, tensors: dict[str, torch.Tensor], out_dir: str | Path,
+def write_adapter_files(d: str | Path, model: dict, tensors: dict[str, torch.Tensor],
+                        tokenizer_json: Optional[str], extra: dict) -> None:
+    """A LoRA directory's files into ``d`` (a stage); ``extra`` holds the ``"lora"`` entry."""
+    d = Path(d)
+    write_tensors(d / ADAPTER, tensors)
+    write_json(d / CONFIG, model_meta(model, extra))
+    if tokenizer_json is not None:
+        (d / TOKENIZER).write_text(tokenizer_json)
+
+
+def save_adapter_dir(model: dict, tensors: dict[str, torch.Tensor], out_dir: str | Path,
                      tokenizer_json: Optional[str], extra: dict, manifest: bool = True) -> Path:
-    """Write a LoRA directory atomically (``extra`` holds the ``"lora"`` entry and any metadata).
+    """Write a LoRA directory atomically (``model``: the model config as a dict).
     ``manifest=False`` is for a caller that adds files (a training checkpoint's optimizer)."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        from safetensors.torch import save_file
-
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / ADAPTER),
-                  metadata={"format": "pt"})
-        meta = {"format": "scalelm", "model": dataclasses.asdict(cfg), **extra}
-        (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-        if tokenizer_json is not None:
-            (tmp / TOKENIZER).write_text(tokenizer_json)
-        if manifest:
-            write_manifest(tmp)
-        publish_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    with staged_dir(out_dir, manifest=manifest) as d:
+        write_adapter_files(d, model, tensors, tokenizer_json, extra)
+    return Path(out_dir)
 
 
-# ----------------------------------------------------------------------------- reading and merging
+# ----------------------------------------------------------------------------- reading
 
-def dcp_trainable(ckpt: Path, prefix: str) -> dict[str, torch.Tensor]:
+def dcp_trainable(ckpt: str | Path, prefix: str) -> dict[str, torch.Tensor]:
     """Empty tensors for what a LoRA run trained, as stored in a sharded checkpoint (which holds the
     frozen base too): the adapters, and everything outside the GPT (a task head)."""
-    import torch.distributed.checkpoint as dcp
-
-    try:
-        meta = dcp.FileSystemReader(str(ckpt / DCP_METADATA.parent)).read_metadata().state_dict_metadata
-    except Exception as e:  # torch raises several types for a damaged .metadata
-        raise CheckpointError(f"{ckpt / DCP_METADATA.parent} is corrupt or incomplete: "
-                              f"{str(e).splitlines()[0][:300]}") from None
-    out = {}
-    for fqn, m in meta.items():
-        if not fqn.startswith("model.") or not hasattr(m, "size"):
-            continue
-        key = fqn[len("model."):]
-        if key.rsplit(".", 1)[-1] in LORA_LEAVES or (prefix and not key.startswith(prefix)):
-            out[key] = torch.empty(tuple(m.size), dtype=m.properties.dtype)
-    return out
+    return {key: torch.empty(shape, dtype=dtype) for key, (shape, dtype) in model_entries(ckpt).items()
+            if key.rsplit(".", 1)[-1] in LORA_LEAVES or (prefix and not key.startswith(prefix))}
 
 
-def _check_entry(entry: dict, source: str) -> tuple[int, float, str]:
+def read_adapters(ckpt_dir: str | Path, verify: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``(lora entry, trained tensors)`` of a LoRA directory or of a LoRA run's sharded checkpoint."""
+    d = Path(ckpt_dir)
+    entry = lora_entry(d)
+    if entry is None:
+        raise CheckpointError(f"{d} is not a LoRA checkpoint ({CONFIG} has no lora entry)")
+    if (d / ADAPTER).is_file():
+        if verify:
+            verify_manifest(d, only=(CONFIG, ADAPTER, TOKENIZER), optional=(TOKENIZER,))
+        return entry, read_tensors(d / ADAPTER)
+    if not (d / DCP_METADATA).is_file():
+        raise CheckpointError(f"{d} has neither {ADAPTER} nor a sharded checkpoint ({DCP_METADATA})")
+    if verify:
+        verify_manifest(d)
+    tensors = dcp_trainable(d, str(entry.get("prefix", "")))
+    read_model_shards(d, tensors, what="the adapters")
+    return entry, tensors
+
+
+# ----------------------------------------------------------------------------- merging
+
+def check_entry(entry: dict, source: str) -> tuple[int, float, str]:
+    """``(r, alpha, prefix)`` of a lora entry, or a CheckpointError for a damaged one."""
     try:
         r, alpha, prefix = int(entry["r"]), float(entry["alpha"]), str(entry.get("prefix", ""))
     except (KeyError, TypeError, ValueError):
@@ -152,12 +149,24 @@ def _check_entry(entry: dict, source: str) -> tuple[int, float, str]:
 
 
 @torch.no_grad()
-def merge_adapters(gpt: nn.Module, tensors: dict[str, torch.Tensor], entry: dict, source: str) -> list[str]:
-    """Fold adapters into ``gpt``'s linear weights in place: ``W += alpha / r * B @ A``.
+def fold_lora(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    """``weight += scale * b @ a`` in place, accumulated in fp32 (fp64 for an fp64 weight) so a
+    bf16 weight is rounded once, not at every step of the product."""
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    delta = (b.to(weight.device, acc) @ a.to(weight.device, acc)) * scale
+    weight.copy_((weight.to(acc) + delta).to(weight.dtype))
 
-    ``tensors`` are keyed as stored (``entry["prefix"]`` + the GPT's module name + ``.lora_A|B``);
-    keys outside the prefix (a task head) are skipped. Returns the merged modules' names."""
-    r, alpha, prefix = _check_entry(entry, source)
+
+@torch.no_grad()
+def merge_adapters(state_dict: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], entry: dict,
+                   source: str) -> list[str]:
+    """Fold stored adapters into a model's weights in place: ``W += alpha / r * B @ A``.
+
+    ``state_dict`` is the GPT's (``model.state_dict()``: its tensors share the parameters'
+    storage, so the model changes too). ``tensors`` are keyed as stored (``entry["prefix"]`` + the
+    GPT's module name + ``.lora_A|B``); keys outside the prefix (a task head) are skipped.
+    Returns the merged modules' names."""
+    r, alpha, prefix = check_entry(entry, source)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if not key.startswith(prefix):
@@ -169,18 +178,13 @@ def merge_adapters(gpt: nn.Module, tensors: dict[str, torch.Tensor], entry: dict
     for mod, ab in pairs.items():
         if set(ab) != set(LORA_LEAVES):
             raise CheckpointError(f"{source}: '{mod}' has {sorted(ab)} but needs both lora_A and lora_B")
-        try:
-            lin = gpt.get_submodule(mod)
-        except AttributeError:
-            lin = None
-        if not isinstance(lin, nn.Linear):
+        w = state_dict.get(f"{mod}.weight")
+        if w is None or w.dim() != 2 or not mod:
             raise CheckpointError(f"{source}: adapters for '{mod}', which is not a linear layer of this model")
-        a, b, w = ab["lora_A"], ab["lora_B"], lin.weight
+        a, b = ab["lora_A"], ab["lora_B"]
         if tuple(a.shape) != (r, w.shape[1]) or tuple(b.shape) != (w.shape[0], r):
             raise CheckpointError(f"{source}: '{mod}' adapters have shapes A {tuple(a.shape)}, B {tuple(b.shape)}; "
                                   f"rank {r} on a {tuple(w.shape)} weight needs A {(r, w.shape[1])}, B "
                                   f"{(w.shape[0], r)}")
-        acc = torch.float64 if w.dtype == torch.float64 else torch.float32
-        delta = (b.to(w.device, acc) @ a.to(w.device, acc)) * (alpha / r)
-        w.copy_((w.to(acc) + delta).to(w.dtype))
+        fold_lora(w, a, b, alpha / r)
     return sorted(pairs)
