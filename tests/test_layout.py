@@ -63,3 +63,13 @@ def test_light_commands_do_not_import_torch():
     r = subprocess.run([sys.executable, "-c", "import sys, scalelm, scalelm.cli, scalelm.runs, scalelm.data.prepare; "
                         "print('torch' in sys.modules)"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+def test_a_modules_tests_are_found_from_its_path():
+    """The tests of scalelm/<package>/ live in tests/<package>/; tests/ itself holds the tests of the
+    top-level modules and the cross-cutting ones (bad input, fuzzing, docs, layout, ...)."""
+    packages = {p.name for p in (ROOT / "scalelm").iterdir() if (p / "__init__.py").is_file()}
+    folders = {p.parent.relative_to(ROOT / "tests").as_posix() for p in (ROOT / "tests").rglob("test_*.py")}
+    assert folders <= packages | {"."}, f"test folders that name no package: {sorted(folders - packages - {'.'})}"
+    untested = sorted(p for p in packages if not list((ROOT / "tests" / p).glob("test_*.py")))
+    assert untested == [], f"packages with no tests/<package>/: {untested}"

@@ -2,7 +2,7 @@
 
 Parameter counts are exact (the model is built on the meta device and counted). Activations
 follow what autograd saves in ``scalelm.model``, tensor by tensor (see ``layer_saved_bytes``);
-``tests/test_planner.py`` checks them against a saved-tensor count of the real model, and
+``tests/analysis/test_planner.py`` checks them against a saved-tensor count of the real model, and
 ``benchmarks/bench_memory.py`` checks whole-step peaks against measured RSS.
 
 Mixed precision means what the trainer does: fp32 master weights, gradients and AdamW
@@ -305,7 +305,7 @@ def _stage_memory(cfg, layout, B, T, precision, accum, schedule, seq_parallel, s
 
 def forward_saved_bytes(cfg: ModelConfig, batch: int, seq_len: int, precision: str) -> float:
     """Everything one single-device forward with targets saves for backward (no checkpointing):
-    what ``tests/test_planner.py`` compares with autograd's own saved tensors."""
+    what ``tests/analysis/test_planner.py`` compares with autograd's own saved tensors."""
     low = precision in ("bf16", "fp16")
     split = param_split(cfg)
     tokens = batch * seq_len

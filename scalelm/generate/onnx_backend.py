@@ -13,7 +13,7 @@ manifest. The graph's inputs and outputs (B rows, T new tokens, P cached positio
 :class:`~scalelm.generate.generator.Generator` runs on it unchanged
 (``Generator.from_checkpoint(DIR, backend="onnxruntime")``): batching, left padding, sampling,
 stop strings and the sliding window are the same code, and its greedy output equals PyTorch's
-token for token (tests/test_onnx.py).
+token for token (tests/compress/test_onnx.py).
 """
 
 from __future__ import annotations

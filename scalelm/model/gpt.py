@@ -31,7 +31,7 @@ def _autocast_once(h: torch.Tensor) -> torch.Tensor:
     once in every linear that reads it (q, k, v; gate, up): the same forward values, fewer casts
     and copies kept for backward (3-13% faster bf16 steps on CPU). The gradients of those
     linears' inputs are then summed in bf16 before the upcast: another rounding, no further
-    from fp32 gradients than autocast's own (tests/test_fast_paths.py)."""
+    from fp32 gradients than autocast's own (tests/model/test_fast_paths.py)."""
     dev = h.device.type
     if torch.is_autocast_enabled(dev) and h.dtype == torch.float32:
         return h.to(torch.get_autocast_dtype(dev))

@@ -17,7 +17,7 @@ position, restart it with left padding and reorder its rows (:class:`GeneratorKV
 ``Generator`` makes, ``PreallocatedKVCache``, ``Seq2SeqCache`` and ``OrtCache``).
 
 The protocols are ``runtime_checkable`` and each cache names the ones it implements as base
-classes, so ``isinstance(cache, KVCache)`` holds; tests/test_kv_cache.py runs one conformance
+classes, so ``isinstance(cache, KVCache)`` holds; tests/model/test_kv_cache.py runs one conformance
 test over all five.
 """
 

@@ -158,7 +158,7 @@ def test_auto_off_for_fp32_and_for_lora(tmp_path, tiny_data, one_thread):
         assert torch.is_autocast_enabled("cpu")
     tr = _trainer(tmp_path / "lora-on", tiny_data, "--train.precision=bf16", "--lora.r=2", "--train.master_weights=true",
                   base_dir=base)
-    assert tr.master is not None  # asked for: LoRA trains with it (tests/test_lora.py)
+    assert tr.master is not None  # asked for: LoRA trains with it (tests/lora/test_lora.py)
 
 
 def test_the_summary_says_which_and_a_saved_choice_resumes(tmp_path, tiny_data, one_thread):

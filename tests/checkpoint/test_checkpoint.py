@@ -240,7 +240,7 @@ def test_a_flipped_byte_is_caught_by_the_manifest(tmp_path, name):
 
 # ----------------------------------------------------------------------------- one package owns the names
 
-SRC = Path(__file__).resolve().parent.parent / "scalelm"
+SRC = Path(__file__).resolve().parents[2] / "scalelm"
 # a quoted file name another format happens to share, and why it is not ours
 NOT_OURS = {("data/sources.py", names.STATE): "a Hugging Face datasets save_to_disk directory's state.json"}
 
