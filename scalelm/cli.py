@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("scalelm.generate.chat", "interactive multi-turn chat with a checkpoint"),
     "serve": ("scalelm.serve.cli", "an OpenAI-compatible HTTP server for a checkpoint"),
     "convert": ("scalelm.convert", "convert checkpoints to and from Hugging Face transformers and PEFT"),
+    "push": ("scalelm.publish", "publish a model on the Hugging Face Hub, with a model card from its run"),
     "merge": ("scalelm.lora.merge", "fold a LoRA run's adapters into a plain model directory"),
     "export": ("scalelm.compress.export", "consolidate a sharded (DCP) checkpoint into a model directory, or "
                "export a model to ONNX (--format onnx)"),

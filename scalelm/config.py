@@ -55,6 +55,16 @@ class ModelConfig:
     n_encoder_layer: Optional[int] = None  # encoder-decoder only; None -> n_layer
     n_decoder_layer: Optional[int] = None  # encoder-decoder only; None -> n_layer
     head_size: Optional[int] = None  # width of one head; None -> n_embd / n_head (set by structured pruning)
+    # RoPE frequency scaling: "none" (plain RoPE), "linear" (position interpolation) or "llama3"
+    # (Llama 3.1/3.2). The fields are HF's rope_parameters: factor, low/high_freq_factor and the
+    # pre-training context original_max_position_embeddings (scalelm/model/gpt.py scale_inv_freq)
+    rope_scaling: Literal["none", "linear", "llama3"] = "none"
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_block_size: int = 8192
+    qkv_bias: bool = False  # biases on q/k/v only, with bias=false (Qwen2/2.5)
+    qk_norm: bool = False  # an RMSNorm over each head of q and of k, before RoPE (Qwen3)
 
     @property
     def kv_heads(self) -> int:
@@ -99,6 +109,23 @@ class ModelConfig:
             self.n_shared_blocks <= 0 or self.n_layer % self.n_shared_blocks
         ):
             bad(f"n_shared_blocks={self.n_shared_blocks} must divide n_layer={self.n_layer}")
+        if self.rope_scaling != "none":
+            if self.pos_embedding != "rope" or self.arch != "gpt":
+                bad(f"rope_scaling={self.rope_scaling!r} needs pos_embedding=rope and arch=gpt")
+            if not self.rope_factor > 0:
+                bad(f"rope_factor must be positive, got {self.rope_factor}")
+        if self.rope_scaling == "llama3":
+            if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+                bad(f"rope_low_freq_factor={self.rope_low_freq_factor} and rope_high_freq_factor="
+                    f"{self.rope_high_freq_factor} must satisfy 0 < low < high (Llama 3: 1 and 4)")
+            if self.rope_original_block_size <= 0:
+                bad(f"rope_original_block_size must be positive, got {self.rope_original_block_size}")
+        if self.qkv_bias and self.bias:
+            bad("qkv_bias=true is for bias=false (biases on q/k/v only); bias=true already has them")
+        if (self.qkv_bias or self.qk_norm) and self.arch != "gpt":
+            bad("qkv_bias and qk_norm are for arch=gpt")
+        if self.qk_norm and self.norm != "rmsnorm":
+            bad("qk_norm=true is an RMSNorm per head (Qwen3): it needs norm=rmsnorm")
 
 
 @dataclass
@@ -212,6 +239,11 @@ class KDConfig:
 class LogConfig:
     progress: bool = True
     tensorboard: bool = False
+    wandb: bool = False  # Weights & Biases (pip install 'scalelm[track]')
+    wandb_mode: str = ""  # online | offline | disabled; "": WANDB_MODE, else online with an API key, else offline
+    mlflow: bool = False  # MLflow (pip install 'scalelm[track]')
+    mlflow_tracking_uri: str = ""  # "": MLFLOW_TRACKING_URI, else ./mlruns of the working directory
+    project: str = ""  # the wandb project and MLflow experiment; "": WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME, else scalelm
 
 
 @dataclass

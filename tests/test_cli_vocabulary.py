@@ -37,7 +37,7 @@ DEPRECATED = [
 OLD_DTYPE_VALUES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # the positional model argument: dest `model`, metavar MODEL, in exactly these commands
 MODEL_COMMANDS = {"eval", "generate", "classify", "translate", "chat", "serve", "convert", "merge", "export",
-                  "prune", "quantize"}
+                  "prune", "quantize", "push"}
 OLD_MODEL_NAMES = {"ckpt", "checkpoint", "model_dir", "run", "RUN", "CKPT", "MODEL_DIR"}
 # what each command's --out is: a directory it writes (refused when non-empty without --overwrite),
 # a run directory it continues (train-like: an existing run is resumed), or files

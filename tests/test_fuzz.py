@@ -62,6 +62,8 @@ VALID = {
     "optim.warmup_steps": st.integers(0, 10**6),
     "optim.schedule": st.sampled_from(["cosine", "wsd", "constant"]),
     "log.progress": st.booleans(),
+    "log.wandb": st.booleans(),
+    "log.mlflow_tracking_uri": st.sampled_from(["", "file:./mlruns", "http://127.0.0.1:5000"]),
     "checkpoint.resume": st.sampled_from(["auto", "never"]),
     "lora.targets": st.sampled_from(["q,v", "all", "attn"]),
     "kd.temperature": st.floats(0.1, 10.0),

@@ -13,6 +13,7 @@ The one place these names are spelled; everything else imports them from here::
             task.json               a fine-tuning task's settings (distill.json: a distillation's teacher;
                                     auto.json: what --preset auto chose)
             metrics.jsonl           one JSON line per logged step
+            trackers.json           the wandb / MLflow runs it logs to (log.wandb, log.mlflow)
             latest                  names the newest complete checkpoint (ckpt-00000400)
             ckpt-00000400/          a model directory + optimizer.safetensors, rng.safetensors, state.json;
                                     or, sharded (torchrun): dcp/ + rng/rank-<r>.* + state.json
@@ -62,6 +63,7 @@ LATEST = "latest"  # RUN_DIR/latest names the newest complete checkpoint directo
 BEST = "best"  # RUN_DIR/best is a model dir of the best validation loss so far
 RUN_INFO = "run.json"  # which data the run trains on (the tokenizer's hash names it)
 METRICS = "metrics.jsonl"
+TRACKERS = "trackers.json"  # the wandb / MLflow runs a run logs to (log.wandb, log.mlflow), so a resume continues them
 TASK_FILE = "task.json"  # a fine-tuning task's settings (given > saved > defaults)
 LORA_BASE = "base"  # RUN_DIR/base: a LoRA run's grown base model (new tokens), when it needs one
 AUTO_RECORD = "auto.json"  # --preset auto: the shape it chose and why

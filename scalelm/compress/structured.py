@@ -191,6 +191,9 @@ def apply_plan(model: GPT, plan: Plan) -> GPT:
         linear(f"{s}.attn.q_proj", f"{d}.attn.q_proj", q_rows, c)
         linear(f"{s}.attn.k_proj", f"{d}.attn.k_proj", kv_rows, c)
         linear(f"{s}.attn.v_proj", f"{d}.attn.v_proj", kv_rows, c)
+        for x in ("q_norm", "k_norm"):  # qk_norm (Qwen3): one head-width weight shared by the heads kept
+            if f"{s}.attn.{x}.weight" in sd:
+                out[f"{d}.attn.{x}.weight"] = sd[f"{s}.attn.{x}.weight"]
         linear(f"{s}.attn.o_proj", f"{d}.attn.o_proj", c, q_rows)
         for name in ("up", "gate"):
             if f"{s}.mlp.{name}.weight" in sd:

@@ -8,8 +8,22 @@ Without it, ``datasets.load_dataset`` on a machine with no network can retry for
 from __future__ import annotations
 
 import os
+import re
+from pathlib import Path
 
+from ..checkpoint.names import (
+    HF_CONFIG,
+    HF_GENERATION_CONFIG,
+    HF_WEIGHTS_INDEX,
+    TOKENIZER_FILES,
+)
 from ..errors import UserError
+
+# What `convert --from-hf ORG/NAME` downloads: config, tokenizer and safetensors files only. Never
+# *.bin/*.pt/*.pkl: pickles can run code when loaded, and they double the download besides.
+MODEL_FILES = [HF_CONFIG, HF_GENERATION_CONFIG, HF_WEIGHTS_INDEX, "*.safetensors", "chat_template.json",
+               *TOKENIZER_FILES]
+_MODEL_ID = re.compile(r"(hf:)?[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
 
 class HubError(UserError):
@@ -25,28 +39,34 @@ def offline() -> bool:
 
 
 def _save_hint(kind: str, name: str) -> str:
+    if kind == "weights":
+        return f"on a machine with network, run `hf download {name} --local-dir DIR` and pass --from-hf DIR"
     if kind == "dataset":
         return (f"on a machine with network, run `python -c \"import datasets; datasets.load_dataset("
                 f"'{name}').save_to_disk('DIR')\"` and pass --input DIR")
     return f"on a machine with network, save the tokenizer.json of '{name}' and pass --tokenizer FILE"
 
 
-def probe(repo_id: str, kind: str = "dataset") -> None:
-    """Check that ``repo_id`` exists and the Hub answers, within a short timeout."""
+def probe(repo_id: str, kind: str = "dataset", revision: str | None = None) -> None:
+    """Check that ``repo_id`` (at ``revision``) exists and the Hub answers, within a short timeout.
+    ``kind``: "dataset", "model" (a tokenizer) or "weights" (a model to convert)."""
     try:
         from huggingface_hub import HfApi
-        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
     except ImportError:
         raise HubError("loading from the Hugging Face Hub needs the hf extra: pip install 'scalelm[hf]'") from None
     timeout = float(os.environ.get("SCALELM_HUB_TIMEOUT", "10"))
     api = HfApi()
     try:
-        (api.dataset_info if kind == "dataset" else api.model_info)(repo_id, timeout=timeout)
+        (api.dataset_info if kind == "dataset" else api.model_info)(repo_id, revision=revision, timeout=timeout)
+    except RevisionNotFoundError:  # before GatedRepoError/RepositoryNotFoundError: it is not one of them
+        raise HubError(f"hf:{repo_id} has no revision '{revision}' (a branch, tag or commit hash)") from None
     except GatedRepoError:
         raise HubError(f"hf:{repo_id} is gated: accept its terms on the Hub and log in "
                        f"(`hf auth login` or HF_TOKEN)") from None
     except RepositoryNotFoundError:
-        raise HubError(f"hf:{repo_id}: no such {kind} on the Hugging Face Hub (check the name; "
+        what = "dataset" if kind == "dataset" else "model"
+        raise HubError(f"hf:{repo_id}: no such {what} on the Hugging Face Hub (check the name; "
                        f"private ones need `hf auth login` or HF_TOKEN)") from None
     except Exception as e:  # connection refused, DNS failure, timeout, proxy errors: all mean "no Hub"
         raise HubError(f"cannot reach the Hugging Face Hub to load hf:{repo_id} ({type(e).__name__}: "
@@ -90,3 +110,43 @@ def load_hub_tokenizer(spec: str):
     except Exception as e:
         raise HubError(f"could not load the tokenizer of hf:{repo}: {type(e).__name__}: {str(e)[:300]}. "
                        f"{_save_hint('tokenizer', repo).capitalize()}") from None
+
+
+def is_hub_model_id(s: str) -> bool:
+    """``ORG/NAME[@REVISION]`` (or ``hf:ORG/NAME...``) that is not an existing path: a Hub model id."""
+    return not Path(s).exists() and _MODEL_ID.fullmatch(s) is not None
+
+
+def parse_model_id(spec: str) -> tuple[str, str | None]:
+    """``[hf:]org/name[@revision]`` -> ``(repo_id, revision)``."""
+    repo, _, revision = spec.removeprefix("hf:").partition("@")
+    if not _MODEL_ID.fullmatch(repo) or (not revision and spec.endswith("@")):
+        raise HubError(f"bad Hub model id '{spec}': expected ORG/NAME or ORG/NAME@REVISION")
+    return repo, (revision or None)
+
+
+def download_hub_model(spec: str) -> tuple[Path, str]:
+    """A Hub model's snapshot folder (config, tokenizer, safetensors), and its ``hf:repo@commit`` name.
+
+    Through ``huggingface_hub.snapshot_download``: the user's token and cache, files already cached
+    are not fetched again. Online, the reachability probe runs first, so no network fails in seconds;
+    with HF_HUB_OFFLINE=1 only the local cache is read.
+    """
+    repo, revision = parse_model_id(spec)
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise HubError("converting a Hub model needs the hf extra: pip install 'scalelm[hf]'") from None
+    name = f"hf:{repo}" + (f"@{revision}" if revision else "")
+    if not offline():
+        probe(repo, "weights", revision)
+    try:  # local_files_only: HF_HUB_OFFLINE as set now, not as huggingface_hub read it at import
+        path = Path(snapshot_download(repo, revision=revision, allow_patterns=MODEL_FILES,
+                                      local_files_only=offline()))
+    except Exception as e:
+        if offline():
+            raise HubError(f"{name} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: unset it to "
+                           f"download, or {_save_hint('weights', repo)}") from None
+        raise HubError(f"could not download {name}: {type(e).__name__}: {str(e)[:300]}. "
+                       f"{_save_hint('weights', repo).capitalize()}") from None
+    return path, f"hf:{repo}@{path.name}"  # the snapshot folder is named by its commit

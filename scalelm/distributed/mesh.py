@@ -98,6 +98,9 @@ def check_model_fits(layout: Layout, pc: ParallelConfig, mc: ModelConfig) -> Non
         if mc.ffn_dim % tp:
             raise LayoutError(f"tensor parallelism splits the MLP: its width {mc.ffn_dim} is not "
                               f"divisible by tp={tp}")
+        if mc.qk_norm:  # each rank's heads would give its copy of the shared norm weight another gradient
+            raise LayoutError("model.qk_norm (Qwen3) is not supported with tensor parallelism yet: use "
+                              "--parallel.tp=1")
         if pc.sequence_parallel and mc.block_size % tp:
             raise LayoutError(f"sequence parallelism splits the sequence: block_size={mc.block_size} "
                               f"is not divisible by tp={tp}")

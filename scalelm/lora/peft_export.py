@@ -47,7 +47,7 @@ def peft_adapters(cfg, entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[d
         mod, _, leaf = k.rpartition(".")
         layers.setdefault(mod, {})[leaf] = t
     out, targets, rank_pattern, alpha_pattern = {}, set(), {}, {}
-    root = "base_model.model.model.layers" if family == "llama" else "base_model.model.transformer.h"
+    root = "base_model.model.transformer.h" if family == "gpt2" else "base_model.model.model.layers"
 
     def put(hf_mod: str, a: torch.Tensor, b: torch.Tensor) -> None:
         out[f"{hf_mod}.lora_A.weight"], out[f"{hf_mod}.lora_B.weight"] = a.contiguous(), b.contiguous()
@@ -55,7 +55,7 @@ def peft_adapters(cfg, entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[d
     for i in range(cfg.n_layer):
         block = f"blocks.{i}."
         names = {m[len(block):]: ab for m, ab in layers.items() if m.startswith(block)}
-        if family == "llama":
+        if family != "gpt2":  # Llama, Qwen2 and Qwen3 name their projections alike
             for ours, theirs in _LLAMA.items():
                 if ours in names:
                     put(f"{root}.{i}.{theirs}", names[ours]["lora_A"], names[ours]["lora_B"])

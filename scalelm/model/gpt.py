@@ -1,7 +1,9 @@
 """The GPT model family: one single-device ``nn.Module``, no distributed code inside.
 
 GPT-2 style (learned positions, LayerNorm, GELU, biases) and Llama style (RoPE, RMSNorm,
-SwiGLU, no biases, grouped-query attention) are the same class with different configs.
+SwiGLU, no biases, grouped-query attention) are the same class with different configs, and so are
+Llama 3.x's scaled RoPE (``rope_scaling``), Qwen2's q/k/v-only biases (``qkv_bias``) and Qwen3's
+per-head q/k norms (``qk_norm``).
 Parallelism (DDP, FSDP2, TP, PP), compile and activation checkpointing are applied from
 outside (see ``scalelm.distributed``); pipeline stages are made by deleting modules, so
 every top-level piece may be ``None`` and blocks live in a ``ModuleDict`` keyed by layer.
@@ -62,9 +64,31 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_tables(head_dim: int, length: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (length, head_dim) in the rotate-half layout used by HF Llama."""
+def scale_inv_freq(inv_freq: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """RoPE frequencies under ``cfg.rope_scaling``, as HF's ``rope_parameters`` compute them.
+
+    ``linear`` divides every frequency by the factor (position interpolation). ``llama3`` (Llama
+    3.1/3.2) divides only the low frequencies, whose wavelengths exceed the pre-training context /
+    low_freq_factor, keeps the high ones (wavelength < context / high_freq_factor), and blends
+    linearly between: local order stays sharp while long-range positions stretch."""
+    if cfg.rope_scaling == "linear":
+        return inv_freq / cfg.rope_factor
+    if cfg.rope_scaling != "llama3":
+        return inv_freq
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    ctx = cfg.rope_original_block_size
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((ctx / wavelen - low) / (high - low)).clamp(0.0, 1.0)  # 0: low band, 1: high band
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rope_tables(head_dim: int, length: int, theta: float,
+                cfg: Optional[ModelConfig] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (length, head_dim) in the rotate-half layout used by HF Llama; with ``cfg``,
+    its ``rope_scaling`` applies (see :func:`scale_inv_freq`)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if cfg is not None:
+        inv_freq = scale_inv_freq(inv_freq, cfg)
     freqs = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().float(), emb.sin().float()
@@ -81,10 +105,14 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias  # Qwen2: biases on q/k/v, none on o
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.kv_heads * cfg.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
+        # Qwen3: one RMSNorm (weights shared by all heads) over each head's q and k, before RoPE
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
         self.dropout = cfg.dropout
 
     def forward(self, x, rope=None, kv_cache: Optional[LayerKVCache] = None, layer: int = 0,
@@ -94,6 +122,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:  # it stores k, v in its own dtype; attention runs in the input's
@@ -153,7 +183,7 @@ def gpt2_init_(model: nn.Module, cfg: ModelConfig, depth: int) -> None:
         else:
             nn.init.normal_(p, 0.0, std)
     if cfg.pos_embedding == "rope":
-        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+        cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta, cfg)
         model.rope_cos.copy_(cos)
         model.rope_sin.copy_(sin)
 
@@ -176,7 +206,7 @@ class GPT(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         if cfg.pos_embedding == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta)
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_theta, cfg)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters()

@@ -1,4 +1,4 @@
-"""Run metrics: ``metrics.jsonl``, the progress bar, optional TensorBoard, throughput, MFU, memory.
+"""Run metrics: ``metrics.jsonl``, the progress bar, optional TensorBoard / wandb / MLflow, throughput, MFU, memory.
 
 ``metrics.jsonl`` holds one JSON object per line: training records (``step``, ``loss``, ``lr``,
 ``grad_norm``, ``tokens``, ``tokens_per_s``, ``mfu``, ``peak_mem_mb``, ``elapsed_s``) and
@@ -59,12 +59,23 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
 
 
 class MetricsLogger:
-    """Appends records to ``metrics.jsonl`` (and TensorBoard); only the main rank writes."""
+    """Appends records to ``metrics.jsonl`` (and TensorBoard, wandb, MLflow); only the main rank writes.
 
-    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = False):
+    ``config`` (the run's resolved :class:`~scalelm.config.Config`) turns on the trackers its ``log``
+    section asks for; they open their runs at the first record, once :meth:`truncate_after` has said
+    whether this is a resume (which continues the tracker runs recorded in ``RUN_DIR/trackers.json``)."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = False, config=None):
         self.path = Path(run_dir) / METRICS
         self.enabled = enabled
         self.tb = None
+        self.trackers = None
+        self._resumed_at: Optional[int] = None
+        self._started = False
+        if enabled and config is not None and (config.log.wandb or config.log.mlflow):
+            from .trackers import Trackers
+
+            self.trackers = Trackers(run_dir, config.log, config.to_dict())
         if enabled and tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -75,6 +86,7 @@ class MetricsLogger:
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop records of steps the resumed run will redo (logged after the checkpoint)."""
+        self._resumed_at = step
         if not self.enabled or not self.path.is_file():
             return
         keep = [r for r in read_metrics(self.path.parent) if r.get("step", 0) <= step]
@@ -96,10 +108,17 @@ class MetricsLogger:
             for k, v in record.items():
                 if k != "step" and isinstance(v, (int, float)) and v is not None:
                     self.tb.add_scalar(k, v, step)
+        if self.trackers is not None:
+            if not self._started:
+                self._started = True
+                self.trackers.start(self._resumed_at)
+            self.trackers.log(record)
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 class Progress:

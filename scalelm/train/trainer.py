@@ -193,7 +193,8 @@ class Trainer:
         self.history: dict[str, float] = {}
         self._signal: Optional[int] = None
         self._t_start: Optional[float] = None  # when fit() started (elapsed() counts from it)
-        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard)
+        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main, tensorboard=cfg.log.tensorboard,
+                                     config=cfg)
         if resume_from is not None:
             self.load_checkpoint(Path(resume_from))
         if self.device.type == "cuda":

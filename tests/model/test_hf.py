@@ -208,7 +208,8 @@ def test_cli_unrepresentable_export_writes_nothing(tmp_path, capsys):
 
 @pytest.mark.parametrize("edit, message", [
     (dict(model_type="bert"), "model_type 'bert' is not supported"),
-    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "rope_type='llama3'"),
+    (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}), "rope_type='yarn'"),
+    (dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_type='dynamic'"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),
 ])
 def test_unsupported_hf_config_is_a_clear_error(tmp_path, edit, message):

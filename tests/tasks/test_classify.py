@@ -26,6 +26,8 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 GPT2_STYLE = dict(vocab_size=300, block_size=48, n_layer=2, n_head=2, n_embd=32)
 LLAMA_STYLE = dict(GPT2_STYLE, pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False,
                    tie_embeddings=False, n_head=4, n_kv_head=2)
+QWEN2_STYLE = dict(LLAMA_STYLE, qkv_bias=True)
+QWEN3_STYLE = dict(LLAMA_STYLE, qk_norm=True, head_size=16)
 
 
 @pytest.fixture(scope="session")
@@ -225,9 +227,11 @@ def test_a_plain_model_is_not_a_classifier(tmp_path, bpe_json):
 TEXTS = ["a gripping , funny film", "dull", "the plot is a mess but the actors are superb and it moves"]
 
 
-@pytest.mark.parametrize("shape,lowercase", [(GPT2_STYLE, False), (LLAMA_STYLE, False), (GPT2_STYLE, True)],
-                         ids=["gpt2", "llama", "gpt2-lowercase"])
-def test_hf_export_matches_logits_on_the_same_raw_text(tmp_path, shape, lowercase, bpe_json):
+@pytest.mark.parametrize("shape,lowercase,arch", [
+    (GPT2_STYLE, False, "GPT2"), (LLAMA_STYLE, False, "Llama"), (GPT2_STYLE, True, "GPT2"),
+    (QWEN2_STYLE, False, "Qwen2"), (QWEN3_STYLE, False, "Qwen3")],
+    ids=["gpt2", "llama", "gpt2-lowercase", "qwen2", "qwen3"])
+def test_hf_export_matches_logits_on_the_same_raw_text(tmp_path, shape, lowercase, arch, bpe_json):
     pytest.importorskip("transformers")
     from train_helpers import cli
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -237,8 +241,7 @@ def test_hf_export_matches_logits_on_the_same_raw_text(tmp_path, shape, lowercas
     rc, out, err = cli("convert", d, "--to-hf", tmp_path / "hf")
     assert rc == 0, err
     hf = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf").eval()
-    assert type(hf).__name__ == ("GPT2ForSequenceClassification" if shape is GPT2_STYLE
-                                 else "LlamaForSequenceClassification")
+    assert type(hf).__name__ == f"{arch}ForSequenceClassification"
     assert hf.config.id2label == {0: "neg", 1: "pos"} and hf.config.pad_token_id == 1
     tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
     enc = TextEncoder(bpe_json, shape["block_size"], lowercase=lowercase)

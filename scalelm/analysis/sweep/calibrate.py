@@ -120,7 +120,10 @@ def plan_for_seconds(family: Family, seconds: float, tokens_per_step: int, g: Gr
         fixed = len(runs) * timer.startup_seconds()
         if seconds <= fixed and best is None and not below:
             break
-        guess = budget * max(0.1, min(10.0, (seconds - fixed) / max(total - fixed, 1e-9)))
+        ratio = (seconds - fixed) / max(total - fixed, 1e-9)
+        if total > seconds:  # just over: step down at least 3%, or the discrete grid may not change at all
+            ratio = min(ratio, 0.97)
+        guess = budget * max(0.1, min(10.0, ratio))
         # a bracketed guess stays inside the bracket (the grid is discrete: proportional steps can
         # jump back and forth over the target); otherwise follow the proportional estimate
         budget = guess if below < guess < above else (math.sqrt(max(below, 1e-30) * above)

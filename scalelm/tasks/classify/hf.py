@@ -21,7 +21,8 @@ from ...model.hf import ConversionError, hf_config_dict, hf_family, scalelm_to_h
 from ...model.io import model_state_dict
 from .files import load_classifier, resolve_model_dir
 
-ARCH = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification"}
+ARCH = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
+        "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}
 
 
 def is_classifier_dir(path) -> bool:
