@@ -26,7 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("scalelm.train.run", "train a model (one process, or many under torchrun)"),
     "finetune": ("scalelm.tasks.finetune", "fine-tune a model for a task (classify, sft, translate), fully or with LoRA"),
     "eval": ("scalelm.evaluate.lm", "loss, perplexity and bits per byte of a checkpoint on a data split"),
-    "generate": ("scalelm.generate.generator", "generate text from a checkpoint"),
+    "generate": ("scalelm.generate.cli", "generate text from a checkpoint"),
     "classify": ("scalelm.tasks.classify.cli", "label texts with a classifier (JSON lines of label and probabilities)"),
     "translate": ("scalelm.tasks.translate.cli", "translate a file with a translation model, one line per line"),
     "chat": ("scalelm.generate.chat", "interactive multi-turn chat with a checkpoint"),

@@ -16,15 +16,8 @@ from typing import Optional
 
 from ..data.chat_template import ChatTemplate, ControlTokens, special_token_text, template_source
 from .terminal import for_stdout
-from .generator import (
-    GenerationError,
-    Generator,
-    add_model_args,
-    add_sampling_args,
-    generator_from_args,
-    pick_seed,
-    sampling_from_args,
-)
+from .cli import add_model_args, add_sampling_args, generator_from_args, pick_seed, sampling_from_args
+from .generator import GenerationError, Generator
 
 PLAIN_STOPS = ["\nUser:"]
 
