@@ -11,6 +11,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -31,7 +33,7 @@ def add_model_source_args(p: argparse.ArgumentParser, tokenizer_help: str, max_l
                           "longest example in tokens (default: the model's block_size)") -> None:
     """Options every fine-tuning command shares."""
     src = p.add_argument_group("model (one of)")
-    src.add_argument("--base", metavar="MODEL_DIR", help="fine-tune this model directory (or RUN_DIR's latest)")
+    src.add_argument("--base", metavar="MODEL_DIR", help=BASE_HELP)
     src.add_argument("--preset", help="train a model of this preset from scratch")
     p.add_argument("--tokenizer", metavar="FILE|DIR", help=tokenizer_help)
     p.add_argument("--config", help="a TOML config file (same keys as the dotted overrides)")
@@ -43,6 +45,42 @@ def add_model_source_args(p: argparse.ArgumentParser, tokenizer_help: str, max_l
 
 
 # ----------------------------------------------------------------------------- the starting model
+
+BASE_HELP = ("fine-tune this model directory (or RUN_DIR's latest), or a Hugging Face model hf:ORG/NAME[@REVISION] "
+             "(downloaded through the Hugging Face cache and converted once)")
+
+
+def hub_cache_root() -> Path:
+    """Where Hub models converted for ``--base hf:...`` are kept: ``$SCALELM_CACHE``, else
+    ``$XDG_CACHE_HOME/scalelm``, else ``~/.cache/scalelm``."""
+    if os.environ.get("SCALELM_CACHE"):
+        return Path(os.environ["SCALELM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scalelm"
+
+
+def hub_base_dir(spec: str) -> Path:
+    """The scalelm model directory of a Hub model ``hf:ORG/NAME[@REVISION]``.
+
+    The snapshot comes through ``huggingface_hub`` (the user's token and cache; HF_HUB_OFFLINE=1
+    reads the cache only) and is converted once, safetensors only, into a folder named by its
+    commit: a moved branch converts anew, a pinned commit never twice. A lock keeps two runs that
+    start together from converting the same model at once."""
+    from filelock import FileLock
+
+    from ..data.hub import download_hub_model
+    from ..model.hf import import_hf_dir
+    from ..runs import is_scalelm_model_dir
+
+    snapshot, source = download_hub_model(spec)  # source: hf:ORG/NAME@COMMIT
+    repo = source.removeprefix("hf:").rpartition("@")[0]
+    out = hub_cache_root() / "hub" / repo.replace("/", "--") / snapshot.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not is_scalelm_model_dir(out):
+            print(f"converting {source} into {out} (once)", file=sys.stderr)
+            import_hf_dir(snapshot, out, source=source, safetensors_only=True)
+    return out
+
 
 @dataclass
 class Base:
@@ -72,7 +110,7 @@ def read_base(base: str, supported: tuple = (), command: str = "scalelm finetune
     from ..model.io import read_model_config
     from ..runs import resolve_checkpoint
 
-    d = resolve_checkpoint(base)
+    d = hub_base_dir(base) if base.startswith("hf:") else resolve_checkpoint(base)
     if supported:
         require_kind(d, f"{command} --base", supported,
                      hint={ENCDEC: "an encoder-decoder trains further with `scalelm finetune translate --base`"})

@@ -31,7 +31,8 @@ def settings(args: argparse.Namespace, saved_task: dict | None, fixed: tuple, pa
     the files now are) may change. ``paths`` are made absolute."""
     given = {k: getattr(args, k, None) for k in (*fixed, *free)}
     for k in paths:
-        if given.get(k) is not None and not (k == "tokenizer" and given[k] == "byte"):
+        if given.get(k) is not None and not (k == "tokenizer" and given[k] == "byte") \
+                and not str(given[k]).startswith("hf:"):  # a Hub id (--base hf:ORG/NAME), not a path
             given[k] = str(Path(given[k]).resolve())
     s = dict(given)
     if saved_task is not None:

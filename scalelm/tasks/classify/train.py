@@ -23,7 +23,7 @@ from ...checkpoint.names import BEST
 from ...config import Config, ConfigError
 from ...errors import UserError
 from ...train.recipe import Plan, Recipe, RunRecord, run_recipe
-from ..base import Base, base_or_tokenizer, max_length_of, task_config
+from ..base import BASE_HELP, Base, base_or_tokenizer, max_length_of, task_config
 from ..settings import TASK_FILE, read_task_file, settings
 from .data import (
     ClassifyBatches,
@@ -43,7 +43,7 @@ DEFAULTS = {"text_field": "text", "label_field": "label", "pooling": "last", "ap
 
 def add_classify_parser(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("model (one of)")
-    src.add_argument("--base", metavar="MODEL_DIR", help="fine-tune this model directory (or RUN_DIR's latest)")
+    src.add_argument("--base", metavar="MODEL_DIR", help=BASE_HELP)
     src.add_argument("--preset", help="train a model of this preset from scratch (needs --tokenizer)")
     p.add_argument("--tokenizer", metavar="FILE|DIR", help="with --preset: a tokenizer.json, or a DATA_DIR / model "
                    "directory holding one (with --base the base's tokenizer is used)")
