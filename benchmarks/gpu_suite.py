@@ -4,7 +4,7 @@
     python benchmarks/gpu_suite.py --smoke         # anywhere (CPU): tiny shapes, every code path, seconds
 
 Rows (one JSON in benchmarks/results/gpu_suite[_smoke].json plus a markdown table beside it):
-1. gpt2-124m training, bf16 autocast + compile + fused AdamW, through scalelm's ``Trainer.train_step``,
+1. gpt2-124m training, bf16 autocast + compile + fused AdamW, through the trainer's step (``scalelm.train.probe.probe_step``),
    against HF ``GPT2LMHeadModel`` (sdpa attention, same batch, bf16 autocast, fused AdamW) in the same run:
    tokens/s, MFU, peak memory.
 2. llama-1b training with activation checkpointing (bf16): tokens/s, MFU, peak memory, and
@@ -69,28 +69,11 @@ def time_steps(step, device, warmup: int, steps: int) -> float:
     return statistics.median(times)
 
 
-class _NoData:
-    """The trainer's data handle when batches come from elsewhere (random tokens here)."""
-
-    tokenizer_json = None
-
-    def __init__(self, vocab: int):
-        self.vocab_size = vocab
-
-
-class RandomBatches:
-    def __init__(self, vocab: int, B: int, T: int, device):
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randint(0, vocab, (B, T + 1), generator=g).to(device)
-
-    def next_batch(self):
-        return self.x[:, :-1], self.x[:, 1:]
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, sd):
-        pass
+def random_batch(vocab: int, B: int, T: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fixed window of random tokens and its next-token targets (their values do not change the work)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, vocab, (B, T + 1), generator=g).to(device)
+    return x[:, :-1], x[:, 1:]
 
 
 def config(preset: str, smoke: bool, overrides: dict) -> Config:
@@ -108,17 +91,18 @@ def config(preset: str, smoke: bool, overrides: dict) -> Config:
     return cfg
 
 
-def scalelm_train(preset: str, B: int, T: int, device, smoke: bool, warmup: int, steps: int, run_dir: Path,
+def scalelm_train(preset: str, B: int, T: int, device, smoke: bool, warmup: int, steps: int,
                   **overrides) -> dict:
     from scalelm.train.metrics import peak_flops
-    from scalelm.train.trainer import Trainer
+    from scalelm.train.probe import probe_step
 
     cfg = config(preset, smoke, {"train.micro_batch_size": B, "model.block_size": T,
                                  "train.device": str(device), **overrides})
-    batches = RandomBatches(cfg.model.vocab_size, B, T, device)
+    batch = random_batch(cfg.model.vocab_size, B, T, device)
     reset_peak(device)
-    tr = Trainer(cfg, _NoData(cfg.model.vocab_size), run_dir, batches=batches)
-    s = time_steps(tr.train_step, device, warmup, steps)
+    torch.manual_seed(0)
+    tr = probe_step(cfg)  # the trainer's own step (precision, master weights, compile, fused AdamW)
+    s = time_steps(lambda: tr([batch]), device, warmup, steps)
     tps = B * T / s
     peak = peak_flops(device, torch.bfloat16 if tr.precision == "bf16" else torch.float32)
     fpt = flops_per_token(cfg.model, T)
@@ -191,10 +175,10 @@ def hf_decode(cfg_model, batch: int, new: int, device) -> dict:
     return {"tokens_per_s": batch * new / s}
 
 
-def fp16_scaler(device, smoke: bool, run_dir: Path) -> dict:
+def fp16_scaler(device, smoke: bool) -> dict:
     if device.type != "cuda":
         return {"skipped": "fp16 with the grad scaler is a CUDA path (never fp16 on CPU)"}
-    r = scalelm_train("gpt2-124m", 4, 256, device, smoke, 2, 5, run_dir, **{"train.precision": "fp16"})
+    r = scalelm_train("gpt2-124m", 4, 256, device, smoke, 2, 5, **{"train.precision": "fp16"})
     return {"tokens_per_s": r["tokens_per_s"], "finite": True}
 
 
@@ -234,14 +218,13 @@ def main(argv=None) -> int:
         args.smoke = True
     smoke = args.smoke
     out = Path(args.out) if args.out else RESULTS / ("gpu_suite_smoke.json" if smoke else "gpu_suite.json")
-    work = out.parent / (out.stem + "_runs")
     warm, steps = (1, 2) if smoke else (5, 20)
     B, T = (2, 64) if smoke else (16, 1024)
     res: dict = {}
     compile_ok = not smoke or sys.platform == "linux"
 
     def gpt2():
-        r = scalelm_train("gpt2-124m", B, T, device, smoke, warm, steps, work / "gpt2",
+        r = scalelm_train("gpt2-124m", B, T, device, smoke, warm, steps,
                           **{"train.compile": compile_ok and not smoke, "train.precision": "bf16"
                              if device.type == "cuda" or torch.cpu._is_avx512_bf16_supported() else "fp32"})
         hf = hf_train(r.pop("cfg"), B, T, device, warm, steps)
@@ -252,7 +235,7 @@ def main(argv=None) -> int:
 
     def llama():
         b, t = (2, 64) if smoke else (4, 2048)
-        r = scalelm_train("llama-1b", b, t, device, smoke, warm, steps, work / "llama",
+        r = scalelm_train("llama-1b", b, t, device, smoke, warm, steps,
                           **{"train.activation_checkpointing": True, "train.precision": "bf16"
                              if device.type == "cuda" or torch.cpu._is_avx512_bf16_supported() else "fp32"})
         r["planned_peak_gib"] = planned_peak_gib(r.pop("cfg"), b, t, device)
@@ -276,7 +259,7 @@ def main(argv=None) -> int:
     guarded("llama_1b_train_ac", llama, res)
     guarded("decode_batch1", dec(1), res)
     guarded("decode_batch32", dec(32), res)
-    guarded("fp16_grad_scaler", lambda: fp16_scaler(device, smoke, work / "fp16"), res)
+    guarded("fp16_grad_scaler", lambda: fp16_scaler(device, smoke), res)
     guarded("flash_sdpa", lambda: flash_sdpa(device), res)
     meta = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name(device) if device.type == "cuda"
             else "cpu", "torch": torch.__version__, "smoke": smoke}
