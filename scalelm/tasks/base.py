@@ -58,8 +58,9 @@ def hub_cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "scalelm"
 
 
-def hub_base_dir(spec: str) -> Path:
-    """The scalelm model directory of a Hub model ``hf:ORG/NAME[@REVISION]``.
+def hub_base_dir(spec: str) -> tuple[Path, str]:
+    """The scalelm model directory of a Hub model ``hf:ORG/NAME[@REVISION]``, and its pinned id
+    ``hf:ORG/NAME@COMMIT``.
 
     The snapshot comes through ``huggingface_hub`` (the user's token and cache; HF_HUB_OFFLINE=1
     reads the cache only) and is converted once, safetensors only, into a folder named by its
@@ -79,7 +80,7 @@ def hub_base_dir(spec: str) -> Path:
         if not is_scalelm_model_dir(out):
             print(f"converting {source} into {out} (once)", file=sys.stderr)
             import_hf_dir(snapshot, out, source=source, safetensors_only=True)
-    return out
+    return out, source
 
 
 @dataclass
@@ -102,15 +103,23 @@ def tokenizer_json_of(spec: str) -> str:
     return byte_tokenizer().to_str() if spec == "byte" else load_tokenizer(spec).to_str()
 
 
-def read_base(base: str, supported: tuple = (), command: str = "scalelm finetune") -> Base:
+def read_base(base: str, supported: tuple = (), command: str = "scalelm finetune",
+              settings: Optional[dict] = None) -> Base:
     """The base of ``--base``; ``supported``: the model kinds (:mod:`scalelm.checkpoint.kinds`) the
-    task starts from (empty: any), refused in one line before anything is loaded."""
+    task starts from (empty: any), refused in one line before anything is loaded. A Hub id is
+    pinned to the commit it resolved to in ``settings`` (the run's task.json), so that a resumed
+    run keeps its base when the branch moves."""
     from ..checkpoint.kinds import ENCDEC, require_kind
     from ..generate.generator import read_chat_template
     from ..model.io import read_model_config
     from ..runs import resolve_checkpoint
 
-    d = hub_base_dir(base) if base.startswith("hf:") else resolve_checkpoint(base)
+    if base.startswith("hf:"):
+        d, pinned = hub_base_dir(base)
+        if settings is not None:
+            settings["base"] = pinned
+    else:
+        d = resolve_checkpoint(base)
     if supported:
         require_kind(d, f"{command} --base", supported,
                      hint={ENCDEC: "an encoder-decoder trains further with `scalelm finetune translate --base`"})
@@ -134,7 +143,7 @@ def base_or_tokenizer(s: dict, needs: str, supported: tuple = (), command: str =
     """The base of ``--base`` (of a kind in ``supported``), or a from-scratch start on ``--tokenizer``
     (``needs`` names what it may be)."""
     if s["base"]:
-        return read_base(s["base"], supported, command)
+        return read_base(s["base"], supported, command, settings=s)
     if not s.get("tokenizer"):
         raise UserError(f"--preset {s['preset']} trains from scratch and needs a tokenizer: --tokenizer {needs}")
     return Base(None, None, tokenizer_json_of(s["tokenizer"]))

@@ -24,6 +24,12 @@ def read_task_file(out: Path) -> dict | None:
         raise UserError(f"{p} is corrupt ({e}): delete the run, or use another --out") from None
 
 
+def _same_hub_model(given, saved) -> bool:
+    """``hf:ORG/NAME`` (any branch's head) against the ``hf:ORG/NAME@COMMIT`` a run pinned it to."""
+    return (isinstance(given, str) and isinstance(saved, str) and given.startswith("hf:") and "@" not in given
+            and saved.startswith(given + "@"))
+
+
 def settings(args: argparse.Namespace, saved_task: dict | None, fixed: tuple, paths: tuple, defaults: dict,
              command: str, free: tuple = ()) -> dict:
     """The task's settings: this command line, else the run's task.json, else ``defaults``. A resumed
@@ -37,6 +43,8 @@ def settings(args: argparse.Namespace, saved_task: dict | None, fixed: tuple, pa
     s = dict(given)
     if saved_task is not None:
         for k in fixed:
+            if k == "base" and _same_hub_model(given[k], saved_task.get(k)):
+                given[k] = saved_task[k]  # hf:ORG/NAME given again: the run keeps the commit it started from
             if given[k] is not None and saved_task.get(k) is not None and given[k] != saved_task[k]:
                 raise UserError(f"{args.out} holds a run with {k}={saved_task[k]!r}, not {given[k]!r}: resume it "
                                 f"with its own settings (`scalelm finetune {command} --out {args.out}` reuses "

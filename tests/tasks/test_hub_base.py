@@ -61,7 +61,14 @@ def test_base_from_a_hub_id_converts_once_per_commit(hub_cache, tiny_tokenizer_j
     assert rc == 0, err
     assert "converting" not in err
 
-    snapshot(hub_cache, COMMIT_B, tiny_tokenizer_json)  # main moved: the new commit converts anew
+    task = json.loads((tmp_path / "r1" / "task.json").read_text())
+    assert task["base"] == f"hf:org/tiny-llama@{COMMIT_A}"  # pinned: a resumed run keeps its base
+
+    snapshot(hub_cache, COMMIT_B, tiny_tokenizer_json)  # main moved: a resumed run stays on its commit ...
+    rc, so, err = cli(*[a if a != "--train.max_steps=2" else "--train.max_steps=3" for a in args], "--out", tmp_path / "r1")
+    assert rc == 0 and "converting" not in err, err
+    assert json.loads(so)["step"] == 3
+    # ... and a new one converts the new commit
     rc, _, err = cli(*args, "--out", tmp_path / "r3")
     assert rc == 0, err
     assert "converting hf:org/tiny-llama@" + COMMIT_B in err

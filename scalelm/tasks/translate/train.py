@@ -95,7 +95,7 @@ class TranslateRecipe(ExamplesRecipe):
             from ...checkpoint.kinds import ENCDEC as ENCDEC_KIND
             from ...checkpoint.kinds import FLOAT_LANGUAGE_MODELS
 
-            base = read_base(s["base"], (*FLOAT_LANGUAGE_MODELS, ENCDEC_KIND), "scalelm finetune translate")
+            base = read_base(s["base"], (*FLOAT_LANGUAGE_MODELS, ENCDEC_KIND), "scalelm finetune translate", settings=s)
         else:
             tok_json, fresh = _tokenizer(s, out)
             base = Base(None, None, tok_json)
