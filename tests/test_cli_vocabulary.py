@@ -45,7 +45,7 @@ DIRECTORY_WRITERS = {"prepare", "convert", "merge", "export", "prune", "quantize
 RUN_DIR_WRITERS = {"train", "finetune", "distill", "sweep", "demo"}
 FILE_WRITERS = {"translate", "plot"}
 # "longest example in tokens" belongs to the fine-tuning tasks; a model's window is --seq-len
-MAX_LENGTH_COMMANDS = {"finetune classify", "finetune sft", "finetune translate"}
+MAX_LENGTH_COMMANDS = {"finetune classify", "finetune sft", "finetune translate", "finetune dpo"}
 
 
 def _subparsers(p: argparse.ArgumentParser) -> dict:

@@ -68,6 +68,7 @@ TASK_FILE = "task.json"  # a fine-tuning task's settings (given > saved > defaul
 LORA_BASE = "base"  # RUN_DIR/base: a LoRA run's grown base model (new tokens), when it needs one
 AUTO_RECORD = "auto.json"  # --preset auto: the shape it chose and why
 DISTILL_RECORD = "distill.json"  # a distillation run's teacher, so a resume needs no --teacher
+REFERENCE_CACHE = "reference_logps.safetensors"  # a preference run's reference log-probabilities (computed once)
 KD_PROJECTION = "kd_projection.safetensors"  # a distillation checkpoint's hidden-state projection (kd.hidden > 0)
 LOCK = ".lock"
 LOCK_HOLDER = ".lock.holder"  # who holds it (the lock file itself is truncated by every opener)

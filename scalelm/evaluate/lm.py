@@ -30,6 +30,9 @@ def add_eval_parser(p: argparse.ArgumentParser) -> None:
 
     add_translate_args(p)  # --source --reference --beams
     add_qa_args(p)  # --answer-regex --prompt-field --completion-field --max-new-tokens
+    from ..tasks.preference.evaluate import add_eval_args as add_preference_args
+
+    add_preference_args(p)  # --ref-model
     p.add_argument("--text", metavar="FILE", help="score a UTF-8 text file directly (rolling windows, no prepare)")
     p.add_argument("--stride", type=int, default=None,
                    help="with --text: how far each window advances (default: the window length; smaller = "
@@ -68,7 +71,7 @@ def check_limit(limit: Optional[float]) -> None:
 
 # --task -> (the model kinds it takes, the kind it needs: scalelm.checkpoint.kinds)
 TASK_KINDS = {"classify": ((GPT, LORA, CLASSIFIER), CLASSIFIER), "translate": ((GPT, LORA, ENCDEC), TRANSLATION),
-              "qa": (LANGUAGE_MODELS, None)}
+              "qa": (LANGUAGE_MODELS, None), "preference": (LANGUAGE_MODELS, None)}
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -95,6 +98,10 @@ def run_eval(args: argparse.Namespace) -> int:
         from ..tasks.sft.qa import run_eval_qa
 
         return run_eval_qa(args)
+    if args.task == "preference":
+        from ..tasks.preference.evaluate import run_eval_preference
+
+        return run_eval_preference(args)
     given = [o for o, v in (("--data", args.data), ("--text", args.text), ("--harness", args.harness)) if v]
     if len(given) != 1:
         raise UserError(f"give one of --data DATA_DIR, --text FILE or --harness TASKS, not {' and '.join(given)}"

@@ -8,7 +8,7 @@ Inference needs none of this: ``scalelm.model.io.load_model_dir`` merges a LoRA 
 """
 
 from .files import NEEDS_BASE, LoRAFiles, lora_base_dir
-from .layer import LoRALinear, apply_lora, lora_layers, merge_lora, parse_targets
+from .layer import LoRALinear, adapters_off, apply_lora, lora_layers, merge_lora, parse_targets
 
-__all__ = ["NEEDS_BASE", "LoRAFiles", "LoRALinear", "apply_lora", "lora_base_dir", "lora_layers", "merge_lora",
+__all__ = ["NEEDS_BASE", "LoRAFiles", "LoRALinear", "adapters_off", "apply_lora", "lora_base_dir", "lora_layers", "merge_lora",
            "parse_targets"]

@@ -8,6 +8,8 @@ starts from the base model). Every other GPT parameter is frozen.
 
 from __future__ import annotations
 
+import contextlib
+
 import difflib
 import math
 
@@ -116,6 +118,21 @@ def apply_lora(gpt: nn.Module, lora: LoRAConfig) -> list[str]:
         setattr(parent, attr, LoRALinear(lin, lora.r, float(lora.alpha), float(lora.dropout)))
         names.append(name)
     return names
+
+
+@contextlib.contextmanager
+def adapters_off(module: nn.Module):
+    """Inside: every adapter of ``module`` adds nothing, so the model computes its base (a LoRA
+    preference run's reference is exactly this)."""
+    layers = list(lora_layers(module).values())
+    scales = [m.scale for m in layers]
+    for m in layers:
+        m.scale = 0.0
+    try:
+        yield module
+    finally:
+        for m, s in zip(layers, scales):
+            m.scale = s
 
 
 def lora_layers(module: nn.Module) -> dict[str, LoRALinear]:

@@ -70,3 +70,47 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).to(acc), targets.reshape(-1),
                                                  ignore_index=IGNORE_INDEX)
     return _CrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+class _TargetLogProbs(torch.autograd.Function):
+    """log p(target) per row, chunked as the cross-entropy above (what preference losses sum per reply)."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        acc = _acc(logits.dtype)
+        valid = targets != IGNORE_INDEX
+        safe = torch.where(valid, targets, 0)
+        logp = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
+        rows = _rows_per_chunk(logits)
+        for s in range(0, logits.shape[0], rows):
+            chunk = torch.log_softmax(logits[s:s + rows], dim=-1, dtype=acc)
+            torch.gather(chunk, 1, safe[s:s + rows, None], out=logp[s:s + rows, None])
+        ctx.save_for_backward(logits, safe, valid)
+        return torch.where(valid, logp, 0)
+
+    @staticmethod
+    def backward(ctx, grad_logp: torch.Tensor):
+        logits, safe, valid = ctx.saved_tensors
+        acc = _acc(logits.dtype)
+        # d logp / d logit = onehot(target) - softmax, on counted rows
+        row_scale = torch.where(valid, grad_logp.to(acc), 0)
+        grad = torch.empty_like(logits)
+        rows = _rows_per_chunk(logits)
+        for s in range(0, logits.shape[0], rows):
+            sl = slice(s, s + rows)
+            p = torch.softmax(logits[sl], dim=-1, dtype=acc).mul_(-row_scale[sl, None])
+            p.scatter_add_(1, safe[sl, None], row_scale[sl, None])
+            grad[sl] = p
+        return grad, None
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``log p(target)`` of ``logits`` (..., V) at each position of ``targets`` (...), in fp32, and 0
+    where the target is ``IGNORE_INDEX``: summed over a reply it is the reply's log-probability."""
+    shape = targets.shape
+    if torch.compiler.is_compiling():
+        acc = _acc(logits.dtype)
+        valid = targets != IGNORE_INDEX
+        lp = torch.log_softmax(logits.to(acc), dim=-1).gather(-1, torch.where(valid, targets, 0)[..., None])[..., 0]
+        return torch.where(valid, lp, 0)
+    return _TargetLogProbs.apply(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)).reshape(shape)

@@ -158,7 +158,7 @@ def task_config(args, s: dict, saved: Optional[Config], base: Base, vocab_size: 
         model = dataclasses.replace(base.cfg, vocab_size=max(base.cfg.vocab_size, vocab_size))
     cfg = resolve_run_config(args, saved, preset=s["preset"], model=model, fixed=f"--base {s['base']}",
                              defaults=defaults, vocab_size=vocab_size,
-                             reuse_saved=saved is not None and not (args.preset or args.config))
+                             reuse_saved=saved is not None and not (getattr(args, "preset", None) or args.config))
     if cfg.lora.r > 0 and base.dir is None:
         raise ConfigError("LoRA adapts a trained model: pass --base MODEL_DIR (not --preset)")
     return cfg

@@ -16,6 +16,8 @@ TASKS: dict[str, tuple[str, str]] = {
     "sft": ("scalelm.tasks.sft.train", "instruction tuning: chat template, loss on replies, packing (full or LoRA)"),
     "translate": ("scalelm.tasks.translate.train", "translation: a decoder-only GPT on 'source => target', or an encoder-decoder "
                   "(--preset transformer-small)"),
+    "dpo": ("scalelm.tasks.preference.train", "preference tuning: DPO, IPO, conservative DPO or SimPO on chosen/rejected "
+            "pairs (full or LoRA)"),
 }
 
 

@@ -10,6 +10,8 @@ not on which attributes an object happens to have:
 * ``batches``: :class:`Batches` (the next micro-batch, and a state that resumes exactly). Batches
   that pad (instruction tuning, translation) are :class:`CountedBatches`: they count the real and
   the supervised tokens served, which every training record then reports.
+* ``loss_fn``: ``loss_fn(model, batch) -> loss``; one that is also :class:`ReportsStats` adds its own
+  measurements to the training records.
 * ``model``: a GPT, an encoder-decoder, or a :class:`WrapsGPT` (a classifier, a distillation
   student) whose ``gpt`` is where LoRA and parallelism apply (:func:`backbone`).
 """
@@ -55,6 +57,17 @@ class CountedBatches(Batches, Protocol):
 
     tokens: int  # real (non-padding) tokens
     supervised_tokens: int  # tokens with a loss
+
+
+@runtime_checkable
+class ReportsStats(Protocol):
+    """A ``loss_fn`` that also measures something per step (preference tuning's rewards, under TRL's
+    names): the Trainer adds ``take_stats()`` to every training record. Every rank calls it at the
+    same step, so it may all-reduce."""
+
+    def __call__(self, model: nn.Module, batch: Any) -> Any: ...
+
+    def take_stats(self) -> dict[str, float]: ...
 
 
 class WrapsGPT(Protocol):

@@ -42,7 +42,7 @@ from . import state as ts
 from .metrics import MetricsLogger, Progress, env_summary, peak_flops, peak_memory_mb
 from .model_io import ModelIO
 from .optim import lr_at, set_lr
-from .protocols import Batches, CountedBatches, DataDir, TrainData, backbone
+from .protocols import Batches, CountedBatches, DataDir, ReportsStats, TrainData, backbone
 from .step import TrainStep, default_loss
 
 
@@ -472,6 +472,8 @@ class Trainer:
                                         for k, n, n0 in zip(names, served, served_mark)})
                             rtps = rec["real_tokens_per_s"]  # padding does no useful work: MFU counts real tokens
                             rec["mfu"] = rtps * fpt / peak if rtps and peak and peak == peak else None
+                        if isinstance(self.loss_fn, ReportsStats):  # e.g. preference tuning's rewards
+                            rec.update(self.loss_fn.take_stats())
                         if not math.isfinite(loss_v):
                             raise Diverged(self._diverged_msg(loss_v))
                         self.metrics.log(rec)
