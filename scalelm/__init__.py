@@ -3,6 +3,7 @@
 The public face (imported on first use, so ``scalelm --help`` and ``prepare`` start fast)::
 
     from scalelm import Config, GPT, Trainer, Generator, TokenData, load_model, prepare
+    from scalelm import capture, patch     # read and replace activations by name (scalelm/interp)
 """
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ _LAZY = {
     "Trainer": "scalelm.train.trainer", "Generator": "scalelm.generate.generator",
     "SamplingParams": "scalelm.generate.sampling", "TokenData": "scalelm.data.loader",
     "prepare": "scalelm.data.prepare", "evaluate": "scalelm.train.validation",
+    "capture": "scalelm.interp.hooks", "patch": "scalelm.interp.hooks",
 }
 
 __all__ = ["CheckpointError", "Config", "ConfigError", "ModelConfig", "UserError", "__version__", *_LAZY]

@@ -24,13 +24,20 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("scalelm.demo", "prepare a corpus, train a small model for a few minutes, generate text"),
     "prepare": ("scalelm.data.prepare", "train a tokenizer and write token shards from a corpus"),
     "train": ("scalelm.train.run", "train a model (one process, or many under torchrun)"),
-    "finetune": ("scalelm.tasks.finetune", "fine-tune a model for a task (classify, sft, translate), fully or with LoRA"),
+    "finetune": ("scalelm.tasks.finetune", "fine-tune a model for a task (classify, sft, translate, summarize, dpo), "
+                 "fully or with LoRA"),
     "eval": ("scalelm.evaluate.lm", "loss, perplexity and bits per byte of a checkpoint on a data split"),
     "generate": ("scalelm.generate.cli", "generate text from a checkpoint"),
     "classify": ("scalelm.tasks.classify.cli", "label texts with a classifier (JSON lines of label and probabilities)"),
     "translate": ("scalelm.tasks.translate.cli", "translate a file with a translation model, one line per line"),
+    "summarize": ("scalelm.tasks.translate.cli", "summarize texts (lines or JSONL records) with a summarization model, "
+                  "one summary per line"),
     "chat": ("scalelm.generate.chat", "interactive multi-turn chat with a checkpoint"),
     "serve": ("scalelm.serve.cli", "an OpenAI-compatible HTTP server for a checkpoint"),
+    "inspect": ("scalelm.interp.cli", "per-token surprisal, top predictions, logit lens and attention of a text "
+                "(table, JSON, HTML report)"),
+    "trace": ("scalelm.interp.cli", "activation patching: which layers, positions and heads carry a prediction"),
+    "steer": ("scalelm.interp.cli", "build a steering vector from two sets of prompts (for generate --steer)"),
     "convert": ("scalelm.convert", "convert checkpoints to and from Hugging Face transformers and PEFT"),
     "push": ("scalelm.publish", "publish a model on the Hugging Face Hub, with a model card from its run"),
     "merge": ("scalelm.lora.merge", "fold a LoRA run's adapters into a plain model directory"),

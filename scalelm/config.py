@@ -44,7 +44,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
-    mlp: Literal["gelu", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "swiglu", "geglu"] = "gelu"  # geglu: SwiGLU with a tanh-GELU gate (Gemma)
     bias: bool = True
     dropout: float = 0.0
     tie_embeddings: bool = True
@@ -65,6 +65,41 @@ class ModelConfig:
     rope_original_block_size: int = 8192
     qkv_bias: bool = False  # biases on q/k/v only, with bias=false (Qwen2/2.5)
     qk_norm: bool = False  # an RMSNorm over each head of q and of k, before RoPE (Qwen3)
+    # which q/k the qk_norm normalises: "head" = each head (weights head_dim wide, shared by the heads:
+    # Qwen3, Gemma 3) or "all" = the whole q and k projections before the split into heads (weights
+    # n_head * head_dim and n_kv_head * head_dim wide: OLMo 2)
+    qk_norm_scope: Literal["head", "all"] = "head"
+    # where a block's norms sit: "pre" x + f(norm(x)) (GPT-2, Llama); "sandwich" x + norm'(f(norm(x)))
+    # (Gemma 2/3); "post" x + norm'(f(x)) (OLMo 2). norm' is the block's attn_post_norm / mlp_post_norm
+    norm_placement: Literal["pre", "sandwich", "post"] = "pre"
+    # Gemma: every RMSNorm scales by (1 + weight) and its weights start at 0. A switch rather than the 1
+    # folded into the weights on import: in bf16, 1 + w would lose w's low bits, and an export would not
+    # give back the imported bits
+    norm_unit_offset: bool = False
+    # token embeddings times this, rounded to the weights' dtype as HF does (Gemma: sqrt(n_embd)); a
+    # number, not a flag, so that a model pruned to fewer channels keeps its trained scale
+    embed_scale: float = 1.0
+    # attention scores scale by attn_scalar ** -0.5; None: head_dim (Gemma's query_pre_attn_scalar)
+    attn_scalar: Optional[float] = None
+    attn_softcap: Optional[float] = None  # attention scores -> c * tanh(scores / c), before the mask (Gemma 2)
+    logit_softcap: Optional[float] = None  # output logits -> c * tanh(logits / c) (Gemma 2 and 3)
+    # the RoPE base of the local (sliding-window) layers, which then take plain RoPE while rope_theta and
+    # rope_scaling are the global layers' (Gemma 3's rope_local_base_freq); None: one RoPE for every layer
+    rope_local_theta: Optional[float] = None
+    # sliding-window attention (Mistral, Phi-3; Gemma's local layers): a query attends to itself and
+    # the sliding_window - 1 tokens before it (HF's convention); None = full attention everywhere.
+    # With a window, layer i is local unless sliding_window_pattern > 1 and (i + 1) % pattern == 0
+    # (Gemma 2: 2, Gemma 3: 6; Mistral: 1, every layer local): see layer_window
+    sliding_window: Optional[int] = None
+    sliding_window_pattern: int = 1
+
+    def layer_window(self, layer: int) -> Optional[int]:
+        """The attention window of layer ``layer`` (0-based): ``sliding_window`` on a local layer,
+        None (full attention) on a global one or without a window."""
+        if self.sliding_window is None:
+            return None
+        p = self.sliding_window_pattern
+        return None if p > 1 and (layer + 1) % p == 0 else self.sliding_window
 
     @property
     def kv_heads(self) -> int:
@@ -75,10 +110,15 @@ class ModelConfig:
         return self.head_size or self.n_embd // self.n_head
 
     @property
+    def gated_mlp(self) -> bool:
+        """A gate projection beside up and down (SwiGLU, GeGLU), not GELU's up and down alone."""
+        return self.mlp in ("swiglu", "geglu")
+
+    @property
     def ffn_dim(self) -> int:
         if self.intermediate_size:
             return self.intermediate_size
-        if self.mlp == "swiglu":  # Llama: 2/3 of 4d, rounded up to a multiple of 256
+        if self.gated_mlp:  # Llama: 2/3 of 4d, rounded up to a multiple of 256
             return 256 * ((int(8 * self.n_embd / 3) + 255) // 256)
         return 4 * self.n_embd
 
@@ -126,6 +166,45 @@ class ModelConfig:
             bad("qkv_bias and qk_norm are for arch=gpt")
         if self.qk_norm and self.norm != "rmsnorm":
             bad("qk_norm=true is an RMSNorm per head (Qwen3): it needs norm=rmsnorm")
+        if self.qk_norm_scope != "head" and not self.qk_norm:
+            bad(f"qk_norm_scope={self.qk_norm_scope!r} says where the q/k norm goes: it needs qk_norm=true")
+        if self.norm_unit_offset and self.norm != "rmsnorm":
+            bad("norm_unit_offset=true is Gemma's RMSNorm (scale 1 + weight): it needs norm=rmsnorm")
+        if self.arch != "gpt":
+            changed = [f.name for f in dataclasses.fields(self) if f.name in _GPT_ONLY
+                       and getattr(self, f.name) != f.default]
+            if changed:
+                bad(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} for arch=gpt")
+        if not self.embed_scale > 0:
+            bad(f"embed_scale must be positive, got {self.embed_scale}")
+        for name in ("attn_scalar", "attn_softcap", "logit_softcap", "rope_local_theta"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                bad(f"{name} must be positive (or unset), got {v}")
+        if self.rope_local_theta is not None:
+            if self.pos_embedding != "rope":
+                bad("rope_local_theta needs pos_embedding=rope")
+            if self.sliding_window is None:
+                bad("rope_local_theta is the RoPE base of the sliding-window layers: it needs sliding_window")
+        if self.sliding_window is not None:
+            if self.sliding_window < 1:
+                bad(f"sliding_window must be at least 1 (a query sees itself), got {self.sliding_window}")
+            if self.arch != "gpt":
+                bad("sliding_window is for arch=gpt")
+        if self.sliding_window_pattern < 1:
+            bad(f"sliding_window_pattern must be at least 1, got {self.sliding_window_pattern}")
+        if self.sliding_window is not None and self.n_shared_blocks:
+            k = self.n_shared_blocks  # layer i runs block i % k: the layers sharing a block must share a window
+            mixed = [i for i in range(self.n_layer) if self.layer_window(i) != self.layer_window(i % k)]
+            if mixed:
+                bad(f"n_shared_blocks={k} with sliding_window_pattern={self.sliding_window_pattern} makes layer "
+                    f"{mixed[0]} share block {mixed[0] % k} with a layer of the other attention kind; choose a "
+                    f"pattern that divides n_shared_blocks")
+
+
+# ModelConfig's decoder-only switches (the encoder-decoder model has none of them)
+_GPT_ONLY = ("qk_norm_scope", "norm_placement", "norm_unit_offset", "embed_scale", "attn_scalar", "attn_softcap",
+             "logit_softcap", "rope_local_theta")
 
 
 @dataclass
@@ -206,6 +285,7 @@ class ParallelConfig:
     dp_shard: int = -1  # -1: whatever is left of the world size after the other dimensions
     tp: int = 1
     pp: int = 1
+    cp: int = 1  # context parallel: each sequence split over cp ranks, attention as a ring (long sequences)
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
     pp_microbatches: Optional[int] = None  # None: 2 * pp
     sequence_parallel: bool = False

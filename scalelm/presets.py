@@ -1,8 +1,9 @@
 """Named presets: partial configs merged over the defaults (``--preset NAME``).
 
-Shapes follow the published models; the Llama, SmolLM and Qwen ones are shape-only (no weights
-here) but hold the published weights exactly (``scalelm convert --from-hf``; checked against their
-config.json in tests/model/test_hf_families.py). ``block_size`` is a context to train at; an import
+Shapes follow the published models; the Llama, SmolLM, Qwen, Mistral, Phi-3, OLMo 2 and Gemma ones
+are shape-only (no weights here) but hold the published weights exactly (``scalelm convert --from-hf``;
+checked against their config.json in tests/model/test_hf_families.py, test_hf_mistral_phi3.py and
+test_hf_olmo_gemma.py). ``block_size`` is a context to train at; an import
 takes the published one (max_position_embeddings).
 ``baby`` carries nanoGPT's CPU Shakespeare training recipe as its training defaults.
 """
@@ -13,6 +14,9 @@ _LLAMA = dict(pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False, no
 # Llama 3.1/3.2's RoPE: low frequencies stretched 32x (3.2) beyond the 8192-token pre-training context
 _LLAMA3_ROPE = dict(rope_theta=500000.0, rope_scaling="llama3", rope_low_freq_factor=1.0,
                     rope_high_freq_factor=4.0, rope_original_block_size=8192)
+# Gemma 2/3: sandwich norms with Gemma's (1 + w) RMSNorm, GeGLU, embeddings scaled by sqrt(n_embd), tied
+_GEMMA = dict(pos_embedding="rope", norm="rmsnorm", mlp="geglu", bias=False, norm_eps=1e-6, norm_placement="sandwich",
+              norm_unit_offset=True, tie_embeddings=True)
 _QWEN = dict(_LLAMA, vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0, tie_embeddings=True)
 
 PRESETS: dict[str, dict] = {
@@ -37,6 +41,31 @@ PRESETS: dict[str, dict] = {
     # Qwen3 0.6B: an RMSNorm per head on q and k; heads 128 wide (16 x 128 > 1024)
     "qwen3-0.6b": {"model": dict(_QWEN, qk_norm=True, block_size=4096, n_layer=28, n_head=16, n_kv_head=8,
                                  n_embd=1024, head_size=128, intermediate_size=3072)},
+    # Mistral 7B v0.1: Llama-shaped with GQA 32/8 and a 4096-token sliding window on every layer
+    "mistral-7b": {"model": dict(_LLAMA, vocab_size=32000, block_size=8192, n_layer=32, n_head=32, n_kv_head=8,
+                                 n_embd=4096, intermediate_size=14336, rope_theta=10000.0, tie_embeddings=False,
+                                 sliding_window=4096)},
+    # Phi-3-mini-4k-instruct: Mistral's computation (stored with fused q/k/v and gate/up), MHA, window 2047
+    "phi-3-mini": {"model": dict(_LLAMA, vocab_size=32064, block_size=4096, n_layer=32, n_head=32, n_kv_head=32,
+                                 n_embd=3072, intermediate_size=8192, rope_theta=10000.0, tie_embeddings=False,
+                                 sliding_window=2047)},
+    # OLMo 2 1B (allenai/OLMo-2-0425-1B): norms on each sub-layer's output before the residual add, and
+    # q/k norms over the whole projections; MHA, untied
+    "olmo-2-1b": {"model": dict(_LLAMA, vocab_size=100352, block_size=4096, n_layer=16, n_head=16, n_kv_head=16,
+                                n_embd=2048, intermediate_size=8192, norm_eps=1e-6, rope_theta=500000.0,
+                                tie_embeddings=False, norm_placement="post", qk_norm=True, qk_norm_scope="all")},
+    # Gemma 2 2B: norms before and after each sub-layer, attention and output soft-capped, local
+    # (4096-token window) and global layers alternating; heads 256 wide (8 x 256 > 2304)
+    "gemma-2-2b": {"model": dict(_GEMMA, vocab_size=256000, block_size=4096, n_layer=26, n_head=8, n_kv_head=4,
+                                 n_embd=2304, head_size=256, intermediate_size=9216, embed_scale=2304 ** 0.5,
+                                 rope_theta=10000.0, attn_softcap=50.0, logit_softcap=30.0, sliding_window=4096,
+                                 sliding_window_pattern=2)},
+    # Gemma 3 1B (google/gemma-3-1b-pt): Gemma 2's block with per-head q/k norms instead of soft-capping;
+    # five local layers (512-token window, RoPE base 10k) to one global layer (RoPE base 1M)
+    "gemma-3-1b": {"model": dict(_GEMMA, vocab_size=262144, block_size=4096, n_layer=26, n_head=4, n_kv_head=1,
+                                 n_embd=1152, head_size=256, intermediate_size=6912, embed_scale=1152 ** 0.5,
+                                 qk_norm=True, rope_theta=1000000.0, rope_local_theta=10000.0, sliding_window=512,
+                                 sliding_window_pattern=6)},
     # Llama 3 8B shape
     "llama3-8b": {"model": dict(_LLAMA, vocab_size=128256, block_size=8192, n_layer=32, n_head=32,
                                 n_kv_head=8, n_embd=4096, intermediate_size=14336, rope_theta=500000.0,

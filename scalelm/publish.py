@@ -33,9 +33,10 @@ CARD = "README.md"  # the Hub shows a repository's README.md as its model card
 HUB = "https://huggingface.co"
 # the transformers class of each exported family (config.json's "architectures")
 CAUSAL_LM_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                     "qwen3": "Qwen3ForCausalLM"}
+                     "qwen3": "Qwen3ForCausalLM", "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM"}
 SEQUENCE_CLASSES = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
-                    "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}
+                    "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
+                    "mistral": "MistralForSequenceClassification"}
 
 
 def add_push_parser(p: argparse.ArgumentParser) -> None:
@@ -187,15 +188,16 @@ def model_card(model: str | Path, repo_id: str = "", license: Optional[str] = No
     """The ``README.md`` of a model published from ``model`` (a model directory or RUN_DIR): Hub
     front matter and what scalelm knows of the model and its run. Reads files, writes nothing."""
     from .checkpoint.kinds import read_kind
-    from .model.hf import hf_family
+    from .model.hf import hf_family, recorded_hf_type
     from .model.io import read_model_config
 
     kind = read_kind(model)
     d = kind.path
     meta = _read_json(d / CONFIG) or {}
     cfg = read_model_config(d)
-    family = hf_family(cfg)
     classifier = kind.task == "classify"
+    # the class the export writes: an import's own for a language model (classifiers: by shape)
+    family = hf_family(cfg, None if classifier else recorded_hf_type(d))
     run = _run_dir(d)
     info = _read_json(run / RUN_INFO) if run else None
     data_lines, datasets = _data_lines(info)

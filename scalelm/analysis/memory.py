@@ -33,11 +33,7 @@ class Layout(MeshLayout):
         return self.world_size
 
     @property
-    def fsdp(self) -> bool:  # as scalelm.distributed.parallelize.uses_fsdp
-        return self.dp_shard > 1 or (self.dp_replicate > 1 and self.tp > 1)
-
-    @property
-    def ddp(self) -> bool:
+    def ddp(self) -> bool:  # (fsdp: as the trainer decides, scalelm.distributed.mesh.Layout.fsdp)
         return self.dp_replicate > 1 and not self.fsdp
 
     @property
@@ -51,6 +47,8 @@ class Layout(MeshLayout):
             parts.append("FSDP")
         elif self.dp_replicate > 1:
             parts.append("DDP")
+        if self.cp > 1:
+            parts.append("CP")
         if self.tp > 1:
             parts.append("TP")
         return "+".join(parts) or "single"
@@ -130,7 +128,7 @@ def layer_saved_bytes(cfg: ModelConfig, precision: str, tp: int = 1, seq_paralle
     a = 2 if low else 4
     d, q = cfg.n_embd, cfg.n_head * cfg.head_dim
     kv, f, H = cfg.kv_heads * cfg.head_dim, cfg.ffn_dim, cfg.n_head
-    swiglu = cfg.mlp == "swiglu"
+    swiglu = cfg.gated_mlp  # SwiGLU or GeGLU: a gate beside up
     dn = d / tp if seq_parallel else d  # norms run on sequence shards under sequence parallelism
     norms = 2 * _norm_saved(cfg, dn)
     lin_in = 2 * (2 if low else 4) * d  # each norm's output, read by the linears after it
@@ -224,7 +222,7 @@ def _stage_memory(cfg, layout, B, T, precision, accum, schedule, seq_parallel, s
     # a tied head is the embedding; on a later pipeline stage it is a second copy
     head = (split.head or (split.tok_emb if p > 1 else 0)) + split.norm_f if last else 0
     P = blocks * block_local + emb + head  # parameters this device computes with (unsharded)
-    shard = s if layout.fsdp else 1
+    shard = s * layout.cp if layout.fsdp else 1  # context-parallel ranks shard like data-parallel ones
     params = 4 * P / shard
     optimizer = 8 * P / shard
     # gradients: FSDP2 with gradient sync off (accumulation) keeps them unsharded until the last
@@ -236,7 +234,7 @@ def _stage_memory(cfg, layout, B, T, precision, accum, schedule, seq_parallel, s
         fused_adamw = not layout.fsdp and t == 1  # DTensor parameters fall back to foreach
     opt_temp = 0 if fused_adamw else 4 * P / shard  # foreach AdamW: one parameter-sized temporary
 
-    tokens = B * T
+    tokens = B * T / layout.cp  # context parallelism: this device's part of each sequence
     k = in_flight(layout, max(accum, 1), schedule, stage)
     act_bytes = 2 if (layout.fsdp and low) else 4  # FSDP2 bf16 params make the residual stream bf16
     layer_full = layer_saved_bytes(cfg, precision, t, seq_parallel) * tokens
@@ -271,6 +269,9 @@ def _stage_memory(cfg, layout, B, T, precision, accum, schedule, seq_parallel, s
         fsdp_buf = pb * (root + 2 * block_local)  # unsharded root + current and prefetched block
     activations = blocks_saved + emb_saved + head_saved + head_w_copy
     workspace = layer_workspace_bytes(cfg, precision, t) * tokens
+    if layout.cp > 1:  # the ring: K and V in hand and arriving, their fp32 gradients travelling with them
+        kv = 2 * cfg.kv_heads * cfg.head_dim / t * tokens
+        workspace += kv * (2 * (2 if low else 4) + 2 * 4)
 
     base = dict(params=params, optimizer=optimizer)
     phases = {

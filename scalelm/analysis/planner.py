@@ -90,16 +90,25 @@ class Plan:
 # ----------------------------------------------------------------------------- layouts
 
 
-def factorizations(n: int) -> list[tuple[int, int, int, int]]:
-    """All (pp, dp_replicate, dp_shard, tp) with product n."""
+def factorizations(n: int) -> list[tuple[int, int, int, int, int]]:
+    """All (pp, dp_replicate, dp_shard, tp, cp) with product n."""
     divs = [d for d in range(1, n + 1) if n % d == 0]
-    return [(pp, r, s, n // (pp * r * s)) for pp in divs for r in divs for s in divs
-            if n % (pp * r * s) == 0]
+    return [(pp, r, s, tp, n // (pp * r * s * tp)) for pp in divs for r in divs for s in divs for tp in divs
+            if n % (pp * r * s * tp) == 0]
 
 
-def invalid_reason(setup: Setup, pp: int, r: int, s: int, tp: int) -> Optional[str]:
+def invalid_reason(setup: Setup, pp: int, r: int, s: int, tp: int, cp: int = 1) -> Optional[str]:
     """Why a layout cannot run (the same rules as scalelm.distributed), or None."""
     c = setup.cfg
+    if cp > 1:
+        if pp > 1:
+            return "cp does not run inside a pipeline"
+        if setup.seq_parallel:
+            return "cp and sequence parallelism both split the sequence"
+        if setup.seq_len % (2 * cp):
+            return f"cp={cp} splits a sequence into {2 * cp} chunks: seq_len {setup.seq_len} does not divide"
+        if c.dropout > 0 or getattr(c, "sliding_window", None) is not None or getattr(c, "attn_softcap", None):
+            return "cp runs plain causal attention (no dropout, window or softcap)"
     if tp > 1:
         if c.n_head % tp:
             return f"tp={tp} does not divide n_head={c.n_head}"
@@ -129,7 +138,7 @@ def layer_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token of one layer, the per-layer term of ``flops_per_token``."""
     d, hd = cfg.n_embd, cfg.head_dim
     attn_w = d * hd * (cfg.n_head * 2 + cfg.kv_heads * 2)
-    mlp_w = d * cfg.ffn_dim * (3 if cfg.mlp == "swiglu" else 2)
+    mlp_w = d * cfg.ffn_dim * (3 if cfg.gated_mlp else 2)
     return 3 * (2 * (attn_w + mlp_w) + 4 * seq_len * cfg.n_head * hd)
 
 
@@ -139,7 +148,7 @@ def head_flops_per_token(cfg: ModelConfig) -> float:
 
 def _link(setup: Setup, inner: int, size: int) -> tuple[str, float]:
     """The link a group of ``size`` ranks with stride ``inner`` runs over (mesh: pp, dp_replicate,
-    dp_shard, tp, tp innermost): inside a node if the group's span fits in one."""
+    dp_shard, cp, tp, tp innermost): inside a node if the group's span fits in one."""
     if inner * size <= setup.per_node:
         return setup.device.intra_node
     return setup.device.inter_node
@@ -147,8 +156,9 @@ def _link(setup: Setup, inner: int, size: int) -> tuple[str, float]:
 
 def evaluate(setup: Setup, layout: Layout) -> Plan:
     cfg, split = setup.cfg, setup.split
-    pp, r, s, tp = layout.pp, layout.dp_replicate, layout.dp_shard, layout.tp
+    pp, r, s, tp, cp = layout.pp, layout.dp_replicate, layout.dp_shard, layout.tp, layout.cp
     B, T = setup.micro_batch, setup.seq_len
+    Tl = T / cp  # tokens of each sequence on this device (context parallelism)
     accum = setup.global_batch // (B * r * s)
     mem = estimate_memory(cfg, layout, B, T, setup.precision, accum, setup.schedule,
                           setup.seq_parallel, split, device_type=setup.device_type)
@@ -161,10 +171,12 @@ def evaluate(setup: Setup, layout: Layout) -> Plan:
     lf = layer_flops_per_token(cfg, T) * (4 / 3 if layout.ac else 1) / tp
     stage_flops = [(cfg.n_layer // pp) * lf + (head_flops_per_token(cfg) if st == pp - 1 else 0)
                    for st in range(pp)]
-    mb_time = max(stage_flops) * B * T / (setup.peak * setup.efficiency)
+    # under CP a device computes its 1/cp of the tokens, each attending over the whole sequence
+    # (the zigzag split gives every rank the same share of the causal attention)
+    mb_time = max(stage_flops) * B * Tl / (setup.peak * setup.efficiency)
     compute = accum * mb_time
     bubble = (pp - 1) * mb_time / (2 if setup.schedule == "interleaved_1f1b" else 1) if pp > 1 else 0.0
-    device_flops = accum * max(stage_flops) * B * T
+    device_flops = accum * max(stage_flops) * B * Tl
 
     # communication, bytes sent per device per step (ring collectives: 2(n-1)/n for all-reduce)
     low = setup.precision in ("bf16", "fp16")
@@ -172,26 +184,39 @@ def evaluate(setup: Setup, layout: Layout) -> Plan:
     P_local = mem.detail["params_unsharded"]
     comm, times, notes = {}, {}, []
     if tp > 1:
-        per = 2 * (tp - 1) / tp * B * T * cfg.n_embd * act
+        per = 2 * (tp - 1) / tp * B * Tl * cfg.n_embd * act
         n_ar = (6 if layout.ac else 4) * (cfg.n_layer // pp)  # 2 fwd + 2 bwd all-reduces a layer (+2 recompute)
         comm["tp"] = accum * n_ar * per
         times["tp"] = comm["tp"] / _link(setup, 1, tp)[1]
+    if cp > 1:  # the ring: K and V go round (cp - 1 hops) in the forward, again in the backward with
+        # their fp32 gradients (cp hops); AC's recompute sends them once more
+        kv = 2 * B * Tl * cfg.kv_heads * cfg.head_dim / tp
+        layers = cfg.n_layer // pp
+        fwd = (2 if layout.ac else 1) * (cp - 1) * kv * act * layers * accum
+        bwd_kv, bwd_grad = (cp - 1) * kv * act * layers * accum, cp * kv * 4 * layers * accum
+        comm["cp"] = fwd + bwd_kv + bwd_grad
+        link = _link(setup, tp, cp)[1]
+        # K/V hops overlap the attention of the block in hand; the gradients' hop waits for it
+        attn = 12 * T * cfg.n_head * cfg.head_dim / tp * B * Tl * layers * accum * (4 / 3 if layout.ac else 1)
+        times["cp"] = max(0.0, (fwd + bwd_kv) / link - attn / (setup.peak * setup.efficiency)) + bwd_grad / link
     if layout.fsdp:
         pb = 2 if low else 4
+        sc = s * cp  # FSDP2 shards over dp_shard x cp
         gathers = 1 if pp > 1 else 2  # forward, and again in backward (resharded after forward)
-        ag = gathers * accum * (s - 1) / s * P_local * pb if s > 1 else 0.0
-        rs = (s - 1) / s * P_local * 4 if s > 1 else 0.0  # one fp32 reduce-scatter per step
-        ar = 2 * (r - 1) / r * P_local / s * 4 if r > 1 else 0.0  # across replicas (HSDP)
+        ag = gathers * accum * (sc - 1) / sc * P_local * pb if sc > 1 else 0.0
+        rs = (sc - 1) / sc * P_local * 4 if sc > 1 else 0.0  # one fp32 reduce-scatter per step
+        ar = 2 * (r - 1) / r * P_local / sc * 4 if r > 1 else 0.0  # across replicas (HSDP)
         comm["dp"] = ag + rs + ar
-        times["dp"] = (ag + rs) / _link(setup, tp, s)[1] + (ar / _link(setup, tp * s, r)[1] if r > 1 else 0)
+        times["dp"] = (ag + rs) / _link(setup, tp, sc)[1] + (ar / _link(setup, tp * sc, r)[1] if r > 1 else 0)
     elif r > 1:
         comm["dp"] = 2 * (r - 1) / r * P_local * 4  # DDP: one fp32 all-reduce per step
-        times["dp"] = comm["dp"] / _link(setup, tp * s, r)[1]
+        times["dp"] = comm["dp"] / _link(setup, tp * s * cp, r)[1]
     if pp > 1:
         comm["pp"] = 2 * accum * B * T * cfg.n_embd * act  # activations forward, gradients back
         times["pp"] = comm["pp"] / _link(setup, tp * s * r, pp)[1]
     # DP traffic overlaps compute; TP all-reduces and pipeline sends sit on the critical path
-    step = max(compute + bubble, times.get("dp", 0.0)) + times.get("tp", 0.0) + times.get("pp", 0.0)
+    step = max(compute + bubble, times.get("dp", 0.0)) + times.get("tp", 0.0) + times.get("pp", 0.0) \
+        + times.get("cp", 0.0)
     times.update(compute=compute, bubble=bubble, step=step)
     if pp > 1 and accum < pp:
         notes.append(f"only {accum} micro-batches for {pp} stages: most of the pipeline idles")
@@ -204,24 +229,24 @@ def evaluate(setup: Setup, layout: Layout) -> Plan:
 
 
 def complexity(layout: Layout) -> tuple:
-    """Simpler first: fewer parallel dimensions, no checkpointing, no pipeline, no TP."""
-    dims = sum(x > 1 for x in (layout.pp, layout.dp_replicate, layout.dp_shard, layout.tp))
-    return (dims, layout.ac, layout.pp > 1, layout.tp > 1, layout.dp_shard > 1)
+    """Simpler first: fewer parallel dimensions, no checkpointing, no pipeline, no CP, no TP."""
+    dims = sum(x > 1 for x in (layout.pp, layout.dp_replicate, layout.dp_shard, layout.tp, layout.cp))
+    return (dims, layout.ac, layout.pp > 1, layout.cp > 1, layout.tp > 1, layout.dp_shard > 1)
 
 
 def plan_all(setup: Setup) -> tuple[list[Plan], list[dict]]:
     setup.split = setup.split or param_split(setup.cfg)
     plans, skipped = [], []
-    for pp, r, s, tp in factorizations(setup.devices):
-        dims = dict(pp=pp, dp_replicate=r, dp_shard=s, tp=tp)
+    for pp, r, s, tp, cp in factorizations(setup.devices):
+        dims = dict(pp=pp, dp_replicate=r, dp_shard=s, tp=tp, cp=cp)
         if any(dims[k] != v for k, v in setup.fixed.items()):
             continue  # the config asked for another layout
-        why = invalid_reason(setup, pp, r, s, tp)
+        why = invalid_reason(setup, pp, r, s, tp, cp)
         if why:
-            skipped.append(dict(pp=pp, dp_replicate=r, dp_shard=s, tp=tp, reason=why))
+            skipped.append(dict(dims, reason=why))
             continue
         for ac in (False, True):
-            plans.append(evaluate(setup, Layout(pp, r, s, tp, ac)))
+            plans.append(evaluate(setup, Layout(pp=pp, dp_replicate=r, dp_shard=s, tp=tp, cp=cp, ac=ac)))
     plans.sort(key=lambda p: (not p.fits, p.times["step"] if p.fits else p.memory.peak))
     return plans, skipped
 
@@ -280,7 +305,8 @@ def _gib(x: float) -> str:
 
 
 def _layout_str(l: Layout) -> str:
-    return f"pp={l.pp} dp_replicate={l.dp_replicate} dp_shard={l.dp_shard} tp={l.tp}" + (" +AC" if l.ac else "")
+    return (f"pp={l.pp} dp_replicate={l.dp_replicate} dp_shard={l.dp_shard} tp={l.tp}"
+            + (f" cp={l.cp}" if l.cp > 1 else "") + (" +AC" if l.ac else ""))
 
 
 def _bytes(x: float) -> str:
@@ -300,10 +326,11 @@ def assumptions(setup: Setup) -> list[str]:
            f"parallel settings)"] if setup.fixed else []),
         f"links: within a node of {setup.per_node}: {d.intra_node[0]} ({d.intra_node[1] / 1e9:.0f} GB/s per "
         f"direction); between nodes: {d.inter_node[0]} ({d.inter_node[1] / 1e9:.1f} GB/s)",
-        "mesh order pp, dp_replicate, dp_shard, tp (tp innermost, kept inside a node); ring collectives, "
+        "mesh order pp, dp_replicate, dp_shard, cp, tp (tp innermost, kept inside a node); ring collectives, "
         "latency ignored",
         "data-parallel traffic overlaps compute; tensor-parallel all-reduces, pipeline sends and the "
-        f"pipeline bubble ({setup.schedule}) do not",
+        f"pipeline bubble ({setup.schedule}) do not; context parallelism's K/V hops overlap attention, its "
+        "gradient hops do not",
         "training state: fp32 weights, fp32 gradients, fp32 AdamW moments (16 bytes a parameter); "
         + ("bf16 autocast (FSDP2: bf16 gathered parameters, fp32 gradient reduction)" if setup.precision != "fp32"
            else "fp32 compute"),
@@ -326,14 +353,14 @@ def print_table(setup: Setup, plans: list[Plan], skipped: list[dict], best: Opti
           f"{fpt:.4g} FLOPs per token (6N + attention), {fpt * setup.global_batch * setup.seq_len:.4g} per step",
           file=out)
     print(f"devices: {setup.devices} x {setup.device.name} ({setup.per_node} per node)\n", file=out)
-    hdr = (f"{'layout':<16}{'pp':>3}{'rep':>4}{'shard':>6}{'tp':>4}{'acc':>5}{'params':>10}{'grads':>10}"
+    hdr = (f"{'layout':<16}{'pp':>3}{'rep':>4}{'shard':>6}{'cp':>4}{'tp':>4}{'acc':>5}{'params':>10}{'grads':>10}"
            f"{'optim':>10}{'activ':>10}{'peak':>10} {'at':<10}{'fits':<5}{'comm/step':>10}{'step s':>9}{'tok/s':>11}{'MFU':>5}")
     print(hdr, file=out)
     shown = plans if show_all else [p for p in plans if p.fits][:12] + [p for p in plans if not p.fits][:4]
     for p in shown:
         l, m = p.layout, p.memory
         comm = sum(p.comm_bytes.values())
-        print(f"{p.name:<16}{l.pp:>3}{l.dp_replicate:>4}{l.dp_shard:>6}{l.tp:>4}{p.grad_accum:>5}"
+        print(f"{p.name:<16}{l.pp:>3}{l.dp_replicate:>4}{l.dp_shard:>6}{l.cp:>4}{l.tp:>4}{p.grad_accum:>5}"
               f"{_gib(m.params):>10}{_gib(m.grads):>10}{_gib(m.optimizer):>10}{_gib(m.activations):>10}"
               f"{_gib(m.peak):>10} {PHASE[m.phase]:<10}{'yes' if p.fits else 'no':<5}{_bytes(comm) if comm else '-':>10}"
               f"{p.times['step']:>9.3g}{p.tokens_per_s:>11,.0f}{p.mfu:>5.0%}", file=out)
@@ -342,7 +369,7 @@ def print_table(setup: Setup, plans: list[Plan], skipped: list[dict], best: Opti
         print(f"... {hidden} more layouts (--all shows them, --json lists them with reasons)", file=out)
     if skipped:
         print(f"skipped {len(skipped)} invalid layouts, e.g. " + "; ".join(
-            f"pp={s['pp']} rep={s['dp_replicate']} shard={s['dp_shard']} tp={s['tp']}: {s['reason']}"
+            f"pp={s['pp']} rep={s['dp_replicate']} shard={s['dp_shard']} tp={s['tp']} cp={s['cp']}: {s['reason']}"
             for s in skipped[:3]), file=out)
     print("\nassumptions:", file=out)
     for a in assumptions(setup):
@@ -351,7 +378,8 @@ def print_table(setup: Setup, plans: list[Plan], skipped: list[dict], best: Opti
     if best:
         l = best.layout
         flags = (f"--parallel.pp={l.pp} --parallel.dp_replicate={l.dp_replicate} --parallel.dp_shard={l.dp_shard} "
-                 f"--parallel.tp={l.tp} --train.micro_batch_size={setup.micro_batch} "
+                 f"--parallel.tp={l.tp} " + (f"--parallel.cp={l.cp} " if l.cp > 1 else "")
+                 + f"--train.micro_batch_size={setup.micro_batch} "
                  f"--train.global_batch_size={setup.global_batch}"
                  + (" --train.activation_checkpointing=true" if l.ac else ""))
         print(f"  train with: {flags}", file=out)
@@ -462,18 +490,18 @@ def _fixed_dims(cfg: Config, args) -> dict:
 
     given = {a[2:].split("=", 1)[0].replace("-", "_") for a in args.overrides or [] if a.startswith("--")}
     fixed = {}
-    for k in ("pp", "dp_replicate", "dp_shard", "tp"):
+    for k in ("pp", "dp_replicate", "dp_shard", "tp", "cp"):
         v = getattr(cfg.parallel, k)
         if (f"parallel.{k}" in given or v != getattr(ParallelConfig(), k)) and not (k == "dp_shard" and v == -1):
             if v < 1:
                 raise UserError(f"--parallel.{k} must be at least 1 (dp_shard: -1 = the rest), got {v}")
             fixed[k] = v
     n = math.prod(fixed.values())
-    if args.devices % n or (len(fixed) == 4 and n != args.devices):
+    if args.devices % n or (len(fixed) == 5 and n != args.devices):
         divisors = [d for d in range(1, args.devices + 1) if args.devices % d == 0]
         pins = " ".join(f"--parallel.{k}={v}" for k, v in fixed.items())
         raise UserError(f"{pins} cannot be laid out on --devices {args.devices}: pp x dp_replicate x dp_shard x tp "
-                        f"must equal the device count, so each must divide it ({', '.join(map(str, divisors))}); "
+                        f"x cp must equal the device count, so each must divide it ({', '.join(map(str, divisors))}); "
                         f"change --devices or those settings, or drop them to compare every layout")
     return fixed
 

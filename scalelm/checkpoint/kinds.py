@@ -34,7 +34,8 @@ GPT, ENCDEC, LORA, QUANTIZED, CLASSIFIER, TRANSLATION = (
     "gpt", "encoder-decoder", "lora", "quantized", "classifier", "translation")
 FACETS = (GPT, ENCDEC, LORA, QUANTIZED, CLASSIFIER)  # what decides whether a command can load and write the model
 KINDS = (GPT, LORA, CLASSIFIER, QUANTIZED, ENCDEC)  # model_kind's answers
-TASKS = {"classify": CLASSIFIER, "translate": TRANSLATION}  # config.json "task" name -> kind
+# config.json "task" name -> kind (a summarizer is a sequence-to-sequence model as a translator is)
+TASKS = {"classify": CLASSIFIER, "translate": TRANSLATION, "summarize": TRANSLATION}
 
 # the kinds a command typically takes (commands pass their own tuple; these name the common ones)
 LANGUAGE_MODELS = (GPT, LORA, QUANTIZED, CLASSIFIER)  # read as a decoder-only LM (a classifier's GPT is one)
@@ -111,7 +112,7 @@ class ModelKind:
         else:
             words.append(f"{shape} language model")
         notes.append({"classify": f"{self.labels} labels" if self.labels else "", "translate": "translation",
-                      "sft": "instruction-tuned"}.get(self.task or "", self.task or ""))
+                      "summarize": "summarization", "sft": "instruction-tuned"}.get(self.task or "", self.task or ""))
         text = " ".join(words)
         article = "an" if text[0] in "aeiouAEIO" or text.startswith("int") else "a"
         notes = [n for n in notes if n]
@@ -136,7 +137,7 @@ def read_kind(path: Union[str, Path]) -> ModelKind:
         quantization=None if quant is None else str(scheme or ""),
         task=task_name if isinstance(task_name, str) else None,
         labels=len(labels) if isinstance(labels, list) else 0,
-        llama=model.get("pos_embedding") == "rope" and model.get("mlp") == "swiglu",
+        llama=model.get("pos_embedding") == "rope" and model.get("mlp") in ("swiglu", "geglu"),
         pruned="pruning" in meta,
     )
 

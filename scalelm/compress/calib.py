@@ -63,20 +63,14 @@ class BlockRunner:
         self.batches = [windows[i:i + batch_size].to(dev) for i in range(0, len(windows), batch_size)]
         T = windows.shape[1]
         pos = torch.arange(T, device=dev)[None]
-        self.rope = None
-        if model.cfg.pos_embedding == "rope":
-            self.rope = (model.rope_cos[pos][:, None], model.rope_sin[pos][:, None])
+        self.ropes = model.ropes(pos)  # (global, local): local layers may have their own (Gemma 3)
         with torch.no_grad():
-            self.inputs = []
-            for x in self.batches:
-                h = model.tok_emb(x)
-                if model.pos_emb is not None:
-                    h = h + model.pos_emb(pos)
-                self.inputs.append(h)
+            self.inputs = [model.embed(x, pos) for x in self.batches]  # (scaled where the model scales them)
 
     def run(self, block: nn.Module, layer: int) -> list[torch.Tensor]:
+        rope = self.ropes[self.model.cfg.layer_window(layer) is not None]
         with torch.no_grad():
-            return [block(h, self.rope, None, layer) for h in self.inputs]
+            return [block(h, rope, None, layer) for h in self.inputs]
 
     def advance(self, block: nn.Module, layer: int) -> None:
         self.inputs = self.run(block, layer)

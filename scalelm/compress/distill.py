@@ -105,7 +105,7 @@ class KDStudent(nn.Module):
         if not with_hidden:
             return self.gpt(idx, targets)
         h = self.gpt.hidden_states(idx)
-        return self.gpt.lm_head(h), self.proj(h)
+        return self.gpt.head_logits(h), self.proj(h)  # (soft-capped where the model caps its logits)
 
 
 class KDStudentFiles(ModelIO):
@@ -153,7 +153,7 @@ class DistillLoss:
     def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.no_grad():
             h = self.teacher.hidden_states(x)
-            return self.teacher.lm_head(h), h
+            return self.teacher.head_logits(h), h
 
     def __call__(self, model: nn.Module, batch) -> torch.Tensor:
         x, y = batch

@@ -17,16 +17,19 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
+from ..config import ModelConfig
 from ..errors import UserError
 from ..generate.cpu_layout import shallow_copy
 from ..generate.onnx_backend import FORMAT, INPUTS, ONNX_FILE, OUTPUTS, OrtCache, OrtModel, is_onnx_dir
-from ..model.gpt import GPT
-from ..model.kv_cache import LayerKVCache
+from ..model.gpt import GPT, softcap
+from ..model.kv_cache import LayerKVCache, local_layers
+from ..model.masks import window_mask
 
 PARITY_LIMIT = 1e-3  # an export whose logits differ more from PyTorch's is refused (1e-5 is typical)
 
@@ -35,12 +38,16 @@ class ConcatCache(LayerKVCache):
     """A :class:`~scalelm.model.kv_cache.LayerKVCache` for one traced forward: past keys/values
     come in as the graph's inputs (any length P >= 0), new ones are concatenated to them (and
     collected as its outputs), the mask follows ``attention_mask`` and positions are
-    ``position_ids``. No capacity: the caller (onnxruntime's :class:`OrtCache`) holds the past."""
+    ``position_ids``. No capacity: the caller (onnxruntime's :class:`OrtCache`) holds the past.
+    With ``cfg``'s sliding window, local layers get the band over slots (kv_cache.py), built into
+    the graph for any past length."""
 
-    def __init__(self, past_key, past_value, attention_mask, position_ids):
+    def __init__(self, past_key, past_value, attention_mask, position_ids, cfg: Optional[ModelConfig] = None):
         self.k, self.v = past_key, past_value  # (n_layer, B, kv_heads, P, head_dim)
         self.attention_mask, self.position_ids = attention_mask, position_ids
-        self.keys, self.values, self.mask = [], [], None
+        self.keys, self.values, self.mask, self.band = [], [], None, None
+        self.window = cfg.sliding_window if cfg is not None else None
+        self.local = local_layers(cfg) if cfg is not None else None
 
     def prepare(self, T: int) -> torch.Tensor:
         P = self.k.shape[3]
@@ -49,6 +56,8 @@ class ConcatCache(LayerKVCache):
         causal = s[None, :] <= q[:, None]
         own = s[None, :] == q[:, None]  # a padding query sees its own slot: no row is fully masked
         self.mask = ((causal[None] & self.attention_mask.bool()[:, None, :]) | own[None])[:, None]
+        if self.window is not None:  # no shortcut on P: it is a dynamic dim of the graph
+            self.band = self.mask & window_mask(q, s, self.window)
         return self.position_ids
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -56,7 +65,7 @@ class ConcatCache(LayerKVCache):
         v = torch.cat([self.v[layer], v.to(self.v.dtype)], dim=2)
         self.keys.append(k)
         self.values.append(v)
-        return k, v, self.mask
+        return k, v, self.band if self.band is not None and self.local[layer] else self.mask
 
     def advance(self, T: int) -> None:
         pass  # one forward per cache: the next step's past comes back in as the graph's inputs
@@ -73,9 +82,9 @@ class DecodeGraph(nn.Module):
         self.body = body
 
     def forward(self, input_ids, position_ids, attention_mask, past_key, past_value, logit_positions):
-        cache = ConcatCache(past_key, past_value, attention_mask, position_ids)
-        h, _ = self.body(input_ids, kv_cache=cache)
-        logits = self.head(h.index_select(1, logit_positions))
+        cache = ConcatCache(past_key, past_value, attention_mask, position_ids, self.body.cfg)
+        h = self.body.hidden_states(input_ids, kv_cache=cache)
+        logits = softcap(self.head(h.index_select(1, logit_positions)), self.body.cfg.logit_softcap)  # Gemma 2
         return logits, torch.stack(cache.keys), torch.stack(cache.values)
 
 

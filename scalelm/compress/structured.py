@@ -77,8 +77,8 @@ def importance(model: GPT, windows: torch.Tensor, batch_size: int = 8) -> Import
         b = model.blocks[key]
         handles += [b.attn.o_proj.register_forward_pre_hook(functools.partial(head_hook, i=i)),
                     b.mlp.down.register_forward_pre_hook(functools.partial(neuron_hook, i=i)),
-                    b.register_forward_hook(functools.partial(block_hook, i=i)),
-                    b.attn_norm.register_forward_hook(channel_hook), b.mlp_norm.register_forward_hook(channel_hook)]
+                    b.register_forward_hook(functools.partial(block_hook, i=i))]
+        handles += [n.register_forward_hook(channel_hook) for n in block_norms(b).values()]
     was_training = model.training
     model.eval()
     try:
@@ -92,6 +92,13 @@ def importance(model: GPT, windows: torch.Tensor, batch_size: int = 8) -> Import
     g = cfg.n_head // cfg.kv_heads
     return Importance(groups=heads.reshape(L, cfg.kv_heads, g).sum(-1).sqrt(), neurons=neurons.sqrt(),
                       channels=channels.sqrt(), layers=1 - cos_sum / max(1, tokens[0]))
+
+
+def block_norms(block) -> dict:
+    """A block's norms over the residual stream's channels, by name: before attention and MLP and,
+    with norm_placement sandwich or post (Gemma, OLMo 2), on their outputs."""
+    names = ("attn_norm", "mlp_norm", "attn_post_norm", "mlp_post_norm")
+    return {n: getattr(block, n) for n in names if getattr(block, n, None) is not None}
 
 
 def _top(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -151,6 +158,11 @@ def apply_plan(model: GPT, plan: Plan) -> GPT:
     """A new, smaller ``GPT`` holding the kept units of ``model`` (which is left unchanged)."""
     cfg = model.cfg
     new_cfg = pruned_config(cfg, plan)
+    kinds = [cfg.layer_window(i) for i in plan.layers]
+    if kinds != [new_cfg.layer_window(j) for j in range(len(plan.layers))]:
+        raise UserError(f"removing layers {sorted(set(range(cfg.n_layer)) - set(plan.layers))} would change which "
+                        f"layers attend within the sliding window (model.sliding_window_pattern="
+                        f"{cfg.sliding_window_pattern}): keep --n-layer at {cfg.n_layer}")
     g, hd = cfg.n_head // cfg.kv_heads, cfg.head_dim
     c = plan.channels.to(model.tok_emb.weight.device)
     norm_scale = math.sqrt(cfg.n_embd / len(c))
@@ -167,7 +179,10 @@ def apply_plan(model: GPT, plan: Plan) -> GPT:
         out["lm_head.weight"] = sd["lm_head.weight"][:, c]
 
     def norm(src: str, dst: str) -> None:
-        out[f"{dst}.weight"] = sd[f"{src}.weight"][c] * norm_scale
+        w = sd[f"{src}.weight"][c] * norm_scale
+        if cfg.norm_unit_offset:  # a Gemma norm scales by 1 + w: (1 + w) * s = 1 + (w * s + s - 1)
+            w = w + (norm_scale - 1)
+        out[f"{dst}.weight"] = w
         if f"{src}.bias" in sd:
             out[f"{dst}.bias"] = sd[f"{src}.bias"][c]
 
@@ -186,14 +201,17 @@ def apply_plan(model: GPT, plan: Plan) -> GPT:
         q_heads = (groups[:, None] * g + torch.arange(g, device=c.device)[None]).flatten()
         q_rows = (q_heads[:, None] * hd + torch.arange(hd, device=c.device)[None]).flatten()
         kv_rows = (groups[:, None] * hd + torch.arange(hd, device=c.device)[None]).flatten()
-        norm(f"{s}.attn_norm", f"{d}.attn_norm")
-        norm(f"{s}.mlp_norm", f"{d}.mlp_norm")
+        for name in block_norms(model.blocks[model.layer_keys[i]]):
+            norm(f"{s}.{name}", f"{d}.{name}")
         linear(f"{s}.attn.q_proj", f"{d}.attn.q_proj", q_rows, c)
         linear(f"{s}.attn.k_proj", f"{d}.attn.k_proj", kv_rows, c)
         linear(f"{s}.attn.v_proj", f"{d}.attn.v_proj", kv_rows, c)
-        for x in ("q_norm", "k_norm"):  # qk_norm (Qwen3): one head-width weight shared by the heads kept
+        # qk_norm: Qwen3's one head-width weight is shared by the heads kept; OLMo 2's spans the whole
+        # projection (qk_norm_scope=all), of which the kept heads' rows stay
+        for x, rows in (("q_norm", q_rows), ("k_norm", kv_rows)):
             if f"{s}.attn.{x}.weight" in sd:
-                out[f"{d}.attn.{x}.weight"] = sd[f"{s}.attn.{x}.weight"]
+                w = sd[f"{s}.attn.{x}.weight"]
+                out[f"{d}.attn.{x}.weight"] = w[rows] if cfg.qk_norm_scope == "all" else w
         linear(f"{s}.attn.o_proj", f"{d}.attn.o_proj", c, q_rows)
         for name in ("up", "gate"):
             if f"{s}.mlp.{name}.weight" in sd:
@@ -205,6 +223,9 @@ def apply_plan(model: GPT, plan: Plan) -> GPT:
         if new_cfg.pos_embedding == "rope":  # the head width is unchanged, so are the tables
             small.rope_cos.copy_(model.rope_cos)
             small.rope_sin.copy_(model.rope_sin)
+            if new_cfg.rope_local_theta is not None:  # Gemma 3's local layers' tables
+                small.rope_local_cos.copy_(model.rope_local_cos)
+                small.rope_local_sin.copy_(model.rope_local_sin)
     return small
 
 

@@ -9,6 +9,9 @@ Three streaming passes over the input, so memory stays bounded whatever its size
 3. encode: batches of pieces through the tokenizer's parallel ``encode_batch_fast``, appended
    to ``train.bin`` / ``val.bin`` as they come, with the end-of-text id after each document.
 
+Cleaning (``--dedup``, ``--scrub-pii``, ``--quality-filter``, ``--decontaminate``) is decided in the
+scan pass and applied in the other two (:mod:`.clean`): it adds no pass and keeps no copy.
+
 Everything is written to a temporary directory beside ``--out`` and renamed into place at the
 end, so an interrupted run leaves no half-written DATA_DIR.
 """
@@ -25,7 +28,7 @@ import warnings
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -34,6 +37,8 @@ from ..checkpoint import staged_dir
 from ..checkpoint.names import TOKENIZER
 from ..cliargs import add_deprecated, add_overwrite_arg
 from ..errors import UserError
+from .clean import Cleaner, CleanOptions, add_clean_args, options_from_args
+from .clean.report import REPORT, log_line, summary
 from .sources import (
     ON_INVALID,
     STDLIB_MAX_BYTES,
@@ -132,13 +137,20 @@ def _scan_warnings(st: Stats, notes: _Notes, on_invalid: str) -> None:
                    f"(first at {st.missing_text_first})")
 
 
-def _training_texts(source, plan: SplitPlan, max_bytes, sample_bytes: int, total: int, progress: bool) -> Iterator[str]:
+def _pieces(source, stats: Stats, max_bytes, clean: Optional[Cleaner]) -> Iterator[tuple[str, bool, int]]:
+    """The stream of pieces, cleaned when cleaning is on (``stats`` counts the raw input)."""
+    pieces = stream(source, stats, max_bytes)
+    return clean.apply(pieces) if clean is not None else pieces
+
+
+def _training_texts(source, plan: SplitPlan, max_bytes, sample_bytes: int, total: int, progress: bool,
+                    clean: Optional[Cleaner] = None) -> Iterator[str]:
     """The train split's pieces, thinned evenly to about ``sample_bytes``."""
     rate = min(1.0, sample_bytes / max(1, total))
     credit = 0.0
     plan.reset()
     with _progress(total, "train tokenizer", progress) as bar:
-        for text, end, n in stream(source, Stats(), max_bytes):
+        for text, end, n in _pieces(source, Stats(), max_bytes, clean):
             bar.update(n)
             for split, part, _ in plan.assign(text, end, n):
                 if split != "train" or not part:
@@ -150,8 +162,10 @@ def _training_texts(source, plan: SplitPlan, max_bytes, sample_bytes: int, total
 
 
 def build_tokenizer(spec: str, source, plan: SplitPlan, scan: Stats, *, vocab_size: Optional[int], max_bytes,
-                    sample_bytes: int, progress: bool, notes: _Notes, eot_token: Optional[str] = None):
-    """``(tokenizer, kind, eot_id, pad_id)`` for ``--tokenizer`` bpe/char/byte/PATH (or a loaded one)."""
+                    sample_bytes: int, progress: bool, notes: _Notes, eot_token: Optional[str] = None,
+                    clean: Optional[Cleaner] = None):
+    """``(tokenizer, kind, eot_id, pad_id)`` for ``--tokenizer`` bpe/char/byte/PATH (or a loaded one).
+    With ``clean``, ``scan.chars`` must hold the characters of the cleaned text."""
     if not isinstance(spec, str):
         tok, kind = spec, "file"
     elif spec == "byte":
@@ -160,8 +174,9 @@ def build_tokenizer(spec: str, source, plan: SplitPlan, scan: Stats, *, vocab_si
         tok, kind = char_tokenizer(scan.chars or ()), "char"
     elif spec == "bpe":
         vocab_size = DEFAULT_BPE_VOCAB if vocab_size is None else vocab_size
-        train_bytes = int(scan.bytes * (1 - plan.val_fraction))  # about: the exact size is known after encoding
-        texts = _training_texts(source, plan, max_bytes, sample_bytes, train_bytes, progress)
+        total = clean.bytes_out if clean is not None else scan.bytes
+        train_bytes = int(total * (1 - plan.val_fraction))  # about: the exact size is known after encoding
+        texts = _training_texts(source, plan, max_bytes, sample_bytes, train_bytes, progress, clean)
         tok, kind = train_bpe(texts, vocab_size, progress=progress), "bpe"
         if tok.get_vocab_size(with_added_tokens=True) < vocab_size:
             notes.warn(f"BPE learned only {tok.get_vocab_size(with_added_tokens=True)} of the {vocab_size} "
@@ -230,11 +245,13 @@ class _Shards:
             f.close()
 
 
-def encode_corpus(source, tok, plan: SplitPlan, shards: _Shards, max_bytes, total: int, progress: bool) -> Stats:
+def encode_corpus(source, tok, plan: SplitPlan, shards: _Shards, max_bytes, total: int, progress: bool,
+                  clean: Optional[Cleaner] = None) -> Stats:
+    """Encode the (cleaned) pieces into ``shards``; returns what the pass read of the raw input."""
     st, batch, chars, nbytes = Stats(), [], 0, 0
     plan.reset()
     with _progress(total, "encode", progress) as bar:
-        for text, end, n in stream(source, st, max_bytes):
+        for text, end, n in _pieces(source, st, max_bytes, clean):
             batch.extend(plan.assign(text, end, n))
             chars, nbytes = chars + len(text), nbytes + n
             if chars >= BATCH_CHARS or len(batch) >= BATCH_PIECES:
@@ -264,11 +281,16 @@ def prepare(input: str, out: str, tokenizer: str = "bpe", vocab_size: Optional[i
             progress: bool = True, *, doc_sep: str = "eot", split: str = "train", split_by: str = "auto",
             max_bytes: int | str | None = None, tokenizer_sample: int | str = DEFAULT_SAMPLE,
             dtype: str = "auto", block_size: int = DEFAULT_BLOCK, on_invalid_utf8: str = "replace",
-            eot_token: Optional[str] = None, workers: Optional[int] = None, overwrite: bool = False) -> dict:
-    """Prepare a DATA_DIR from ``input`` (see module doc and README "Data"); returns its meta.
+            eot_token: Optional[str] = None, workers: Optional[int] = None, overwrite: bool = False,
+            dedup: Optional[str] = None, dedup_threshold: Optional[float] = None, scrub_pii: bool = False,
+            quality_filter: bool = False, quality_thresholds: Optional[dict | list[str]] = None,
+            decontaminate: Sequence[str] = ()) -> dict:
+    """Prepare a DATA_DIR from ``input`` (see module doc and docs/data.md); returns its meta.
 
     An existing, non-empty ``out`` is refused unless it is an earlier DATA_DIR and ``overwrite``
-    is set (then it is replaced atomically)."""
+    is set (then it is replaced atomically). The cleaning options (docs/data.md "Cleaning"):
+    ``dedup`` "exact" or "minhash" (``dedup_threshold``: its Jaccard threshold), ``scrub_pii``,
+    ``quality_filter`` (``quality_thresholds``: {name: value or None}), ``decontaminate``: files."""
     t0 = time.perf_counter()
     out_dir = Path(out).expanduser().resolve()
     _check_out(out_dir, input, overwrite)
@@ -285,6 +307,8 @@ def prepare(input: str, out: str, tokenizer: str = "bpe", vocab_size: Optional[i
     if block_size < 1:
         raise UserError(f"--seq-len must be a positive number of tokens, got {block_size}")
     SplitPlan(2, 2, val_fraction, seed, split_by)  # checks the split arguments
+    cleaning = CleanOptions(dedup, dedup_threshold, scrub_pii, quality_filter, quality_thresholds,
+                            tuple(decontaminate or ())).check()
     loaded = None if tokenizer in KINDS else load_tokenizer(tokenizer)
     dtype_for_vocab(vocab_size_of(loaded) if loaded else (vocab_size or 2), dtype)
     stdlib_cap = max_bytes if max_bytes is not None else STDLIB_MAX_BYTES
@@ -295,22 +319,34 @@ def prepare(input: str, out: str, tokenizer: str = "bpe", vocab_size: Optional[i
     log = (lambda msg: print(f"prepare: {msg}", file=sys.stderr)) if progress else (lambda msg: None)
 
     with _tokenizer_threads(workers):
-        scan = Stats(chars=set() if tokenizer == "char" else None)
+        clean = _cleaner(cleaning, tokenizer == "char", log, notes)
+        scan = Stats(chars=set() if tokenizer == "char" and clean is None else None)
         with _progress(source.size_hint, "scan", progress) as bar:
-            for _, _, n in stream(source, scan, limit):
+            for text, end, n in stream(source, scan, limit):
                 bar.update(n)
+                if clean is not None:
+                    clean.feed(text, end, n)
         _scan_warnings(scan, notes, on_invalid_utf8)
         if scan.documents == 0 or scan.bytes == 0:
             what = f"{len(scan.binary_files)} binary file(s) skipped" if scan.binary_files else "no text found"
             raise SourceError(f"the corpus {input} is empty ({what}): nothing to prepare")
         if scan.truncated:
             log(f"stopped reading at --max-bytes {max_bytes} bytes")
-        plan = SplitPlan(scan.documents, scan.bytes, val_fraction, seed, split_by)
-        log(f"{scan.documents:,} documents, {scan.bytes / 1e6:.2f} MB of text from {source.kind} {input}; "
+        docs, nbytes, report = scan.documents, scan.bytes, None
+        if clean is not None:
+            report = clean.finish()
+            log(log_line(report))
+            if clean.docs_out == 0:
+                raise SourceError(f"cleaning removed all {clean.docs_in:,} documents of {input}: nothing to prepare "
+                                  f"({log_line(report)})")
+            docs, nbytes, scan.chars = clean.docs_out, clean.bytes_out, clean.chars
+        plan = SplitPlan(docs, nbytes, val_fraction, seed, split_by)
+        log(f"{docs:,} documents, {nbytes / 1e6:.2f} MB of text from {source.kind} {input}; "
             f"val by {plan.mode}")
 
         tok, kind, eot, pad = build_tokenizer(loaded or tokenizer, source, plan, scan, vocab_size=vocab_size, max_bytes=limit,
-                                              sample_bytes=sample, progress=progress, notes=notes, eot_token=eot_token)
+                                              sample_bytes=sample, progress=progress, notes=notes, eot_token=eot_token,
+                                              clean=clean)
         n_vocab = vocab_size_of(tok)
         np_dtype = dtype_for_vocab(n_vocab, dtype)
         tok_json = tok.to_str()
@@ -319,7 +355,7 @@ def prepare(input: str, out: str, tokenizer: str = "bpe", vocab_size: Optional[i
         with staged_dir(out_dir, manifest=False, tag="tmp-") as tmp:
             shards = _Shards(tmp, np_dtype, n_vocab, eot, raw_bytes=kind == "byte")
             try:
-                again = encode_corpus(source, tok, plan, shards, limit, scan.bytes, progress)
+                again = encode_corpus(source, tok, plan, shards, limit, nbytes, progress, clean)
             finally:
                 shards.close()
             if (again.documents, again.bytes, again.inputs_sha256()) != (scan.documents, scan.bytes, scan.inputs_sha256()):
@@ -343,10 +379,13 @@ def prepare(input: str, out: str, tokenizer: str = "bpe", vocab_size: Optional[i
                 "stats": scan.to_dict(),
                 "inputs_sha256": scan.inputs_sha256(),
                 "warnings": notes.items,
+                **({"clean": {**cleaning.describe(), **summary(report)}} if report is not None else {}),
                 "scalelm_version": __version__,
                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             }
             (tmp / TOKENIZER).write_text(tok_json, encoding="utf-8")
+            if report is not None:
+                (tmp / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     secs = time.perf_counter() - t0
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
@@ -354,6 +393,25 @@ def prepare(input: str, out: str, tokenizer: str = "bpe", vocab_size: Optional[i
         f"({va['documents']:,} docs), {kind} vocab {n_vocab:,}, {np_dtype}; {scan.bytes / 1e6 / secs:.2f} MB/s "
         f"({secs:.1f} s)")
     return meta
+
+
+def _cleaner(options: CleanOptions, collect_chars: bool, log, notes: _Notes) -> Optional[Cleaner]:
+    """The cleaning steps that were asked for (None: none), their settings logged."""
+    if not options.active:
+        return None
+    clean = Cleaner(options, collect_chars=collect_chars)
+    if options.decontaminate:
+        idx = clean.index
+        log(f"decontaminate: {int(sum(idx.ngrams)):,} 13-grams of {len(idx.files)} evaluation file(s) "
+            f"({idx.memory_bytes() / 2**20:.1f} MiB)")
+        for f, n in zip(idx.files, idx.ngrams):
+            if n == 0:
+                notes.warn(f"--decontaminate {f} has fewer than {idx.n} words: no training document can overlap it")
+    if options.quality_filter:
+        from .clean.quality import describe
+
+        log(f"quality filter (Gopher): {describe(clean.thresholds)}")
+    return clean
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -395,6 +453,7 @@ def add_prepare_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eot-token", default=None, help="end-of-text token of a loaded tokenizer (default: found)")
     p.add_argument("--workers", type=int, default=None, help="threads for encoding (default: all cores; 1: one)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars or log lines on stderr")
+    add_clean_args(p)
 
 
 def run_prepare(args: argparse.Namespace) -> int:
@@ -409,6 +468,7 @@ def run_prepare(args: argparse.Namespace) -> int:
                        progress=not args.no_progress, doc_sep=args.doc_sep, split=args.split,
                        split_by=args.split_by, max_bytes=args.max_bytes, tokenizer_sample=args.tokenizer_sample,
                        dtype=args.token_dtype, block_size=args.seq_len, on_invalid_utf8=args.on_invalid_utf8,
-                       eot_token=args.eot_token, workers=args.workers, overwrite=args.overwrite)
+                       eot_token=args.eot_token, workers=args.workers, overwrite=args.overwrite,
+                       **vars(options_from_args(args)))
     print(json.dumps(meta, indent=2))
     return 0

@@ -2,16 +2,19 @@
 
 1. tensor parallel (heads and MLP width over the ``tp`` mesh dimension; optional sequence
    parallel for the norms),
-2. activation checkpointing (each block recomputes its activations in the backward),
-3. ``torch.compile`` (per block when sharded, so FSDP's hooks stay outside compiled code;
+2. context parallel (each sequence split over the ``cp`` ranks, attention as a ring:
+   ``context_parallel``),
+3. activation checkpointing (each block recomputes its activations in the backward),
+4. ``torch.compile`` (per block when sharded, so FSDP's hooks stay outside compiled code;
    the whole model in place otherwise),
-4. FSDP2 (``fully_shard`` per block, then the root; HSDP when ``dp_replicate > 1`` too),
-5. DDP (``dp_replicate > 1`` with nothing sharded).
+5. FSDP2 (``fully_shard`` per block, then the root, over ``dp_shard x cp``; HSDP when
+   ``dp_replicate > 1`` too),
+6. DDP (``dp_replicate > 1`` with nothing sharded).
 
 Pipeline parallelism (``scalelm.distributed.pipeline``) first cuts the model into stages and
-then applies 1-5 to each stage. FQNs never change except under DDP (``module.`` prefix, see
-:func:`unwrap_model`) and activation checkpointing (whose wrapper hides its prefix from
-``state_dict``), so checkpoints load into any layout.
+then applies 1-6 to each stage (CP is refused there). FQNs never change except under DDP
+(``module.`` prefix, see :func:`unwrap_model`) and activation checkpointing (whose wrapper hides
+its prefix from ``state_dict``), so checkpoints load into any layout.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch.nn as nn
 
 from ..config import Config
 from ..model.gpt import GPT
-from .mesh import ParallelContext
+from .mesh import LayoutError, ParallelContext
 
 # ----------------------------------------------------------------------------- the pieces
 
@@ -153,8 +156,24 @@ def apply_ddp(model: nn.Module, ctx: ParallelContext) -> nn.Module:
 
 
 def uses_fsdp(ctx: ParallelContext) -> bool:
-    """FSDP2 when sharding, and for replication next to TP/PP (DDP cannot hold DTensors)."""
-    return ctx.dp_shard > 1 or (ctx.dp_replicate > 1 and ctx.tp > 1)
+    """FSDP2 when sharding (over ``dp_shard x cp``: context-parallel ranks reduce gradients like
+    data-parallel ones), and for replication next to TP (DDP cannot hold DTensors)."""
+    return ctx.layout.fsdp
+
+
+def fsdp_mesh(ctx: ParallelContext):
+    """The mesh FSDP2 shards (and, with ``dp_replicate``, replicates) over."""
+    shard = "dp_shard_cp" if ctx.cp > 1 else "dp_shard"
+    return ctx.submesh("dp_replicate", shard) if ctx.dp_replicate > 1 else ctx.submesh(shard)
+
+
+def check_cp(model: nn.Module, cfg: Config, root: Optional[nn.Module]) -> None:
+    if not isinstance(model, GPT) or (root is not None and root is not model):
+        raise LayoutError("context parallelism (--parallel.cp) trains a plain GPT language model; use "
+                          "--parallel.cp=1 for this model or task")
+    if cfg.train.compile:
+        raise LayoutError("--train.compile with context parallelism is not supported yet (the ring runs in "
+                          "Python around each attention call): use one of them")
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -167,18 +186,23 @@ def parallelize_part(model: GPT, cfg: Config, ctx: ParallelContext, *, root: Opt
     stage's :class:`~scalelm.distributed.pipeline.StageModule` around ``model``. Returns the
     module to run (the root, possibly wrapped).
     """
+    if ctx.cp > 1:
+        check_cp(model, cfg, root)
     root = model if root is None else root
     sharded = ctx.tp > 1 or uses_fsdp(ctx) or in_pipeline
     if ctx.tp > 1:
         apply_tp(model, ctx.submesh("tp"), cfg.parallel.sequence_parallel)
+    if ctx.cp > 1:
+        from .context_parallel import apply_cp
+
+        apply_cp(model, ctx.group("cp"), ctx.cp, ctx.cp_rank)
     if cfg.train.activation_checkpointing:
         apply_ac(model)
     if cfg.train.compile:
         apply_compile(model, per_block=sharded)
     if uses_fsdp(ctx):
-        names = ("dp_replicate", "dp_shard") if ctx.dp_replicate > 1 else ("dp_shard",)
         # inside a pipeline every micro-batch would re-gather parameters: keep them gathered
-        apply_fsdp(model, ctx.submesh(*names), fsdp_mp_policy(cfg, ctx.device),
+        apply_fsdp(model, fsdp_mesh(ctx), fsdp_mp_policy(cfg, ctx.device),
                    reshard_after_forward=not in_pipeline, root=root)
     elif ctx.dp_replicate > 1:
         return apply_ddp(root, ctx)

@@ -87,7 +87,7 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def _tie_group(ctx: ParallelContext):
     """A group of the first and the last pipeline rank of this rank's (dp, tp) coordinate.
     Every rank creates every group, in the same order, as ``new_group`` requires."""
-    ranks = ctx.mesh.mesh  # (pp, dp_replicate, dp_shard, tp) -> global rank
+    ranks = ctx.mesh.mesh  # (pp, dp_replicate, dp_shard, cp, tp) -> global rank
     mine = None
     for first, last in zip(ranks[0].flatten().tolist(), ranks[-1].flatten().tolist()):
         g = dist.new_group([first, last])

@@ -1,4 +1,4 @@
-"""Evaluation: ``scalelm eval`` (loss, perplexity, bits per byte; ``lm``)."""
+"""Evaluation: ``scalelm eval`` (loss, perplexity, bits per byte; ``lm``; memorization: ``memorization``)."""
 
 from .lm import evaluate, loss_sums, summarize
 

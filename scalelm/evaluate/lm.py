@@ -28,7 +28,10 @@ def add_eval_parser(p: argparse.ArgumentParser) -> None:
     from ..tasks.sft.qa import add_eval_args as add_qa_args
     from ..tasks.translate.evaluate import add_eval_args as add_translate_args
 
-    add_translate_args(p)  # --source --reference --beams
+    add_translate_args(p)  # --source --reference --beams and the decoding controls
+    from ..tasks.summarize.evaluate import add_eval_args as add_summarize_args
+
+    add_summarize_args(p)  # --source-field --target-field --references-field --baseline
     add_qa_args(p)  # --answer-regex --prompt-field --completion-field --max-new-tokens
     from ..tasks.preference.evaluate import add_eval_args as add_preference_args
 
@@ -37,6 +40,9 @@ def add_eval_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stride", type=int, default=None,
                    help="with --text: how far each window advances (default: the window length; smaller = "
                         "more context per token, slower)")
+    from .memorization import add_memorization_args
+
+    add_memorization_args(p)  # --memorization --samples --prefix-tokens --suffix-tokens --unprompted --seed
     h = p.add_argument_group("lm-evaluation-harness")
     h.add_argument("--harness", metavar="TASKS", help="comma-separated lm-eval tasks: the local scalelm_sst2, "
                    "scalelm_text_ppl, or yours with --harness-include")
@@ -83,6 +89,10 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..runs import resolve_checkpoint
 
     check_limit(args.limit)
+    if args.task == "summarize":  # checks the model itself: with --baseline it may be none
+        from ..tasks.summarize.evaluate import run_eval_summarize
+
+        return run_eval_summarize(args)
     if args.task in TASK_KINDS:  # the model must suit the task before anything is loaded
         supported, needs = TASK_KINDS[args.task]
         require_kind(args.model, f"scalelm eval --task {args.task}", supported, needs=needs)
@@ -110,6 +120,15 @@ def run_eval(args: argparse.Namespace) -> int:
     ckpt = resolve_checkpoint(args.model)
     require_kind(ckpt, f"scalelm eval {given[0]}", LANGUAGE_MODELS,
                  hint="score a translation model with `scalelm eval --task translate --source FILE --reference FILE`")
+    if args.memorization:
+        if not args.data:
+            raise UserError("--memorization reads the train and val splits of --data DATA_DIR (the data the model "
+                            "trained on)")
+        from .memorization import run_memorization
+
+        print(f"measuring memorization of {ckpt} on {args.data}", file=sys.stderr)
+        print(json.dumps(json_safe(run_memorization(args, ckpt)), allow_nan=False))
+        return 0
     if args.harness:
         return _run_eval_harness(args, ckpt)
     if args.text is not None:

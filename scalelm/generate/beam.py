@@ -10,7 +10,8 @@ follow the surviving beams.
 A prompt is done when it has ``num_beams`` finished hypotheses and either ``early_stopping`` or
 no live beam can still beat the worst of them (the same rule as Hugging Face's ``generate``).
 At ``max_new_tokens`` (or a full context) the live beams count as finished. With one beam this is
-greedy decoding, token for token.
+greedy decoding, token for token. The repetition penalty, the n-gram ban and ``min_new_tokens``
+act on the log-probabilities as in Hugging Face's beam search.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Sequence, Union
 import torch
 
 from .outputs import Completion, GenerationError
-from .sampling import NonFiniteLogits
+from .sampling import NonFiniteLogits, SamplingParams, apply_repetition_penalty, constrain
 
 Prompt = Union[str, Sequence[int]]
 
@@ -46,12 +47,30 @@ class _Hypotheses:
         return self.early or self.items[-1][0] >= self.score(best_live_logprob, length)
 
 
+def _controlled(logp: torch.Tensor, controls: SamplingParams, seqs: list[list[int]], new_tokens: int,
+                eos: Sequence[int]) -> torch.Tensor:
+    """The beams' log-probabilities (rows: ``seqs``, every one with ``new_tokens`` new tokens) as the
+    repetition penalty, the n-gram ban and the least length leave them."""
+    if controls.repetition_penalty != 1.0:
+        seen = torch.zeros(logp.shape, dtype=torch.bool, device=logp.device)
+        for r, s in enumerate(seqs):
+            seen[r, s] = True
+        logp = apply_repetition_penalty(logp, seen, controls.repetition_penalty)
+    return constrain(logp, controls, seqs, [new_tokens] * len(seqs), list(eos))
+
+
 @torch.inference_mode()
 def beam_search(gen, prompts: Union[Prompt, list[Prompt]], num_beams: int = 4,
                 max_new_tokens: Union[int, Sequence[int]] = 128, length_penalty: float = 1.0,
-                early_stopping: bool = True, truncate: bool = False, ignore_eos: bool = False) -> list[Completion]:
+                early_stopping: bool = True, truncate: bool = False, ignore_eos: bool = False,
+                repetition_penalty: float = 1.0, no_repeat_ngram_size: int = 0,
+                min_new_tokens: int = 0) -> list[Completion]:
     """The best-scoring continuation of each prompt (one Completion per prompt) of ``gen``, a
     :class:`~scalelm.generate.generator.Generator` (its model, cache and prefill).
+
+    ``repetition_penalty``, ``no_repeat_ngram_size`` and ``min_new_tokens`` act on each beam's
+    log-probabilities before they are summed, as Hugging Face's logits processors do in its beam
+    search (each beam's sequence is its prompt and its own tokens).
 
     ``max_new_tokens``: one budget, or one per prompt. The search does not slide the context: a
     prompt's budget is at most what its own context has room for (``stopped_at_context`` when that
@@ -60,6 +79,12 @@ def beam_search(gen, prompts: Union[Prompt, list[Prompt]], num_beams: int = 4,
         raise GenerationError(f"num_beams={num_beams} is invalid: must be >= 1")
     if isinstance(max_new_tokens, int) and max_new_tokens < 1:
         raise GenerationError(f"max_new_tokens={max_new_tokens} is invalid: must be >= 1")
+    import math
+
+    if not math.isfinite(length_penalty):
+        raise GenerationError(f"length_penalty={length_penalty} is invalid: must be a finite number")
+    controls = SamplingParams(temperature=0.0, repetition_penalty=repetition_penalty,
+                              no_repeat_ngram_size=no_repeat_ngram_size, min_new_tokens=min_new_tokens).validate()
     rows, cuts = gen._prompt_rows(prompts, truncate)
     budgets, short = gen.budgets(rows, max_new_tokens, slide=False)
     B, K = len(rows), num_beams
@@ -81,6 +106,9 @@ def beam_search(gen, prompts: Union[Prompt, list[Prompt]], num_beams: int = 4,
     for step in range(max(budgets)):
         A = len(active)
         logp = torch.log_softmax(logits.float(), dim=-1)
+        if controls.repetition_penalty != 1.0 or controls.constrains:
+            logp = _controlled(logp, controls, [list(rows[b]) + tokens[b][k] for b in active for k in range(K)],
+                               step, eos)
         scores = (beam_lp.view(A * K, 1) + logp).view(A, K * V)
         top_lp, top_idx = scores.topk(min(n_cand, K * V), dim=1)
         top_lp, top_idx = top_lp.tolist(), top_idx.tolist()  # one host sync per step
@@ -147,10 +175,9 @@ def beam_search(gen, prompts: Union[Prompt, list[Prompt]], num_beams: int = 4,
 
 # what only sampling, streaming or speculative decoding use: refused with --beams above 1, where
 # it would be silently ignored (the search is deterministic and knows its best text only at the end)
-_NOT_WITH_BEAMS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p",
-                   "repetition_penalty": "--repetition-penalty", "seed": "--seed", "num_samples": "--num-samples",
-                   "stream": "--stream", "stop": "--stop", "draft": "--draft", "prompt_lookup": "--prompt-lookup",
-                   "speculate_k": "--speculate-k", "backend": "--backend"}
+_NOT_WITH_BEAMS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
+                   "num_samples": "--num-samples", "stream": "--stream", "stop": "--stop", "draft": "--draft",
+                   "prompt_lookup": "--prompt-lookup", "speculate_k": "--speculate-k", "backend": "--backend"}
 
 
 def add_beam_args(p) -> None:
@@ -159,6 +186,9 @@ def add_beam_args(p) -> None:
     p.add_argument("--beams", type=int, default=1, metavar="N",
                    help="beam search with N beams: the most likely continuation of each prompt, deterministic "
                         "(default 1: decode as the sampling options say)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="with --beams: a finished beam scores log-probability / length ** this (HF's; > 1 favours "
+                        "longer outputs, < 1 shorter; default 1)")
     p.set_defaults(beam_conflict_defaults={d: p.get_default(d) for d in _NOT_WITH_BEAMS
                                            if d in {a.dest for a in p._actions}})
 
@@ -168,6 +198,8 @@ def check_beam_args(args) -> bool:
     if args.beams < 1:
         raise GenerationError(f"--beams={args.beams} is invalid: must be >= 1 (1: no beam search)")
     if args.beams == 1:
+        if getattr(args, "length_penalty", 1.0) != 1.0:
+            raise GenerationError("--length-penalty weighs finished beams: it is for --beams above 1")
         return False
     defaults = getattr(args, "beam_conflict_defaults", {})
     given = [opt for dest, opt in _NOT_WITH_BEAMS.items() if dest in defaults and getattr(args, dest) != defaults[dest]]

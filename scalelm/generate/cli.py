@@ -50,11 +50,16 @@ def add_sampling_args(p, temperature: float, top_k: int, top_p: float, max_new: 
     p.add_argument("--top-k", type=int, default=top_k, help=f"0 = off; default {top_k}")
     p.add_argument("--top-p", type=float, default=top_p, help=f"nucleus sampling, in (0, 1]; default {top_p}")
     p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats; default 1")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                   help="never repeat an N-gram of the sequence, prompt included (HF's); default 0: off")
+    p.add_argument("--min-new-tokens", type=int, default=0, metavar="N",
+                   help="no end-of-text before N new tokens; default 0")
     p.add_argument("--seed", type=int, help="makes sampling reproducible (printed when not given)")
 
 
 def sampling_from_args(args) -> SamplingParams:
-    return SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty).validate()
+    return SamplingParams(args.temperature, args.top_k, args.top_p, args.repetition_penalty,
+                          getattr(args, "no_repeat_ngram_size", 0), getattr(args, "min_new_tokens", 0)).validate()
 
 
 def generator_from_args(args) -> Generator:
@@ -118,8 +123,51 @@ def add_generate_parser(p) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per sample (tokens, text, finish reason)")
     p.add_argument("--raw", action="store_true", help="write control characters as they are even to a terminal "
                    "(by default a terminal gets them escaped, e.g. \\x1b; pipes always get the plain text)")
+    add_steer_args(p)
     add_speculative_args(p)
     add_beam_args(p)  # last: it records the defaults of the options it refuses
+
+
+def add_steer_args(p) -> None:
+    g = p.add_argument_group("steering (vectors from `scalelm steer`; docs/interpretability.md)")
+    g.add_argument("--steer", metavar="VEC", help="a steering vector (.safetensors): scale x vector is added to the "
+                   "residual stream entering --steer-layer, at every position, while generating")
+    g.add_argument("--steer-layer", type=int, metavar="L", help="the layer (default: the one the vector was built at)")
+    g.add_argument("--steer-scale", type=float, metavar="S", help="the vector's multiplier (default 1; negative "
+                   "steers the other way)")
+
+
+def steering_from_args(args):
+    """``(vector, layer, scale)`` of --steer (read before the model loads), or None without it."""
+    import math
+
+    from ..interp.steering import load_vector
+
+    if args.steer is None:
+        if args.steer_layer is not None or args.steer_scale is not None:
+            raise GenerationError("--steer-layer and --steer-scale need --steer VEC")
+        return None
+    if args.backend == "onnxruntime":
+        raise GenerationError("--steer adds to the model's activations: it needs the PyTorch backend")
+    vec, meta = load_vector(args.steer)
+    layer = args.steer_layer if args.steer_layer is not None else meta.get("layer")
+    if layer is None:
+        raise GenerationError(f"{args.steer} does not say its layer: give --steer-layer")
+    scale = 1.0 if args.steer_scale is None else args.steer_scale
+    if not math.isfinite(scale):
+        raise GenerationError(f"--steer-scale {scale} is not a finite number")
+    return vec, layer, scale
+
+
+def steering_context(gen, steering):
+    """The ``with`` that adds the vector to ``gen``'s model (nothing without --steer)."""
+    import contextlib
+
+    if steering is None:
+        return contextlib.nullcontext()
+    from ..interp.steering import steer
+
+    return steer(gen, *steering)
 
 
 def _read_prompts(args) -> list[Prompt]:
@@ -210,6 +258,7 @@ def run_generate(args) -> int:
     import time
 
     beams = check_beam_args(args)  # before loading anything: a wrong combination fails fast
+    steering = steering_from_args(args)  # the vector file, read before the model loads
     if args.backend != "onnxruntime":  # a decoder-only LM (an ONNX export is checked by its loader)
         from ..checkpoint.kinds import LANGUAGE_MODELS, require_kind
 
@@ -222,24 +271,28 @@ def run_generate(args) -> int:
                               "as token ids with --prompt-ids")
     printer = None
     t0, t_first, n_tok = time.perf_counter(), None, 0
-    if beams:  # one best continuation per prompt, known only when the search ends
-        comps = gen.beam_search(prompts, args.beams, args.max_new_tokens, truncate=args.truncate,
-                                ignore_eos=args.ignore_eos)
-        n_tok = sum(len(c.tokens) for c in comps)
-    else:
-        seed = pick_seed(args, sampling)
-        printer = (_RowPrinter(gen, prompts, args.num_samples, args.echo, args.raw)
-                   if args.stream and not args.json else None)
-        out: dict[int, Completion] = {}
-        for ev in gen.stream(prompts, args.max_new_tokens, sampling=sampling, stop=[unescape(s) for s in args.stop],
-                             seed=seed, num_samples=args.num_samples, truncate=args.truncate,
-                             ignore_eos=args.ignore_eos, completions=out):
-            if ev.token is not None:
-                n_tok += 1
-                t_first = t_first or time.perf_counter()
-            if printer:
-                printer.event(ev)
-        comps = [out[i] for i in sorted(out)]
+    with steering_context(gen, steering):  # --steer: the vector is added while this runs
+        if beams:  # one best continuation per prompt, known only when the search ends
+            comps = gen.beam_search(prompts, args.beams, args.max_new_tokens, truncate=args.truncate,
+                                    ignore_eos=args.ignore_eos, length_penalty=args.length_penalty,
+                                    repetition_penalty=sampling.repetition_penalty,
+                                    no_repeat_ngram_size=sampling.no_repeat_ngram_size,
+                                    min_new_tokens=sampling.min_new_tokens)
+            n_tok = sum(len(c.tokens) for c in comps)
+        else:
+            seed = pick_seed(args, sampling)
+            printer = (_RowPrinter(gen, prompts, args.num_samples, args.echo, args.raw)
+                       if args.stream and not args.json else None)
+            out: dict[int, Completion] = {}
+            for ev in gen.stream(prompts, args.max_new_tokens, sampling=sampling,
+                                 stop=[unescape(s) for s in args.stop], seed=seed, num_samples=args.num_samples,
+                                 truncate=args.truncate, ignore_eos=args.ignore_eos, completions=out):
+                if ev.token is not None:
+                    n_tok += 1
+                    t_first = t_first or time.perf_counter()
+                if printer:
+                    printer.event(ev)
+            comps = [out[i] for i in sorted(out)]
     elapsed = time.perf_counter() - t0
     if args.json:
         for c in comps:

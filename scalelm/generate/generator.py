@@ -40,7 +40,7 @@ from ..precision import pick_device
 from ..runs import TOKENIZER, resolve_checkpoint
 from .cpu_layout import compile_decode_step, pack_linears, shallow_copy, should_pack
 from .outputs import Completion, Event, GenerationError  # defined there, imported from here too
-from .sampling import NON_FINITE, NonFiniteLogits, SamplingParams, next_token_checked
+from .sampling import NON_FINITE, NonFiniteLogits, SamplingParams, constrain, next_token_checked
 from .speculative import Speculator, load_draft
 from .textstream import TextStream
 
@@ -265,6 +265,9 @@ class Generator:
         eos = frozenset() if ignore_eos else self.eos_ids
         if self.speculator is None:
             events = self._decode(rows, budgets, sampling, list(stop), gen, eos, done)
+        elif sampling.constrains:
+            raise GenerationError("no_repeat_ngram_size and min_new_tokens are not for speculative decoding: decode "
+                                  "without --draft/--prompt-lookup")
         elif slide and len(set(budgets)) == 1:
             events = self.speculator.decode(self, rows, budgets[0], sampling, list(stop), gen, eos, done)
         else:
@@ -307,6 +310,9 @@ class Generator:
         held = [len(r) for r in rows]  # live[j]'s tokens in the cache: the last held[j] of its sequence
         logits = self._prefill(cache, seqs)
         while True:
+            if sampling.constrains:  # no repeated n-gram, no end-of-text before min_new_tokens
+                logits = constrain(logits, sampling, [seqs[b] for b in live], [len(comps[b].tokens) for b in live],
+                                   sorted(eos))
             tok = next_token_checked(logits, sampling, gen, seen)
             ids = tok.tolist()  # the one host sync per step: text, stops and eos need the ids
             if NON_FINITE in ids:  # logits that are no distribution (a broken model or graph): stop and say so

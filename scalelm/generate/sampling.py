@@ -1,4 +1,6 @@
-"""Choosing the next token: greedy, temperature, top-k, top-p (nucleus), repetition penalty.
+"""Choosing the next token: greedy, temperature, top-k, top-p (nucleus), and the controls every
+decoding takes (beam search too): repetition penalty, no repeated n-gram, a least number of new
+tokens. Each behaves as the Hugging Face ``generate`` logits processor of the same name.
 
 All functions work on a batch of last-position logits ``(B, V)`` and never leave the device,
 so a decode step needs no host round trip until the caller asks for the token ids.
@@ -37,6 +39,8 @@ class SamplingParams:
     top_k: int = 0  # keep the k most likely tokens; 0 = off
     top_p: float = 1.0  # keep the smallest set whose probability reaches p; 1 = off
     repetition_penalty: float = 1.0  # >1 discourages tokens already in the sequence; 1 = off
+    no_repeat_ngram_size: int = 0  # never complete an n-gram already in the sequence; 0 = off
+    min_new_tokens: int = 0  # end-of-text is banned until this many tokens are generated; 0 = off
 
     @property
     def greedy(self) -> bool:
@@ -56,13 +60,55 @@ class SamplingParams:
             raise bad("top_p", self.top_p, "in (0, 1] (1 = off)")
         if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise bad("repetition_penalty", self.repetition_penalty, "> 0 (1 = off, > 1 penalizes repeats)")
+        if self.no_repeat_ngram_size < 0:
+            raise bad("no_repeat_ngram_size", self.no_repeat_ngram_size, ">= 0 (0 = off)")
+        if self.min_new_tokens < 0:
+            raise bad("min_new_tokens", self.min_new_tokens, ">= 0 (0 = off)")
         return self
+
+    @property
+    def constrains(self) -> bool:
+        """Whether :func:`constrain` has anything to do."""
+        return self.no_repeat_ngram_size > 0 or self.min_new_tokens > 0
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """CTRL's penalty as in HF: seen tokens' positive logits are divided, negative multiplied."""
     penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalized, logits)
+
+
+def banned_ngram_tokens(seq: list[int], n: int) -> list[int]:
+    """The tokens that would complete an ``n``-gram already in ``seq``: those that followed an
+    earlier occurrence of its last ``n - 1`` tokens (Hugging Face's ``NoRepeatNGramLogitsProcessor``;
+    with ``n = 1``, every token of ``seq``)."""
+    if n <= 0 or len(seq) + 1 < n:
+        return []
+    tail = seq[len(seq) - n + 1:]
+    return [seq[i + n - 1] for i in range(len(seq) - n + 1) if seq[i:i + n - 1] == tail]
+
+
+def constrain(scores: torch.Tensor, params: SamplingParams, seqs: list[list[int]], new_tokens: list[int],
+              eos_ids) -> torch.Tensor:
+    """``scores`` (B, V) with what ``params`` forbid set to -inf: the tokens completing a repeated
+    n-gram of each row's whole sequence ``seqs[b]`` (the prompt included, as Hugging Face's
+    ``generate`` does; an encoder-decoder's rows are its decoder's, from the start token), and
+    end-of-text while row ``b`` has fewer than ``min_new_tokens`` new tokens (``new_tokens[b]``).
+    Works on logits (sampling, greedy) and log-probabilities (beam search) alike."""
+    if not params.constrains:
+        return scores
+    rows, cols = [], []
+    for b, seq in enumerate(seqs):
+        ban = banned_ngram_tokens(seq, params.no_repeat_ngram_size) if params.no_repeat_ngram_size else []
+        if new_tokens[b] < params.min_new_tokens:
+            ban = [*ban, *eos_ids]
+        rows += [b] * len(ban)
+        cols += ban
+    if not rows:
+        return scores
+    scores = scores.clone()
+    scores[torch.tensor(rows, device=scores.device), torch.tensor(cols, device=scores.device)] = float("-inf")
+    return scores
 
 
 def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:

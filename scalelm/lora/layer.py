@@ -61,14 +61,14 @@ def parse_targets(spec: str, model: ModelConfig) -> list[str]:
     if not items:
         raise ConfigError("lora.targets is empty: name the projections to adapt, e.g. --lora.targets=q,k,v,o "
                           "(or attn, mlp, all)")
-    swiglu = model.mlp == "swiglu"
+    swiglu = model.gated_mlp  # SwiGLU or GeGLU
     chosen: set[str] = set()
     for it in items:
         if it in GROUPS:
             chosen.update(t for t in GROUPS[it] if swiglu or t != "gate")  # a GELU MLP has no gate
         elif it == "gate" and not swiglu:
             raise ConfigError(f"lora.targets names 'gate', but model.mlp={model.mlp} has no gate projection "
-                              f"(only SwiGLU MLPs do): target up,down (or the group mlp) instead")
+                              f"(only gated MLPs, SwiGLU and GeGLU, do): target up,down (or the group mlp) instead")
         elif it in TARGETS:
             chosen.add(it)
         else:

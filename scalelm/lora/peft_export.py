@@ -8,6 +8,8 @@ output ``[q; k; v]``): adapters of rank r on some of them become ONE adapter of 
 block-diagonally in their rows, so ``B @ A`` is exactly the per-projection updates side by
 side; ``rank_pattern``/``alpha_pattern`` keep its scale at alpha / r. GPT-2's ``Conv1D`` stores
 weights transposed, hence ``fan_in_fan_out``; PEFT's A/B are stored (r, in) / (out, r) either way.
+Phi-3 (a base imported from Phi-3, exported back to it) fuses the same way: q/k/v in ``qkv_proj``
+(rows ``[q; k; v]``, k and v ``n_kv_head * head_dim`` tall) and gate/up in ``gate_up_proj``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..checkpoint.adapters import read_adapters
 from ..checkpoint.model_dir import write_tensors
 from ..checkpoint.names import PEFT_CONFIG, PEFT_WEIGHTS
 from ..errors import CheckpointError
-from ..model.hf import ConversionError, hf_family
+from ..model.hf import ConversionError, hf_family, recorded_hf_type
 from ..model.io import read_model_config
 from ..runs import resolve_checkpoint
 
@@ -36,8 +38,11 @@ def is_peft_dir(path: str | Path) -> bool:
 
 
 def peft_adapters(cfg, entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(LoraConfig keyword arguments, adapter_model tensors)`` for a LoRA run of model ``cfg``."""
-    family = hf_family(cfg)  # a ConversionError for what Hugging Face cannot represent
+    """``(LoraConfig keyword arguments, adapter_model tensors)`` for a LoRA run of model ``cfg``,
+    for the class ``convert BASE --to-hf`` writes (the base's own, for an imported base)."""
+    base = entry.get("base")
+    prefer = recorded_hf_type(base) if base and Path(base).is_dir() else None
+    family = hf_family(cfg, prefer)  # a ConversionError for what Hugging Face cannot represent
     if entry.get("prefix"):
         raise ConversionError("--to-peft exports a language model's adapters; this run adapts a model inside a "
                               "task (its head trains too): fold it into a model directory with `scalelm merge`")
@@ -52,10 +57,36 @@ def peft_adapters(cfg, entry: dict, tensors: dict[str, torch.Tensor]) -> tuple[d
     def put(hf_mod: str, a: torch.Tensor, b: torch.Tensor) -> None:
         out[f"{hf_mod}.lora_A.weight"], out[f"{hf_mod}.lora_B.weight"] = a.contiguous(), b.contiguous()
 
+    def fuse(i: int, names: dict, hf_mod: str, parts: list[tuple[str, int]]) -> None:
+        """One adapter on a fused projection whose output rows are ``parts`` (ours, rows) in order:
+        A stacked, B block-diagonal, rank and alpha scaled by the number of adapted parts."""
+        have = [(j, ours) for j, (ours, _) in enumerate(parts) if ours in names]
+        if not have:
+            return
+        offsets = [sum(n for _, n in parts[:j]) for j in range(len(parts))]
+        a = torch.cat([names[ours]["lora_A"] for _, ours in have])
+        b = a.new_zeros(sum(n for _, n in parts), r * len(have))
+        for c, (j, ours) in enumerate(have):
+            b[offsets[j]:offsets[j] + parts[j][1], c * r:(c + 1) * r] = names[ours]["lora_B"]
+        put(f"{root}.{i}.{hf_mod}", a, b)
+        leaf = hf_mod.split(".")[-1]
+        targets.add(leaf)
+        if len(have) > 1:  # its rank is r * len(have); the same alpha / r scale
+            rank_pattern[leaf], alpha_pattern[leaf] = r * len(have), alpha * len(have)
+
     for i in range(cfg.n_layer):
         block = f"blocks.{i}."
         names = {m[len(block):]: ab for m, ab in layers.items() if m.startswith(block)}
-        if family != "gpt2":  # Llama, Qwen2 and Qwen3 name their projections alike
+        if family == "phi3":
+            q, kv, f = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim
+            fuse(i, names, "self_attn.qkv_proj", [("attn.q_proj", q), ("attn.k_proj", kv), ("attn.v_proj", kv)])
+            fuse(i, names, "mlp.gate_up_proj", [("mlp.gate", f), ("mlp.up", f)])
+            for ours in ("attn.o_proj", "mlp.down"):
+                if ours in names:
+                    put(f"{root}.{i}.{_LLAMA[ours]}", names[ours]["lora_A"], names[ours]["lora_B"])
+                    targets.add(_LLAMA[ours].split(".")[-1])
+            continue
+        if family != "gpt2":  # Llama, Qwen2, Qwen3 and Mistral name their projections alike
             for ours, theirs in _LLAMA.items():
                 if ours in names:
                     put(f"{root}.{i}.{theirs}", names[ours]["lora_A"], names[ours]["lora_B"])

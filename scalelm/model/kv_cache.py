@@ -16,6 +16,13 @@ The :class:`~scalelm.generate.generator.Generator` and beam search drive a cache
 position, restart it with left padding and reorder its rows (:class:`GeneratorKVCache`: the caches
 ``Generator`` makes, ``PreallocatedKVCache``, ``Seq2SeqCache`` and ``OrtCache``).
 
+Sliding-window attention (``model.sliding_window``): ``update(layer, ...)`` returns the mask of that
+layer's kind, the band ``q - window < k <= q`` over slots (:func:`~scalelm.model.masks.window_mask`)
+on a local layer and the full-attention mask on a global one. Every cache keeps all slots and masks
+the ones a local layer no longer sees (no ring buffer): memory grows with the context as for full
+attention, and one buffer serves both kinds of layer. ``OrtCache`` needs nothing: its graph (built
+around ``ConcatCache``) carries the band.
+
 The protocols are ``runtime_checkable`` and each cache names the ones it implements as base
 classes, so ``isinstance(cache, KVCache)`` holds; tests/model/test_kv_cache.py runs one conformance
 test over all five.
@@ -28,6 +35,7 @@ from typing import Optional, Protocol, runtime_checkable
 import torch
 
 from ..config import ModelConfig
+from .masks import window_mask
 
 
 @runtime_checkable
@@ -72,6 +80,11 @@ class GeneratorKVCache(KVCache, Protocol):
         ...
 
 
+def local_layers(cfg: ModelConfig) -> list[bool]:
+    """Per layer: whether it attends within ``cfg.sliding_window`` (what ``update`` masks it with)."""
+    return [cfg.layer_window(i) is not None for i in range(cfg.n_layer)]
+
+
 class PreallocatedKVCache(LayerKVCache, GeneratorKVCache):
     """Pre-allocated keys/values for incremental decoding: (n_layer, B, n_kv_head, S, head_dim).
 
@@ -91,6 +104,9 @@ class PreallocatedKVCache(LayerKVCache, GeneratorKVCache):
         self.static = False  # True: attend over the whole buffer (fixed shapes) instead of [:pos]
         self._padded = False  # any row starting after slot 0 (left padding)
         self._mask: Optional[torch.Tensor] = None
+        # sliding window: each layer's kind, and the band local layers see (None: nothing fell out yet)
+        self.window, self.local = cfg.sliding_window, local_layers(cfg)
+        self._band: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
@@ -107,16 +123,20 @@ class PreallocatedKVCache(LayerKVCache, GeneratorKVCache):
             raise ValueError(f"KV cache full: {self.pos} + {T} tokens exceed its {self.max_len} slots")
         dev = self.k.device
         q_slot = torch.arange(self.pos, self.pos + T, device=dev)
-        if not self._padded and not self.static and (T == 1 or self.pos == 0):
-            self._mask = None  # plain causal (prefill) or one new token seeing all: no mask to build
-            return q_slot[None, :]
         k_len = self.max_len if self.static else self.pos + T
         k_slot = torch.arange(k_len, device=dev)
+        # local layers need the band once some key is window or more slots behind a query
+        banded = self.window is not None and self.pos + T > self.window
+        if not self._padded and not self.static and (T == 1 or self.pos == 0):
+            self._mask = None  # plain causal (prefill) or one new token seeing all: no mask to build
+            self._band = window_mask(q_slot, k_slot, self.window)[None, None] if banded else None
+            return q_slot[None, :]
         causal = k_slot[None, :] <= q_slot[:, None]  # (T, S)
         valid = k_slot[None, :] >= self.start[:, None]  # (B, S): skip left padding
         # a padding query sees its own slot, so no row is fully masked (NaN on some kernels)
         own = k_slot[None, :] == q_slot[:, None]
         self._mask = ((causal[None] & valid[:, None, :]) | own[None])[:, None]  # (B, 1, T, S)
+        self._band = self._mask & window_mask(q_slot, k_slot, self.window) if banded else None
         return (q_slot[None, :] - self.start[:, None]).clamp(min=0)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
@@ -124,7 +144,8 @@ class PreallocatedKVCache(LayerKVCache, GeneratorKVCache):
         self.k[layer, :, :, self.pos:self.pos + T] = k  # (a copy: converts to the cache's dtype)
         self.v[layer, :, :, self.pos:self.pos + T] = v
         end = self.max_len if self.static else self.pos + T
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], self._mask
+        mask = self._band if self._band is not None and self.local[layer] else self._mask
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask
 
     def advance(self, T: int) -> None:
         self.pos += T

@@ -5,6 +5,9 @@ mask ``(B, 1, T, T)`` (True = may attend), always causal, and positions that cou
 each sequence's first real token, so a padded or packed row computes exactly what the
 sequence alone would. A query that may see nothing (padding) sees itself: a fully masked row
 would give NaN on some kernels.
+
+A model with ``sliding_window`` narrows these masks to the window in its local layers
+(:func:`window_mask`, applied inside ``Attention``); KV caches build the same band for their slots.
 """
 
 from __future__ import annotations
@@ -40,3 +43,13 @@ def document_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
     first = torch.where(start, idx, torch.zeros_like(idx)).cummax(1).values  # each position's example start
     return _finish(allowed), idx - first
+
+
+def window_mask(q_slot: torch.Tensor, k_slot: torch.Tensor, window: int) -> torch.Tensor:
+    """Causal sliding-window attention (``model.sliding_window``) as Hugging Face masks it: a query
+    at slot q sees the keys at slots q - window < k <= q, itself and the window - 1 before it.
+    ``q_slot`` (..., T), ``k_slot`` (S,) -> bool (..., T, S), True = may attend. Slots, not position
+    ids: in a left-padded or packed row they differ by a constant per example, and across examples
+    the padding or document mask already forbids attention."""
+    d = q_slot[..., :, None] - k_slot
+    return (d >= 0) & (d < window)

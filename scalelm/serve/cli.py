@@ -39,6 +39,9 @@ def add_serve_parser(p) -> None:
                    "last tokens (room left for max_tokens) instead of failing with 400; usage.prompt_tokens_dropped "
                    "says how many went (for lm-eval and other clients that send whole documents)")
     p.add_argument("--threads", type=int, help="CPU threads for the model (default: torch's)")
+    p.add_argument("--steer-vector", action="append", default=[], metavar="NAME=FILE",
+                   help="load a steering vector (`scalelm steer`) that requests can name in a `steer` object "
+                        "(repeatable; docs/interpretability.md)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -65,6 +68,24 @@ def api_key_of(args) -> Optional[str]:
         raise UserError(f"{src} has spaces around it or characters other than printable ASCII: clients could not "
                         "send it in an Authorization header")
     return key
+
+
+def steer_vectors_of(args) -> dict:
+    """``--steer-vector NAME=FILE`` -> ``{name: (vector, layer)}`` (the layer the file was built at)."""
+    from ..interp.steering import load_vector
+
+    out = {}
+    for spec in args.steer_vector:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--steer-vector {spec!r}: give NAME=FILE")
+        if name in out:
+            raise UserError(f"--steer-vector: the name {name!r} is given twice")
+        vec, meta = load_vector(path)
+        if "layer" not in meta:
+            raise UserError(f"--steer-vector {name}: {path} does not say its layer (write it with `scalelm steer`)")
+        out[name] = (vec, meta["layer"])
+    return out
 
 
 BIND_HINTS = {errno.EADDRINUSE: "another process listens there: stop it or pick another --port",
@@ -127,6 +148,7 @@ def run_serve(args) -> int:
             raise UserError(f"--threads={args.threads} is invalid: must be >= 1")
         torch.set_num_threads(args.threads)
     api_key = api_key_of(args)
+    named = steer_vectors_of(args)  # the files, read before the port is taken
     from ..checkpoint.kinds import LANGUAGE_MODELS, require_kind
 
     require_kind(args.model, "scalelm serve", LANGUAGE_MODELS)  # before the port is taken
@@ -137,9 +159,16 @@ def run_serve(args) -> int:
                   f"the model (set ${API_KEY_ENV} or --api-key)", file=sys.stderr)
         ckpt = resolve_checkpoint(args.model)
         gen = Generator.from_checkpoint(ckpt, device=args.device, dtype=TORCH_NAMES.get(args.dtype, args.dtype))
+        from ..interp.steering import check_vector
+
+        for name, (vec, layer) in named.items():
+            try:
+                check_vector(gen, vec, layer)
+            except UserError as e:
+                raise UserError(f"--steer-vector {name}: {e}") from None
         server = Server(gen, args.served_model_name or args.model, max_batch=args.batch_size,
                         max_queue=args.max_queue, api_key=api_key, model_dir=ckpt,
-                        truncate_prompts=args.truncate_prompts)
+                        truncate_prompts=args.truncate_prompts, steer_vectors=named)
         port = socks[0].getsockname()[1]
         print(f"serving `{server.name}` ({gen.cfg.n_layer} layers, context {gen.cfg.block_size}, "
               f"{str(gen.dtype).removeprefix('torch.')}, {gen.device}) at http://{args.host}:{port}/v1 "

@@ -18,10 +18,13 @@ hides the slots past each row's end (no mask when all rows have one length). Act
 dense at the front of the buffer (a freed row gets the last row's cache), so a step runs on a
 view of the first ``n`` rows. A row sees exactly what it would alone: the same prefill, the same
 keys and values, only masked slots added, so greedy tokens equal ``Generator``'s (tested).
+With ``model.sliding_window``, local layers get each row's band instead (its own slot and the
+window - 1 before it); the rows keep all their slots (kv_cache.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import threading
@@ -33,11 +36,21 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from ..generate.generator import Generator
-from ..generate.sampling import SamplingParams, apply_repetition_penalty, next_token
+from ..generate.sampling import SamplingParams, apply_repetition_penalty, banned_ngram_tokens, next_token
 from ..generate.textstream import TextStream
-from ..model.kv_cache import LayerKVCache, PreallocatedKVCache
+from ..interp.hooks import patch
+from ..interp.steering import row_steering
+from ..model.kv_cache import LayerKVCache, PreallocatedKVCache, local_layers
+from ..model.masks import window_mask
 
 log = logging.getLogger("scalelm.serve")
+
+
+def steering(vectors: list, model):
+    """Adds each row's steering vector while the model runs (none: nothing is hooked)."""
+    if all(v is None for v in vectors):
+        return contextlib.nullcontext()
+    return patch(model, row_steering(vectors))
 
 
 class QueueFull(Exception):
@@ -59,11 +72,13 @@ class SeqParams:
     logprobs: Optional[int] = None  # None: none; k: the chosen token's logprob and the k most likely
     prompt_logprobs: bool = False  # also the prompt tokens' logprobs (echo)
     seed: Optional[int] = None
+    steer: Optional[tuple] = None  # (vector, layer, scale): added to that layer's input stream (interp/steering.py)
 
     @property
     def plain(self) -> bool:
         """Greedy with nothing that changes the logits: the whole batch can share one argmax."""
         return (self.sampling.greedy and self.sampling.repetition_penalty == 1.0 and not self.logit_bias
+                and not self.sampling.no_repeat_ngram_size
                 and not self.presence_penalty and not self.frequency_penalty and not self.min_tokens)
 
 
@@ -112,6 +127,8 @@ class BatchCache(LayerKVCache):
         self.max_len = cfg.block_size
         self.lens = [0] * rows  # filled slots per row (on the host: no sync to read them)
         self.n = 0
+        self.window, self.local = cfg.sliding_window, local_layers(cfg)
+        self._band: Optional[torch.Tensor] = None
 
     def begin(self, n: int) -> None:
         """The next forward runs rows [0, n), one new token each."""
@@ -125,6 +142,9 @@ class BatchCache(LayerKVCache):
         self._mask = None
         if min(lens) != max(lens):  # (n, 1, 1, end): each row sees its own slots and the new one
             self._mask = (torch.arange(self._end, device=dev)[None, :] <= self._slot[:, None])[:, None, None, :]
+        self._band = None  # local layers: each row's own band (it implies the mask above)
+        if self.window is not None and self._end > self.window:
+            self._band = window_mask(self._slot[:, None], torch.arange(self._end, device=dev), self.window)[:, None]
 
     def prepare(self, T: int) -> torch.Tensor:
         if T != 1:
@@ -135,7 +155,8 @@ class BatchCache(LayerKVCache):
         # an indexed write does not convert dtypes as a slice assignment does: convert first
         self.k[layer, self._rows, :, self._slot] = k[:, :, 0].to(self.k.dtype)
         self.v[layer, self._rows, :, self._slot] = v[:, :, 0].to(self.v.dtype)
-        return self.k[layer, :self.n, :, :self._end], self.v[layer, :self.n, :, :self._end], self._mask
+        mask = self._band if self._band is not None and self.local[layer] else self._mask
+        return self.k[layer, :self.n, :, :self._end], self.v[layer, :self.n, :, :self._end], mask
 
     def advance(self, T: int) -> None:
         for i in range(self.n):
@@ -260,7 +281,8 @@ class Engine:
         t = time.perf_counter()
         self.cache.begin(n)
         tok = torch.tensor([s.last for s in self.rows], device=self.gen.device)[:, None]
-        logits = self.gen.model(tok, kv_cache=self.cache, last_only=True)[0][:, -1]
+        with steering([s.params.steer for s in self.rows], self.gen.model):  # each row its own vector, if any
+            logits = self.gen.model(tok, kv_cache=self.cache, last_only=True)[0][:, -1]
         self._sample(list(self.rows), logits, out)
         self.steps += 1
         if self.metrics is not None:
@@ -274,7 +296,8 @@ class Engine:
         t = time.perf_counter()
         tmp = PreallocatedKVCache(self.cfg, 1, max_len=len(ids), device=self.gen.device, dtype=self.gen.dtype)
         x = torch.tensor([ids], device=self.gen.device)
-        logits = self.gen.model(x, kv_cache=tmp, last_only=not p.prompt_logprobs)[0][0]  # (T or 1, V)
+        with steering([p.steer], self.gen.model):
+            logits = self.gen.model(x, kv_cache=tmp, last_only=not p.prompt_logprobs)[0][0]  # (T or 1, V)
         if p.prompt_logprobs:
             s.prompt_lp = self._prompt_logprobs(ids, logits, p.logprobs or 0)
         if self.metrics is not None:
@@ -317,6 +340,10 @@ class Engine:
             x = apply_repetition_penalty(x, s.seen, p.sampling.repetition_penalty)
         # whatever the settings did to the logits, sampling gets finite numbers (else multinomial fails)
         x = torch.nan_to_num(x, nan=-1e30, posinf=1e30, neginf=-1e30)
+        if p.sampling.no_repeat_ngram_size:  # HF's n-gram ban, over the prompt and the output
+            ban = banned_ngram_tokens(s.prompt + s.tokens, p.sampling.no_repeat_ngram_size)
+            if ban:
+                x = x.index_fill(1, torch.tensor(ban, device=x.device), float("-inf"))
         if len(s.tokens) < p.min_tokens:
             ends = sorted((set() if p.ignore_eos else self.gen.eos_ids) | set(p.stop_token_ids))
             if ends:

@@ -33,6 +33,18 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+class SteerRequest(BaseModel):
+    """scalelm's extension: steer this request with a vector added to the residual stream (see
+    docs/interpretability.md). Applies to every choice of the request."""
+    model_config = STRICT
+    vector: Union[str, list[float]] = Field(..., description="the name of a vector the server loaded "
+                                            "(`scalelm serve --steer-vector NAME=FILE`), or the numbers themselves "
+                                            "(n_embd of them)")
+    layer: Optional[Int] = Field(None, ge=0, description="the layer whose input stream it is added to; default: the "
+                                 "named vector's own (required with numbers)")
+    scale: float = Field(1.0, ge=-1e4, le=1e4, allow_inf_nan=False, description="the vector's multiplier")
+
+
 class SamplingFields(BaseModel):
     """Fields shared by both endpoints."""
     model_config = STRICT
@@ -54,11 +66,15 @@ class SamplingFields(BaseModel):
     # vLLM's extras
     top_k: Int = Field(-1, ge=-1, description="-1 or 0 = off")
     repetition_penalty: float = Field(1.0, ge=0.01, le=10.0, description="> 1 discourages repeats (HF's)")
+    no_repeat_ngram_size: Int = Field(0, ge=0, le=1024, description="never repeat an n-gram of prompt + output "
+                                      "(HF's); 0 = off")
     min_tokens: Int = Field(0, ge=0)
     ignore_eos: bool = False
     stop_token_ids: Optional[list[Int]] = Field(None, max_length=MAX_STOPS)
     truncate_prompt_tokens: Optional[Int] = Field(None, ge=1, description="keep only the last N tokens of "
                                                   "a longer prompt (N at most the context)")
+    # scalelm's extension
+    steer: Optional[SteerRequest] = None
 
 
 class CompletionRequest(SamplingFields):

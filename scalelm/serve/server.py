@@ -14,6 +14,7 @@ import logging
 import time
 from typing import Optional
 
+import torch
 from fastapi import Request
 
 from ..errors import UserError
@@ -27,6 +28,7 @@ from .schemas import MAX_STOPS, SamplingFields
 log = logging.getLogger("scalelm.serve")
 
 GREEDY_BELOW = 1e-5  # temperatures this small are greedy (dividing logits by them overflows)
+MAX_STEER = 1e4  # the largest entry of scale x steering vector a request may add to the residual stream
 MIN_TOP_P = 1e-6  # smaller top_p values keep only the top token anyway
 
 
@@ -115,8 +117,9 @@ class Server:
 
     def __init__(self, gen: Generator, name: str, max_batch: int = 8, max_queue: int = 64,
                  api_key: Optional[str] = None, max_body: int = MAX_BODY, model_dir=None,
-                 truncate_prompts: bool = False):
+                 truncate_prompts: bool = False, steer_vectors: Optional[dict] = None):
         self.gen, self.name, self.api_key, self.max_body = gen, name, api_key or None, max_body
+        self.steer_vectors = dict(steer_vectors or {})  # name -> (vector, layer): requests' `steer` by name
         self.truncate_prompts = truncate_prompts
         self.metrics = Metrics()
         self.engine = Engine(gen, max_batch=max_batch, max_queue=max_queue, metrics=self.metrics)
@@ -225,14 +228,49 @@ class Server:
         try:
             # a top_p below float32's range would drop every token (sampling compares in float32)
             top_p = max(body.top_p, MIN_TOP_P)
-            sampling = SamplingParams(temp, max(0, body.top_k), top_p, body.repetition_penalty).validate()
+            sampling = SamplingParams(temp, max(0, body.top_k), top_p, body.repetition_penalty,
+                                      body.no_repeat_ngram_size).validate()
         except UserError as e:
             raise APIError(400, str(e)) from None
         return SeqParams(max_tokens=max_tokens, sampling=sampling, presence_penalty=body.presence_penalty,
                          frequency_penalty=body.frequency_penalty, min_tokens=body.min_tokens,
                          ignore_eos=body.ignore_eos, stop=tuple(stops), stop_token_ids=tuple(body.stop_token_ids or ()),
                          logit_bias=bias or None, logprobs=logprobs, prompt_logprobs=echo_logprobs,
-                         seed=None if body.seed is None else body.seed % 2**63)
+                         seed=None if body.seed is None else body.seed % 2**63, steer=self.steering(body))
+
+    def steering(self, body: SamplingFields) -> Optional[tuple]:
+        """A request's ``steer`` as ``(vector, layer, scale)``, checked against the model (None without one)."""
+        st = body.steer
+        if st is None:
+            return None
+        cfg = self.gen.cfg
+        if getattr(cfg, "arch", "gpt") != "gpt":
+            raise APIError(400, "Steering vectors are for decoder-only models.", param="steer")
+        if isinstance(st.vector, str):
+            if st.vector not in self.steer_vectors:
+                have = ", ".join(sorted(self.steer_vectors)) or "none (start it with --steer-vector NAME=FILE)"
+                raise APIError(400, f"Unknown steering vector {st.vector!r}; this server has: {have}.",
+                               param="steer.vector")
+            vec, layer = self.steer_vectors[st.vector]
+        else:
+            if len(st.vector) != cfg.n_embd:
+                raise APIError(400, f"steer.vector has {len(st.vector)} numbers; this model's residual stream has "
+                                    f"{cfg.n_embd}.", param="steer.vector")
+            vec = torch.tensor(st.vector, dtype=torch.float32)
+            if not bool(torch.isfinite(vec).all()):
+                raise APIError(400, "steer.vector must hold finite numbers.", param="steer.vector")
+            if st.layer is None:
+                raise APIError(400, "steer.layer is required with a vector given as numbers.", param="steer.layer")
+            layer = None
+        layer = st.layer if st.layer is not None else layer
+        if not 0 <= layer < cfg.n_layer:
+            raise APIError(400, f"steer.layer={layer} is outside this model's layers [0, {cfg.n_layer}).",
+                           param="steer.layer")
+        peak = float(vec.abs().max()) * abs(st.scale)
+        if peak > MAX_STEER:  # beyond this the stream overflows into inf/NaN: no text, and logprobs that are no JSON
+            raise APIError(400, f"steer: scale x vector reaches {peak:.3g} in one entry; at most {MAX_STEER:g} "
+                                "(a steering vector's entries are usually below 10).", param="steer.scale")
+        return vec, layer, float(st.scale)
 
     def make_seqs(self, sub: Submission, prompts: list[list[int]], n: int, params: SeqParams) -> list[Seq]:
         if len(prompts) * n > self.engine.max_queue:

@@ -68,6 +68,7 @@ def hub_base_dir(spec: str) -> tuple[Path, str]:
     start together from converting the same model at once."""
     from filelock import FileLock
 
+    from ..checkpoint.names import LOCK
     from ..data.hub import download_hub_model
     from ..model.hf import import_hf_dir
     from ..runs import is_scalelm_model_dir
@@ -76,7 +77,7 @@ def hub_base_dir(spec: str) -> tuple[Path, str]:
     repo = source.removeprefix("hf:").rpartition("@")[0]
     out = hub_cache_root() / "hub" / repo.replace("/", "--") / snapshot.name
     out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out) + ".lock"):
+    with FileLock(str(out) + LOCK):  # COMMIT.lock beside the folder
         if not is_scalelm_model_dir(out):
             print(f"converting {source} into {out} (once)", file=sys.stderr)
             import_hf_dir(snapshot, out, source=source, safetensors_only=True)

@@ -16,6 +16,8 @@ TASKS: dict[str, tuple[str, str]] = {
     "sft": ("scalelm.tasks.sft.train", "instruction tuning: chat template, loss on replies, packing (full or LoRA)"),
     "translate": ("scalelm.tasks.translate.train", "translation: a decoder-only GPT on 'source => target', or an encoder-decoder "
                   "(--preset transformer-small)"),
+    "summarize": ("scalelm.tasks.translate.train", "summarization: the translation recipe on (text, summary) pairs, "
+                  "from JSONL fields or line-aligned files, decoder-only or encoder-decoder"),
     "dpo": ("scalelm.tasks.preference.train", "preference tuning: DPO, IPO, conservative DPO or SimPO on chosen/rejected "
             "pairs (full or LoRA)"),
 }

@@ -37,7 +37,9 @@ def settings(args: argparse.Namespace, saved_task: dict | None, fixed: tuple, pa
     the files now are) may change. ``paths`` are made absolute."""
     given = {k: getattr(args, k, None) for k in (*fixed, *free)}
     for k in paths:
-        if given.get(k) is not None and not (k == "tokenizer" and given[k] == "byte") \
+        if isinstance(given.get(k), list):  # several files (--train a.jsonl b.jsonl)
+            given[k] = [str(Path(v).resolve()) for v in given[k]]
+        elif given.get(k) is not None and not (k == "tokenizer" and given[k] == "byte") \
                 and not str(given[k]).startswith("hf:"):  # a Hub id (--base hf:ORG/NAME), not a path
             given[k] = str(Path(given[k]).resolve())
     s = dict(given)

@@ -332,8 +332,8 @@ def follow_world_size(out: Path, cfg: Config, saved: Optional[Config]) -> None:
     if not isinstance(recorded, int) or recorded == world:
         return
     p = cfg.parallel
-    if world % (p.dp_replicate * p.tp * p.pp):  # the model-parallel dimensions no longer fit: data parallel only
-        p.dp_replicate = p.tp = p.pp = 1
+    if world % (p.dp_replicate * p.tp * p.pp * p.cp):  # the model-parallel dimensions no longer fit: data parallel only
+        p.dp_replicate = p.tp = p.pp = p.cp = 1
     p.dp_shard = -1
     if t.global_batch_size is None and t.global_batch_tokens is None and layout.get("global_batch_size"):
         t.global_batch_size = int(layout["global_batch_size"])

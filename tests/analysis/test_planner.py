@@ -165,7 +165,7 @@ def test_plan_answers_on_1_8_and_64_devices(preset, plan):
         assert out["devices"] == n and out["layouts"]
         for p in out["layouts"]:
             l = p["layout"]
-            assert l["pp"] * l["dp_replicate"] * l["dp_shard"] * l["tp"] == n
+            assert l["pp"] * l["dp_replicate"] * l["dp_shard"] * l["tp"] * l["cp"] == n
             assert p["memory"]["peak"] > 0 and p["times"]["step"] > 0
         assert {p["layout"]["ac"] for p in out["layouts"]} == {False, True}
         assert out["recommended"] is None or out["recommended"]["fits"]

@@ -79,10 +79,12 @@ def test_onnxruntime_logits_match_pytorch_for_prefill_and_16_decode_steps(gpt2):
 
 
 @pytest.mark.slow
-def test_llama_style_gqa_rope_export_matches_too(tmp_path):
+@pytest.mark.parametrize("window", [None, 4])  # 4: layer 0 within a sliding window shorter than the 25 tokens, layer 1 full
+def test_llama_style_gqa_rope_export_matches_too(tmp_path, window):
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=96, block_size=48, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, pos_embedding="rope",
-                      norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, init_std=0.2)
+                      norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False, init_std=0.2,
+                      sliding_window=window, sliding_window_pattern=2)
     save_model_dir(GPT(cfg), tmp_path / "model")
     export(tmp_path / "model", tmp_path / "onnx")
     assert check_parity(tmp_path / "model", tmp_path / "onnx") < 1e-4

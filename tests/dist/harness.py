@@ -26,6 +26,8 @@ STYLES = {
                   pos_embedding="rope", norm="rmsnorm", mlp="swiglu", intermediate_size=64, bias=False,
                   tie_embeddings=True, dropout=0.0),
 }
+# Llama with a sliding window shorter than the 16-token sequences: layers 0 and 2 local, 1 and 3 global
+STYLES["window"] = dict(STYLES["llama"], sliding_window=4, sliding_window_pattern=2)
 TOKENS = np.random.default_rng(0).integers(0, 64, 20_000).astype(np.uint16)
 MICRO, MICROS_PER_STEP, CLIP = 2, 4, 0.5  # micro batch rows; micro-batches per step over all dp ranks
 

@@ -23,6 +23,10 @@ CHECKS_2 = [
     "fsdp_fp32:llama:fp32",
     "ddp_lora:gpt2:fp64:dp_replicate=2,dp_shard=1,lora.r=4,lora.targets=all",
     "fsdp_lora:llama:fp64:lora.r=4,lora.targets=q;v;gate",
+    # a sliding window (model.sliding_window): each rank's heads, with the sequence gathered under SP,
+    # and each stage's layers attend within their own layer's window, as one process does
+    "tp_sp_window:window:fp64:tp=2,sequence_parallel=true",
+    "pp_window:window:fp64:pp=2,pp_schedule=1f1b",
 ]
 
 CHECKS_4 = [

@@ -206,3 +206,21 @@ def test_generate_beams_refuses_sampling_streaming_and_speculation(ckpts, capsys
 def test_generate_beams_must_be_positive(ckpts, capsys, monkeypatch):
     rc, _, err = main(capsys, monkeypatch, "generate", ckpts / "model", "--beams", "0")
     assert rc == 2 and "--beams=0 is invalid" in err
+
+
+def test_generate_passes_the_decoding_controls(ckpts, capsys, monkeypatch):
+    gen = Generator.from_checkpoint(ckpts / "model")
+    kw = dict(repetition_penalty=1.3, no_repeat_ngram_size=2, min_new_tokens=4)
+    want = gen.beam_search("To be", num_beams=3, max_new_tokens=10, length_penalty=0.5, **kw)[0]
+    rc, out, err = main(capsys, monkeypatch, "generate", ckpts / "model", "--prompt", "To be", "--beams", "3",
+                        "--max-new-tokens", "10", "--length-penalty", "0.5", "--repetition-penalty", "1.3",
+                        "--no-repeat-ngram-size", "2", "--min-new-tokens", "4", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["tokens"] == want.tokens
+    greedy = gen.generate("To be", 10, sampling=GREEDY.__class__(temperature=0.0, **kw))[0]
+    rc, out, err = main(capsys, monkeypatch, "generate", ckpts / "model", "--prompt", "To be", "--temperature", "0",
+                        "--max-new-tokens", "10", "--repetition-penalty", "1.3", "--no-repeat-ngram-size", "2",
+                        "--min-new-tokens", "4", "--json")
+    assert rc == 0 and json.loads(out)["tokens"] == greedy.tokens
+    rc, _, err = main(capsys, monkeypatch, "generate", ckpts / "model", "--length-penalty", "2")
+    assert rc == 2 and "--length-penalty weighs finished beams" in err

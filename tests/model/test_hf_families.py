@@ -257,7 +257,9 @@ def test_export_refuses_what_no_hf_class_holds():
 
 
 @pytest.mark.parametrize("edit, message", [
-    (dict(use_sliding_window=True), "use_sliding_window=True"),
+    # layers 4.. sliding, 0..3 full: no sliding_window_pattern says that (all sliding, or every p-th full)
+    (dict(use_sliding_window=True, max_window_layers=4), "layer_types"),
+    (dict(layer_types=["sliding_attention"] * 28), "sliding_window=None"),  # sliding layers, no window
     (dict(attention_bias=True), "attention_bias=True"),
     (dict(rope_parameters={"rope_type": "longrope", "rope_theta": 1e6}), "rope_type='longrope'"),
 ])

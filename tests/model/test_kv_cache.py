@@ -4,7 +4,8 @@ One conformance test runs every cache through its decoder: a prefill and decode 
 logits of a forward without a cache, and a cache with a capacity refuses the token past it. The
 caches the Generator drives also restart with left padding and reorder rows as beam search
 does. ``BatchCache`` (the server's continuous batching) gets tests of its own: rows of different
-lengths, rows moved, its limits.
+lengths, rows moved, its limits. The conformance test runs again with a sliding window shorter
+than the sequence, on a local and a global layer (every cache masks the slots out of the window).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 V, CAP, B, T0 = 61, 12, 2, 5  # vocabulary, cache capacity, rows, prompt length
 LLAMA = ModelConfig(vocab_size=V, block_size=16, n_layer=2, n_head=4, n_kv_head=2, n_embd=32, init_std=0.2,
                     pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False)
+# layer 0 attends within 3 slots, layer 1 to everything (pattern 2): both kinds in one cache
+WINDOWED = dataclasses.replace(LLAMA, sliding_window=3, sliding_window_pattern=2)
 ENCDEC = ModelConfig(arch="encoder-decoder", vocab_size=V, block_size=16, n_layer=2, n_encoder_layer=2,
                      n_decoder_layer=3, n_head=4, n_embd=32, init_std=0.2)
 
@@ -73,9 +76,9 @@ class Driver:
 
 
 class Preallocated(Driver):
-    def __init__(self):
-        super().__init__(gpt())
-        self.cache = PreallocatedKVCache(LLAMA, B, max_len=CAP)
+    def __init__(self, cfg=LLAMA):
+        super().__init__(gpt(cfg))
+        self.cache = PreallocatedKVCache(cfg, B, max_len=CAP)
 
     def step(self, ids):
         return self.model(ids, kv_cache=self.cache, last_only=True)[0][:, -1]
@@ -101,8 +104,8 @@ class Batch(Driver):
     """As the server's engine: each prompt prefilled alone and copied into its row, then one-token
     steps over all rows."""
 
-    def __init__(self):
-        super().__init__(gpt(dataclasses.replace(LLAMA, block_size=CAP)))
+    def __init__(self, cfg=LLAMA):
+        super().__init__(gpt(dataclasses.replace(cfg, block_size=CAP)))
         self.cache = BatchCache(self.model.cfg, rows=B + 1)
 
     def step(self, ids):
@@ -122,8 +125,8 @@ class Concat(Driver):
 
     capacity = False
 
-    def __init__(self):
-        super().__init__(gpt())
+    def __init__(self, cfg=LLAMA):
+        super().__init__(gpt(cfg))
         self.graph = DecodeGraph(self.model)
         shape = (LLAMA.n_layer, B, LLAMA.kv_heads, 0, LLAMA.head_dim)
         self.past = torch.zeros(shape), torch.zeros(shape)
@@ -138,8 +141,8 @@ class Concat(Driver):
 
 
 class Ort(Driver):
-    def __init__(self):
-        super().__init__(gpt())
+    def __init__(self, cfg=LLAMA):
+        super().__init__(gpt(cfg))
         self.ort = ort_model(self.model)
         self.cache = OrtCache(LLAMA, B, CAP)
 
@@ -152,10 +155,11 @@ LAYER = {"preallocated", "seq2seq", "batch", "concat"}  # written by a PyTorch m
 GENERATOR = {"preallocated", "seq2seq", "ort"}  # what Generator and beam search drive
 
 
-@pytest.mark.parametrize("kind", DRIVERS)
+@pytest.mark.parametrize("kind, window", [(k, False) for k in DRIVERS] + [(k, True) for k in DRIVERS
+                                                                         if k != "seq2seq"])
 @torch.no_grad()
-def test_every_cache_decodes_as_a_forward_without_one(kind):
-    d = DRIVERS[kind]()
+def test_every_cache_decodes_as_a_forward_without_one(kind, window):
+    d = DRIVERS[kind](WINDOWED) if window else DRIVERS[kind]()
     assert isinstance(d.cache, KVCache)
     assert isinstance(d.cache, LayerKVCache) == (kind in LAYER)
     assert isinstance(d.cache, GeneratorKVCache) == (kind in GENERATOR)
@@ -168,17 +172,22 @@ def test_every_cache_decodes_as_a_forward_without_one(kind):
         seq = torch.cat([seq, tok], dim=1)
         logits = d.step(tok)
         torch.testing.assert_close(logits, d.ref(seq), rtol=1e-4, atol=1e-4)
+    if window:  # the window changed the logits: the caches did not just attend to everything
+        full = gpt(dataclasses.replace(d.model.cfg, sliding_window=None))
+        assert (full(seq)[0][:, -1] - d.ref(seq)).abs().max() > 1e-3
     if d.capacity:  # full: the next token is refused, not written past the end
         with pytest.raises(ValueError, match="full"):
             d.step(logits.argmax(-1, keepdim=True))
 
 
-@pytest.mark.parametrize("kind", sorted(GENERATOR))
+@pytest.mark.parametrize("kind, window",
+                         [(k, False) for k in sorted(GENERATOR)] + [("ort", True), ("preallocated", True)])
 @torch.no_grad()
-def test_generator_caches_restart_with_left_padding_and_reorder_rows(kind):
+def test_generator_caches_restart_with_left_padding_and_reorder_rows(kind, window):
     """What Generator._left_padded and beam search do: rows of different lengths left-padded
-    (reset(start)), then rows repeated and swapped (index_rows); each row decodes as it would alone."""
-    d = DRIVERS[kind]()
+    (reset(start)), then rows repeated and swapped (index_rows); each row decodes as it would alone
+    (with a window: the band counts slots from each row's own tokens, not from the padding)."""
+    d = DRIVERS[kind](WINDOWED) if window else DRIVERS[kind]()
     g = torch.Generator().manual_seed(2)
     rows = [torch.randint(0, V, (n,), generator=g) for n in (5, 3)]
     padded = torch.zeros(B, 5, dtype=torch.long)

@@ -243,6 +243,21 @@ def test_penalties_and_min_tokens_are_accepted(live):
     assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
 
 
+def test_no_repeat_ngram_size_is_the_generators(live, gen):
+    ids = gen.encode("To be or not to be")
+    plain = gen.generate([ids], max_new_tokens=20, sampling=GREEDY)[0]
+    ids = ids + plain.tokens[:4] + ids  # a prompt that repeats itself: greedy would repeat it on
+    for n in (1, 2):
+        want = gen.generate([ids], max_new_tokens=20, sampling=SamplingParams(temperature=0.0, no_repeat_ngram_size=n))
+        r = live.client().completions.create(model="tiny", prompt=ids, max_tokens=20, temperature=0,
+                                             extra_body={"no_repeat_ngram_size": n})
+        assert r.choices[0].text == want[0].text
+        seq = ids + want[0].tokens
+        assert not {tuple(seq[i:i + n]) for i in range(len(ids) - n + 1, len(seq) - n + 1)} & \
+            {tuple(seq[i:i + n]) for i in range(len(ids) - n + 1)}  # no n-gram of the prompt again
+    assert want[0].tokens != gen.generate([ids], max_new_tokens=20, sampling=GREEDY)[0].tokens
+
+
 # ----------------------------------------------------------------------------- chat
 def test_chat_uses_the_template_and_equals_the_generator(live, gen, dirs):
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]

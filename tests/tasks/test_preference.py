@@ -104,13 +104,15 @@ def test_the_three_pair_formats_read_alike(tmp_path):
     for p in got:
         assert (p.prompt, p.chosen, p.rejected) == (turns, "4", "5")
     plain = read_pairs(write_jsonl(tmp_path / "e.jsonl", [{"prompt": "Name a color.", "chosen": "red",
-                                                           "rejected": "dog"}]))[0]
+                                                           "rejected": " "}]))[0]
     assert plain.prompt == [{"role": "user", "content": "Name a color."}]
+    assert plain.rejected == ""  # a blank reply is a reply (HH has a few): it can be the worse one
 
 
 @pytest.mark.parametrize("rec,msg", [
     ({"prompt": "x", "chosen": "a"}, "needs 'chosen' and 'rejected'"),
-    ({"prompt": "x", "chosen": "", "rejected": "b"}, "'chosen' is empty"),
+    ({"prompt": "x", "chosen": 3, "rejected": "b"}, "'chosen' is a int, not text"),
+    ({"prompt": " ", "chosen": "a", "rejected": "b"}, "'prompt' is blank"),
     ({"chosen": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
       "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "b"}]}, "must share"),
     ({"chosen": [{"role": "user", "content": "q"}], "rejected": [{"role": "assistant", "content": "b"}]},

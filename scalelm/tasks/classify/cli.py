@@ -101,7 +101,7 @@ def run_classify(args: argparse.Namespace) -> int:
 
 def add_eval_args(p) -> None:
     """``scalelm eval``'s option for this task (the eval parser's own --data/--batch-size/... are reused)."""
-    p.add_argument("--task", choices=["lm", "classify", "translate", "qa", "preference"], default="lm",
+    p.add_argument("--task", choices=["lm", "classify", "translate", "summarize", "qa", "preference"], default="lm",
                    help="lm (default): loss/perplexity on --data DATA_DIR; classify: accuracy, macro-F1, per-class "
                         "precision/recall and the confusion matrix of a classifier on --data FILE (labelled texts); "
                         "translate: BLEU/chrF on --source/--reference; qa: exact match of final answers on --data FILE; "

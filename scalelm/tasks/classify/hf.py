@@ -22,7 +22,9 @@ from ...model.io import model_state_dict
 from .files import load_classifier, resolve_model_dir
 
 ARCH = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
-        "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification"}
+        "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
+        "mistral": "MistralForSequenceClassification", "olmo2": "Olmo2ForSequenceClassification",
+        "gemma2": "Gemma2ForSequenceClassification", "gemma3_text": "Gemma3TextForSequenceClassification"}
 
 
 def is_classifier_dir(path) -> bool:

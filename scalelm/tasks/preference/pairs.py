@@ -48,10 +48,12 @@ def hh_messages(text: str, where: str) -> list[dict]:
     return [{"role": roles[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
 
 
-def _text(obj: dict, key: str, where: str) -> str:
+def _text(obj: dict, key: str, where: str, blank: bool = False) -> str:
+    """``obj[key]`` as text; ``blank``: an empty reply is a reply too (HH has a few; one that says
+    nothing can still be the worse one)."""
     v = obj.get(key)
-    if not isinstance(v, str) or not v.strip():
-        what = "missing" if key not in obj else "empty" if v == "" else f"a {type(v).__name__}, not text"
+    if not isinstance(v, str) or not (blank or v.strip()):
+        what = "missing" if key not in obj else "blank" if isinstance(v, str) else f"a {type(v).__name__}, not text"
         raise PreferenceDataError(f"{where}: {key!r} is {what}")
     return v
 
@@ -98,7 +100,8 @@ def to_pair(obj: dict, where: str) -> Pair:
         prompt = hh_messages(p, where) if p.lstrip(" ").startswith(HUMAN) else [{"role": "user", "content": p}]
         if prompt and prompt[-1]["role"] == "assistant" and not prompt[-1]["content"]:
             prompt = prompt[:-1]  # HH prompts end in "\n\nAssistant:": the reply comes next
-        return Pair(where, prompt, _text(obj, "chosen", where).strip(), _text(obj, "rejected", where).strip())
+        return Pair(where, prompt, _text(obj, "chosen", where, blank=True).strip(),
+                    _text(obj, "rejected", where, blank=True).strip())
     c, r = _text(obj, "chosen", where), _text(obj, "rejected", where)  # whole HH dialogues
     cut_c, cut_r = c.rfind(ASSISTANT), r.rfind(ASSISTANT)
     if cut_c < 0 or cut_r < 0:
@@ -107,8 +110,6 @@ def to_pair(obj: dict, where: str) -> Pair:
     if c[:cut_c] != r[:cut_r]:
         raise PreferenceDataError(f"{where}: the two HH dialogues differ before their last '\\n\\nAssistant:' turn")
     chosen, rejected = c[cut_c + len(ASSISTANT):].strip(), r[cut_r + len(ASSISTANT):].strip()
-    if not chosen or not rejected:
-        raise PreferenceDataError(f"{where}: an empty reply after the last '\\n\\nAssistant:'")
     return Pair(where, hh_messages(c[:cut_c], where), chosen, rejected)
 
 

@@ -44,7 +44,7 @@ def add_dpo_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a TOML config file (same keys as the dotted overrides)")
     p.add_argument("--out", required=True, help="the run directory (checkpoints, metrics.jsonl, best/)")
     p.add_argument("--resume", help="resume from this checkpoint or RUN_DIR instead of --out's latest")
-    p.add_argument("--max-length", type=int, help="longest prompt + reply in tokens (default: the model's "
+    p.add_argument("--max-length", type=int, help="longest example in tokens, prompt and reply (default: the model's "
                    "block_size); longer pairs keep the end of the prompt")
     p.epilog = "Any config field is an override: --optim.lr=5e-6 --train.max_steps=300 --lora.r=16 ..."
     p.set_defaults(accepts_overrides=True)

@@ -32,8 +32,9 @@ class Translations(list):
         """The counts, for a JSON summary."""
         return {"sources_cut": len(self.cut), "stopped_at_context": len(self.stopped)}
 
-    def warning(self) -> Optional[str]:
-        """One line for stderr when the context limit cut a source or a translation (else None)."""
+    def warning(self, what: str = "translation") -> Optional[str]:
+        """One line for stderr when the context limit cut a source or an output (else None); ``what``
+        the outputs are called (``summary`` for a summarizer's)."""
         parts = []
         if self.cut:
             n = len(self.cut)
@@ -42,7 +43,8 @@ class Translations(list):
                          f"{_lines(self.cut)})")
         if self.stopped:
             n = len(self.stopped)
-            parts.append(f"{n} translation{'s' if n > 1 else ''} stopped at the context limit (line"
+            what = ("summaries" if what == "summary" else what + "s") if n > 1 else what
+            parts.append(f"{n} {what} stopped at the context limit (line"
                          f"{'s' if n > 1 else ''} {_lines(self.stopped)})")
         return "warning: " + "; ".join(parts) if parts else None
 
@@ -53,21 +55,53 @@ def _lines(idx: list[int], most: int = 5) -> str:
     return shown + (f" and {len(idx) - most} more" if len(idx) > most else "")
 
 
+# the decoding controls (each as Hugging Face's `generate` has it; see scalelm.generate.sampling)
+CONTROLS = {"repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0, "length_penalty": 1.0}
+
+
+def add_decoding_args(g) -> None:
+    """``--repetition-penalty``, ``--no-repeat-ngram-size``, ``--min-new-tokens``, ``--length-penalty``
+    (of ``scalelm translate``, ``scalelm summarize`` and ``eval --task translate|summarize``)."""
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already in the "
+                   "output (CTRL's penalty, as HF's; default 1: off)")
+    g.add_argument("--no-repeat-ngram-size", type=int, default=0, metavar="N",
+                   help="never repeat an N-gram of the output (default 0: off)")
+    g.add_argument("--min-new-tokens", type=int, default=0, metavar="N",
+                   help="no end-of-text before N tokens (default 0)")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="with --beams: a finished beam's score is "
+                   "its log-probability / length ** this (> 1 favours longer outputs; default 1)")
+
+
+def decoding_controls(args) -> dict:
+    """The decoding controls of parsed ``args`` (defaults where the command has none)."""
+    return {k: getattr(args, k, v) for k, v in CONTROLS.items()}
+
+
 def translate_rows(gen, tokenizer, rows: Sequence[Optional[list[int]]], beams: int, batch_size: int,
-                   max_new_tokens: Optional[int], cut: Sequence[int] = (), kept: int = 0) -> Translations:
+                   max_new_tokens: Optional[int], cut: Sequence[int] = (), kept: int = 0,
+                   default_budget: Optional[int] = None, **controls) -> Translations:
     """The translations of ``rows`` (``gen``'s prompts: token ids, None for an empty source, which
-    gives ''), greedy or with ``beams`` beams; ``cut``/``kept``: which sources the caller cut to fit."""
+    gives ''), greedy or with ``beams`` beams; ``cut``/``kept``: which sources the caller cut to fit.
+    ``max_new_tokens``, else ``default_budget`` (a summarizer's), else twice the source + 16.
+    ``controls``: :data:`CONTROLS` (the length penalty is the beams')."""
     from ...generate.sampling import SamplingParams
 
-    greedy = SamplingParams(temperature=0.0)
+    bad = set(controls) - set(CONTROLS)
+    if bad:
+        raise TypeError(f"unknown decoding controls {sorted(bad)}")
+    ctl = {**CONTROLS, **controls}
+    length_penalty = ctl.pop("length_penalty")
+    greedy = SamplingParams(temperature=0.0, **ctl).validate()
     out, stopped = [""] * len(rows), []
     todo = sorted((i for i, r in enumerate(rows) if r), key=lambda i: len(rows[i]))
     for lo in range(0, len(todo), batch_size):
         idx = todo[lo:lo + batch_size]
         batch = [rows[i] for i in idx]
-        budgets = [max_new_tokens or 2 * len(r) + 16 for r in batch]  # targets are about as long as sources
+        # translations are about as long as their sources; a summarizer knows its own budget
+        budgets = [max_new_tokens or default_budget or 2 * len(r) + 16 for r in batch]
         if beams > 1:
-            comps = gen.beam_search(batch, num_beams=beams, max_new_tokens=budgets)
+            comps = gen.beam_search(batch, num_beams=beams, max_new_tokens=budgets, length_penalty=length_penalty,
+                                    **ctl)
         else:
             comps = gen.generate(batch, max_new_tokens=budgets, sampling=greedy, slide=False)
         for i, c in zip(idx, comps):

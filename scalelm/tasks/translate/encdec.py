@@ -137,9 +137,13 @@ class EncDecTranslator:
 
     arch = ARCH
 
-    def __init__(self, model: nn.Module | None, tokenizer, eot_id: int, label_smoothing: float = 0.0):
+    def __init__(self, model: nn.Module | None, tokenizer, eot_id: int, label_smoothing: float = 0.0,
+                 max_source_length: int | None = None, budget: int | None = None):
         self.model, self.tokenizer, self.eot_id, self.label_smoothing = model, tokenizer, eot_id, label_smoothing
+        self.max_source_length = max_source_length  # sources are cut to this many tokens (training and inference)
+        self.budget = budget  # new tokens when the caller gives none (a summarizer's; else 2x the source + 16)
         self._gen = None
+        self.sources_truncated = 0  # by max_source_length, in the last encode_pairs
 
     # ------------------------------------------------------------------ examples
     def encode_pairs(self, pairs, max_length: int) -> tuple[list[Pair], EncodeReport]:
@@ -147,8 +151,12 @@ class EncDecTranslator:
         (a cut target would teach the model to stop mid-sentence)."""
         rep = EncodeReport(examples=len(pairs))
         out = []
+        self.sources_truncated = 0
         for i, (where, (s, t)) in enumerate(pairs):
             src = self.tokenizer.encode(s.strip(), add_special_tokens=False).ids
+            if self.max_source_length is not None and len(src) > self.max_source_length:
+                src = src[:self.max_source_length]
+                self.sources_truncated += 1
             tgt = self.tokenizer.encode(" " + t.strip(), add_special_tokens=False).ids + [self.eot_id]
             if not src or len(src) > max_length or len(tgt) > max_length:
                 rep.dropped.append((i, where))
@@ -172,16 +180,19 @@ class EncDecTranslator:
         return self._gen
 
     def translate(self, sources: Sequence[str], beams: int = 1, batch_size: int = 32,
-                  max_new_tokens: int | None = None) -> Translations:
+                  max_new_tokens: int | None = None, **controls) -> Translations:
         """One line per source, in order; an empty source gives ''. Each source is translated as it
-        would be alone (see :mod:`.decoding`); the encoder reads at most ``block_size`` tokens, so a
-        longer source is cut to its first ``block_size`` (and reported)."""
+        would be alone (see :mod:`.decoding`), first cut to ``max_source_length`` tokens as in
+        training; the encoder reads at most ``block_size`` tokens, so a longer source is cut to its
+        first ``block_size`` (and reported)."""
         if beams < 1 or batch_size < 1:
             raise UserError("--beams and --batch-size must be at least 1")
         gen = self.generator()
         T = self.model.cfg.block_size
-        rows = [self.tokenizer.encode(s.strip(), add_special_tokens=False).ids or None for s in sources]
+        rows = [self.tokenizer.encode(s.strip(), add_special_tokens=False).ids[:self.max_source_length] or None
+                for s in sources]
         cut = [i for i, r in enumerate(rows) if r and len(r) > T]
         for i in cut:
             rows[i] = rows[i][:T]
-        return translate_rows(gen, self.tokenizer, rows, beams, batch_size, max_new_tokens, cut, T)
+        return translate_rows(gen, self.tokenizer, rows, beams, batch_size, max_new_tokens, cut, T, self.budget,
+                              **controls)

@@ -20,6 +20,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--reference", metavar="FILE", help="their reference translations, line-aligned")
     g.add_argument("--beams", type=int, default=1, help="beam width (1: greedy)")
     g.add_argument("--save-hypotheses", metavar="FILE", help="also write the translations, one line per source line")
+    from .decoding import add_decoding_args
+
+    add_decoding_args(p.add_argument_group("decoding (--task translate, summarize)"))
 
 
 def bleu_chrf(hyps: list[str], refs: list[str]) -> dict:
@@ -36,6 +39,7 @@ def run_eval_translate(args: argparse.Namespace) -> int:
     from ...errors import UserError
     from ...fileio import json_safe
     from ...precision import pick_device
+    from .decoding import decoding_controls
     from .model import load_translator
 
     if not args.source or not args.reference:
@@ -57,7 +61,7 @@ def run_eval_translate(args: argparse.Namespace) -> int:
         sources, refs = sources[:max(1, n)], refs[:max(1, n)]
     model = load_translator(args.model, device=pick_device(args.device), verify=not args.no_verify)
     t0 = time.perf_counter()
-    hyps = model.translate(sources, beams=args.beams, batch_size=max(args.batch_size, 1))
+    hyps = model.translate(sources, beams=args.beams, batch_size=max(args.batch_size, 1), **decoding_controls(args))
     seconds = time.perf_counter() - t0
     res = {**bleu_chrf(hyps, refs), "beams": args.beams, **hyps.summary(), "seconds": round(seconds, 3),
            "sentences_per_s": round(len(hyps) / seconds, 2) if seconds > 0 else None}

@@ -18,10 +18,12 @@ import torch
 from torch import nn
 
 from ...errors import UserError
+from .data import cut_source
 from .decoding import Translations, translate_rows
 
 SEPARATOR = "=>"
 TASK = "translate"
+TASK_NAMES = (TASK, "summarize")  # config.json "task" names of the models of this recipe (one sequence-to-sequence kind)
 
 
 class TranslationModel(Protocol):
@@ -34,9 +36,10 @@ class TranslationModel(Protocol):
         """The mean loss of a batch (the Trainer's ``loss_fn``; ``model`` is the parallelised module)."""
 
     def translate(self, sources: Sequence[str], beams: int = 1, batch_size: int = 32,
-                  max_new_tokens: int | None = None) -> Translations:
-        """One translation per source, in order (greedy with ``beams=1``), each as it would be alone,
-        with what the context limit cut (:class:`~.decoding.Translations`)."""
+                  max_new_tokens: int | None = None, **controls) -> Translations:
+        """One translation (or summary) per source, in order (greedy with ``beams=1``), each as it
+        would be alone, with what the context limit cut (:class:`~.decoding.Translations`);
+        ``controls``: :data:`~.decoding.CONTROLS`."""
 
 
 class DecoderTranslator:
@@ -44,9 +47,13 @@ class DecoderTranslator:
 
     arch = "decoder"
 
-    def __init__(self, gpt: nn.Module, tokenizer, eot_id: int, separator: str = SEPARATOR):
+    def __init__(self, gpt: nn.Module, tokenizer, eot_id: int, separator: str = SEPARATOR,
+                 max_source_length: int | None = None, budget: int | None = None):
         self.gpt, self.tokenizer, self.eot_id, self.separator = gpt, tokenizer, eot_id, separator
+        self.max_source_length = max_source_length  # sources are cut to this many tokens (training and inference)
+        self.budget = budget  # new tokens when the caller gives none (a summarizer's; else 2x the source + 16)
         self._gen = None
+        self.sources_truncated = 0  # by max_source_length, in the last encode_pairs
 
     # ------------------------------------------------------------------ text
     def prompt(self, source: str) -> str:
@@ -59,8 +66,10 @@ class DecoderTranslator:
         from ..sft.encode import Encoder
 
         enc = Encoder(self.tokenizer, None, max_length)
-        return enc.encode_all([(w, [(self.prompt(s), False), (self.reply(t), True)]) for w, (s, t) in pairs],
-                              segments=True)
+        cut = [cut_source(self.tokenizer, s, self.max_source_length) for _, (s, _) in pairs]
+        self.sources_truncated = sum(c for _, c in cut)
+        return enc.encode_all([(w, [(self.prompt(c), False), (self.reply(t), True)])
+                               for (w, (_, t)), (c, _) in zip(pairs, cut)], segments=True)
 
     # ------------------------------------------------------------------ training
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
@@ -77,10 +86,11 @@ class DecoderTranslator:
         return self._gen
 
     def translate(self, sources: Sequence[str], beams: int = 1, batch_size: int = 32,
-                  max_new_tokens: int | None = None) -> Translations:
+                  max_new_tokens: int | None = None, **controls) -> Translations:
         """One line per source, in order; an empty source gives ''. Each source is translated as it
-        would be alone (see :mod:`.decoding`). A source whose prompt fills the context is cut to its
-        first tokens, half the context (the other half is the translation's), and reported."""
+        would be alone (see :mod:`.decoding`), first cut to ``max_source_length`` tokens as in
+        training. A source whose prompt still fills the context is cut to its first tokens, half
+        the context (the other half is the translation's), and reported."""
         if beams < 1 or batch_size < 1:
             raise UserError("--beams and --batch-size must be at least 1")
         gen = self.generator()
@@ -89,12 +99,14 @@ class DecoderTranslator:
         kept = max(1, (T - len(sep)) // 2)
         rows, cut = [], []
         for i, s in enumerate(sources):
+            s = cut_source(self.tokenizer, s.strip(), self.max_source_length)[0]
             ids = self.tokenizer.encode(self.prompt(s), add_special_tokens=False).ids if s.strip() else None
             if ids is not None and len(ids) >= T:  # no room left for a translation
                 ids = self.tokenizer.encode(s.strip(), add_special_tokens=False).ids[:kept] + sep
                 cut.append(i)
             rows.append(ids)
-        return translate_rows(gen, self.tokenizer, rows, beams, batch_size, max_new_tokens, cut, kept)
+        return translate_rows(gen, self.tokenizer, rows, beams, batch_size, max_new_tokens, cut, kept,
+                              self.budget, **controls)
 
 
 def load_decoder(model_dir: Path, device="cpu", verify: bool = True) -> DecoderTranslator:
@@ -108,7 +120,8 @@ def load_decoder(model_dir: Path, device="cpu", verify: bool = True) -> DecoderT
     gpt = load_model_dir(model_dir, device=device, verify=verify).eval()
     tok = Tokenizer.from_file(str(Path(model_dir) / TOKENIZER))
     eot = task.get("eot_id", special_ids(tok)[0])
-    return DecoderTranslator(gpt, tok, eot, task.get("separator", SEPARATOR))
+    return DecoderTranslator(gpt, tok, eot, task.get("separator", SEPARATOR), task.get("max_source_length"),
+                             task.get("max_new_tokens"))
 
 
 def load_encdec(model_dir: Path, device="cpu", verify: bool = True) -> TranslationModel:
@@ -122,7 +135,8 @@ def load_encdec(model_dir: Path, device="cpu", verify: bool = True) -> Translati
     task = read_task(model_dir)
     model = load_model_dir(model_dir, device=device, verify=verify).eval()
     tok = Tokenizer.from_file(str(Path(model_dir) / TOKENIZER))
-    return EncDecTranslator(model, tok, task.get("eot_id", special_ids(tok)[0]))
+    return EncDecTranslator(model, tok, task.get("eot_id", special_ids(tok)[0]),
+                            max_source_length=task.get("max_source_length"), budget=task.get("max_new_tokens"))
 
 
 # arch -> loader(model_dir, device, verify) of a model directory written by `scalelm finetune translate`
@@ -141,9 +155,9 @@ def read_task(model_dir: Path) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{p} is missing or corrupt ({e})") from None
     task = meta.get("task") if isinstance(meta, dict) else None
-    if not isinstance(task, dict) or task.get("name") != TASK:
-        raise CheckpointError(f"{model_dir} is not a translation model (its config.json has no translate task): "
-                              f"train one with `scalelm finetune translate`")
+    if not isinstance(task, dict) or task.get("name") not in TASK_NAMES:
+        raise CheckpointError(f"{model_dir} is not a translation or summarization model (its config.json has no "
+                              f"translate or summarize task): train one with `scalelm finetune translate|summarize`")
     return task
 
 

@@ -26,9 +26,9 @@ def check_encdec(cfg: Config, base: Base, mf: ModelFiles) -> None:
 
 
 class EncDecTranslateRecipe(ExamplesRecipe):
-    def __init__(self, translator: EncDecTranslator):
-        super().__init__("finetune translate")
-        self.translator = translator
+    def __init__(self, translator: EncDecTranslator, task: str = "translate"):
+        super().__init__(f"finetune {task}")
+        self.translator, self.task = translator, task
 
     def build_model(self, plan: ExamplesPlan, ctx, resume_from):
         from ...model.io import load_model_dir
@@ -51,10 +51,10 @@ class EncDecTranslateRecipe(ExamplesRecipe):
         return make_evaluate_fn(plan.val, micro_batch, self.translator.eot_id, plan.fill)
 
     def describe(self, plan: ExamplesPlan, batches) -> str:
-        return (f"translate (encoder-decoder): {len(plan.train)} training pairs, {len(plan.val)} validation; label "
+        return (f"{self.task} (encoder-decoder): {len(plan.train)} training pairs, {len(plan.val)} validation; label "
                 f"smoothing {self.translator.label_smoothing}")
 
     def summary(self, plan: ExamplesPlan, trainer, batches, summary: dict) -> dict:
-        return {"task": "translate", "arch": self.translator.arch, "label_smoothing": self.translator.label_smoothing,
+        return {"task": self.task, "arch": self.translator.arch, "label_smoothing": self.translator.label_smoothing,
                 **self.token_summary(plan, batches, summary), **plan.extra_summary,
                 "best_dir": str(trainer.run_dir / BEST) if (trainer.run_dir / BEST).is_dir() else None}

@@ -1,0 +1,2 @@
+"""Summarization (``scalelm finetune summarize``, ``scalelm summarize``, ``eval --task summarize``): the
+sequence-to-sequence recipe of translation, scored by ROUGE."""
