@@ -16,7 +16,7 @@ from conftest import run_cli  # noqa: E402
 from test_hf import IDX, hf_logits, our_logits, random_hf  # noqa: E402
 
 from scalelm import cli  # noqa: E402
-from scalelm.model import hf as hf_mod  # noqa: E402
+from scalelm.model import hf_weights as hf_mod  # noqa: E402  (where the shards are read)
 from scalelm.model.hf import ConversionError, from_hf, import_hf_dir  # noqa: E402
 from scalelm.model.io import load_model_dir  # noqa: E402
 
