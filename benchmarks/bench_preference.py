@@ -2,12 +2,12 @@
 replies, then DPO (and IPO, SimPO) from the SFT model; pairwise accuracy on the dev pairs.
 
     python benchmarks/bench_preference.py --quick     # every stage at toy scale: the plumbing works (~2 min)
-    python benchmarks/bench_preference.py             # the full chain (about 40 minutes on 2 quiet cores)
+    python benchmarks/bench_preference.py             # the full chain (about 35 minutes on 2 quiet cores)
     python benchmarks/bench_preference.py --work DIR  # keep the runs; a stage whose output is there is reused
 
 Stages, each a real CLI run in a subprocess (``bench_tasks.scalelm``):
   base   ``prepare`` ../shared/data/pretrain_text (62 MB of general English, BPE 8,192), then a Llama-style
-         6 x 384 GPT (context 512) pretrained for a fixed number of steps (steps, not minutes: the result
+         4 x 256 GPT (context 256) pretrained for a fixed number of steps (steps, not minutes: the result
          does not depend on how busy the machine is);
   sft    ``finetune sft`` on the 2,000 training pairs' prompts and chosen replies (ChatML, loss on replies);
   dpo    ``finetune dpo`` from the SFT model on the 2,000 training pairs (5% held out as the run's own
@@ -105,7 +105,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="toy scale: proves the plumbing")
     ap.add_argument("--work", help="keep the runs here (default: a temporary directory)")
-    ap.add_argument("--base-steps", type=int, default=2500, help="pretraining steps of the base (full mode)")
+    ap.add_argument("--base-steps", type=int, default=1500, help="pretraining steps of the base (full mode)")
     ap.add_argument("--losses", default="dpo,ipo,simpo")
     args = ap.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_pref_"))
@@ -124,14 +124,15 @@ def main() -> int:
         subprocess.run([sys.executable, "-m", "scalelm", "prepare", "--input", str(corpus), "--out", str(prep),
                         "--tokenizer", "bpe", "--vocab-size", str(1024 if q else 8192), "--no-progress"], check=True,
                        cwd=ROOT, capture_output=True)
-    shape = ["--preset", "llama-60m", "--model.n_layer=2" if q else "--model.n_layer=6", "--model.n_head=2" if q else
-             "--model.n_head=6", "--model.n_kv_head=2" if q else "--model.n_kv_head=6",
-             "--model.n_embd=64" if q else "--model.n_embd=384", "--model.block_size=128" if q else
-             "--model.block_size=512", "--model.intermediate_size=1024" if not q else "--model.intermediate_size=128"]
+    # 4 x 256 (about 5.5M parameters): ~3,500 tokens/s on 2 cores, so 1,500 steps of 8 x 256 tokens (3.1M
+    # tokens) take about 15 minutes
+    shape = ["--preset", "llama-60m", f"--model.n_layer={2 if q else 4}", f"--model.n_head={2 if q else 4}",
+             f"--model.n_kv_head={2 if q else 4}", f"--model.n_embd={64 if q else 256}",
+             f"--model.block_size={128 if q else 256}", f"--model.intermediate_size={128 if q else 768}"]
     base_run = work / "base"
     s, info = scalelm("train", "--data", prep, "--out", base_run, *shape, f"--train.max_steps={20 if q else args.base_steps}",
                       "--train.micro_batch_size=8", "--train.eval_every=500", "--optim.lr=1e-3",
-                      f"--optim.warmup_steps={5 if q else 200}", *COMMON)
+                      f"--optim.warmup_steps={5 if q else 100}", *COMMON)
     res["base"] = {"steps": s["step"], "val_loss": s.get("val_loss"), "params": s.get("params"), **info}
     log(f"base: {res['base']}")
     base = base_run / "best"
@@ -140,8 +141,8 @@ def main() -> int:
     n = 64 if q else None
     sft_run = work / "sft"
     s, info = scalelm("finetune", "sft", "--base", base, "--data", sft_file(work, n), "--val-fraction", "0.05",
-                      "--template", "chatml", "--out", sft_run, f"--train.max_steps={6 if q else 600}",
-                      f"--train.eval_every={3 if q else 100}", "--train.micro_batch_size=8", "--optim.lr=3e-4",
+                      "--template", "chatml", "--out", sft_run, f"--train.max_steps={6 if q else 300}",
+                      f"--train.eval_every={3 if q else 50}", "--train.micro_batch_size=8", "--optim.lr=3e-4",
                       *COMMON)
     res["sft"] = {"steps": s["step"], "val_reply_loss_before": s.get("initial_val_loss"),
                   "val_reply_loss": s.get("best_val_loss"), **info}
@@ -160,13 +161,13 @@ def main() -> int:
     for name in args.losses.split(","):
         run = work / name
         s, info = scalelm("finetune", "dpo", "--base", sft, "--data", train_pairs, "--val-fraction", "0.05", "--out",
-                          run, *LOSSES[name], f"--train.max_steps={4 if q else 300}",
-                          f"--train.eval_every={2 if q else 50}", "--optim.lr=1e-5", *COMMON)
+                          run, *LOSSES[name], f"--train.max_steps={4 if q else 150}",
+                          f"--train.eval_every={2 if q else 25}", "--optim.lr=5e-5", *COMMON)
         e, _ = scalelm("eval", run / "best", "--task", "preference", "--data", dev)
         evals[name] = e
         res["tuned"][name] = {"steps": s["step"], "val_loss": s.get("best_val_loss"),
                               "val_reward_accuracy": s.get("val_rewards/accuracies"), **info,
-                              **kl_and_samples(run / "best", sft, 8 if q else 40, 16 if q else 64)}
+                              **kl_and_samples(run / "best", sft, 8 if q else 30, 16 if q else 48)}
         log(f"{name}: {res['tuned'][name]} | dev {e}")
     res["dev"] = evals
     res["total_s"] = round(time.perf_counter() - t0, 1)
