@@ -19,7 +19,16 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
-from test_hf_families import IDX, TEMPLATE, V, _SHAPE, convert, logits  # noqa: E402
+from test_hf_families import (  # noqa: E402  (the per-import tests run here on this file's `imported`)
+    IDX,
+    TEMPLATE,
+    V,
+    _SHAPE,
+    convert,
+    logits,
+    test_lora_step_on_the_import,  # noqa: F401
+    test_served_chat_completion_on_the_import,  # noqa: F401
+)
 from transformers import (  # noqa: E402
     AutoModelForCausalLM,
     MistralConfig,
@@ -141,27 +150,6 @@ def test_qwen2_sliding_layers_import_when_they_form_a_pattern():
 
 # ----------------------------------------------------------------------------- the rest of scalelm on the import
 
-def test_lora_step_on_the_import(imported):
-    from scalelm.config import OptimConfig
-    from scalelm.lora import apply_lora
-    from scalelm.train.optim import build_optimizer
-
-    _, _, ckpt = imported
-    gpt = load_model_dir(ckpt)
-    base = {k: v.clone() for k, v in gpt.state_dict().items()}
-    names = apply_lora(gpt, LoRAConfig(r=2, targets="all"))
-    assert len(names) == 2 * 7
-    opt = build_optimizer(gpt, OptimConfig(lr=1e-2))
-    gpt.train()
-    loss = gpt(IDX[:, :-1], IDX[:, 1:])[1]
-    loss.backward()
-    assert torch.isfinite(loss)
-    opt.step()
-    sd = gpt.state_dict()
-    assert all(torch.equal(sd[k], v) for k, v in base.items())
-    assert all(sd[f"{n}.lora_B"].abs().sum() > 0 for n in names)
-
-
 def test_lora_run_exports_as_a_peft_adapter_of_the_hf_family(imported, tmp_path, capsys):
     """Phi-3: the q/k/v adapters become one on qkv_proj, gate/up one on gate_up_proj."""
     pytest.importorskip("peft")
@@ -204,23 +192,6 @@ def test_int8_quantized_import_loads_and_generates(imported, tmp_path, capsys):
     gen = Generator.from_checkpoint(tmp_path / "q")
     out = gen.generate([1, 2, 3], max_new_tokens=6, sampling=GREEDY, ignore_eos=True)
     assert len(out[0].tokens) == 6
-
-
-def test_served_chat_completion_on_the_import(imported):
-    pytest.importorskip("fastapi")
-    pytest.importorskip("uvicorn")
-    pytest.importorskip("openai")
-    from serve_helpers import Live
-
-    _, _, ckpt = imported
-    s = Live(ckpt, max_batch=2, max_queue=4)
-    try:
-        r = s.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "To be"}],
-                                               max_tokens=5, temperature=0)
-        assert r.choices[0].finish_reason in ("length", "stop") and 1 <= r.usage.completion_tokens <= 5
-        assert isinstance(r.choices[0].message.content, str) and r.usage.prompt_tokens > 2
-    finally:
-        s.close()
 
 
 # ----------------------------------------------------------------------------- the window in generation
