@@ -292,3 +292,32 @@ def test_simpo_needs_no_reference_and_bad_settings_are_one_line(base, pairs, tmp
         assert rc == 2 and msg in err and "Traceback" not in err, err
     rc, _, err = cli("finetune", "dpo", "--data", train, "--out", tmp_path / "c")
     assert rc == 2 and "pass --base MODEL_DIR" in err
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_ddp_trains_like_one_process_with_each_rank_scoring_a_share_of_the_reference(base, pairs, tmp_path):
+    """Two DDP processes: the reference cache (each rank scores a share, then they are gathered) equals
+    one process's, and so does every step's loss and reward margin."""
+    import subprocess
+
+    from dist_launch import ROOT, torchrun_cmd, worker_env
+    from safetensors.torch import load_file
+
+    train, val = pairs
+    args = lambda out: ["finetune", "dpo", "--base", base, "--data", train, "--val", val, "--out", out,  # noqa: E731
+                        "--train.max_steps=4", "--train.global_batch_size=8", *TINY]
+    assert cli(*args(tmp_path / "one"))[0] == 0
+    p = subprocess.run(torchrun_cmd(2, "-m", "scalelm", *args(tmp_path / "ddp"), "--parallel.dp_replicate=2",
+                                    "--parallel.dp_shard=1"),
+                       capture_output=True, text=True, timeout=300, cwd=ROOT, env=worker_env(SCALELM_PEAK_TFLOPS=1))
+    assert p.returncode == 0, p.stderr[-6000:]
+    one, ddp = (load_file(tmp_path / d / "reference_logps.safetensors") for d in ("one", "ddp"))
+    assert one.keys() == ddp.keys() and all(torch.allclose(one[k], ddp[k], atol=1e-6) for k in one)
+
+    def curve(d):
+        return {r["step"]: (r["loss"], r["rewards/margins"]) for r in read_metrics(d) if "loss" in r}
+
+    a, b = curve(tmp_path / "one"), curve(tmp_path / "ddp")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(abs(a[s][0] - b[s][0]) < 1e-5 and abs(a[s][1] - b[s][1]) < 1e-5 for s in a), (a, b)
