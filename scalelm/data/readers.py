@@ -64,6 +64,7 @@ class Stats:
     invalid_utf8: int = 0
     invalid_utf8_first: str = ""
     nul_bytes: int = 0
+    crlf_lines: int = 0  # Windows line ends in text files, written as "\n"
     binary_files: list = field(default_factory=list)
     bad_records: int = 0
     bad_records_first: str = ""
@@ -96,7 +97,7 @@ class Stats:
     def to_dict(self) -> dict:
         return {"documents": self.documents, "bytes": self.bytes, "files": self.files,
                 "empty_documents": self.empty_documents, "invalid_utf8": self.invalid_utf8,
-                "nul_bytes": self.nul_bytes, "binary_files_skipped": len(self.binary_files),
+                "nul_bytes": self.nul_bytes, "crlf_lines": self.crlf_lines, "binary_files_skipped": len(self.binary_files),
                 "bad_records": self.bad_records, "missing_text": self.missing_text, "truncated": self.truncated}
 
 
@@ -270,10 +271,25 @@ def _is_binary(head: bytes, rel: str, stats: Stats) -> bool:
     return False
 
 
+def _lf(text: str, stats: Stats, final: bool = False) -> tuple[str, str]:
+    """``text`` with its Windows line ends ("\\r\\n") as "\\n", and a trailing "\\r" held back for the next
+    chunk (its "\\n" may start it). Novels saved on Windows would otherwise teach the tokenizer and the
+    model to write "\\r\\n", and a document separator of blank lines would not see "\\r\\n\\r\\n" as one
+    in every splitter. A lone "\\r" (not before "\\n") is kept: it is not a line end here."""
+    held = ""
+    if not final and text.endswith("\r"):
+        text, held = text[:-1], "\r"
+    n = text.count("\r\n")
+    if n:
+        stats.crlf_lines += n
+        text = text.replace("\r\n", "\n")
+    return text, held
+
+
 def read_text(path: Path, rel: str, stats: Stats, sep: Optional[str], on_invalid: str) -> Iterator[tuple[str, bool]]:
     h = hashlib.sha256()
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors=_HANDLERS[on_invalid])
-    splitter, offset = DocSplitter(sep, stats), 0
+    splitter, offset, held = DocSplitter(sep, stats), 0, ""
     with _open(path) as f:
         chunk = f.read(READ_BYTES)
         if _is_binary(chunk, rel, stats):
@@ -291,6 +307,7 @@ def read_text(path: Path, rel: str, stats: Stats, sep: Optional[str], on_invalid
                     raise SourceError(f"{rel}: invalid UTF-8 near byte {offset + e.start} (use "
                                       f"--on-invalid-utf8 replace or skip to read it anyway)") from None
                 stats.count_invalid(before, rel)
+                text, held = _lf(held + text, stats)
                 yield from splitter.feed(text)
                 offset += len(chunk)
                 chunk = f.read(READ_BYTES)
@@ -301,6 +318,7 @@ def read_text(path: Path, rel: str, stats: Stats, sep: Optional[str], on_invalid
                 raise SourceError(f"{rel}: invalid UTF-8 at the end of the file, byte {offset - 1} (use "
                                   f"--on-invalid-utf8 replace or skip to read it anyway)") from None
             stats.count_invalid(before, rel)
+            tail, _ = _lf(held + tail, stats, final=True)
             yield from splitter.feed(tail, final=True)
         finally:  # also when the consumer stops early (--max-bytes): hash what was read
             stats.add_hash(rel, h.hexdigest())

@@ -212,3 +212,19 @@ def test_split_plan_tail_starts_val_on_a_line():
     plan = SplitPlan(1, 20, 0.1, 0)
     out = plan.assign("no newline at all ok", True, 20)  # nowhere to cut on a line: cut mid-line
     assert out[1][1] == "ok" and out[0][1] == "no newline at all "
+
+
+def test_windows_line_ends_become_newlines_even_across_read_chunks(tmp_path, monkeypatch):
+    """A novel saved on Windows (BOM, CRLF) reads as "\\n" text: the tokenizer never learns "\\r\\n",
+    blank-line separators still split it, and a "\\r\\n" cut between two read chunks is one line end."""
+    import scalelm.data.readers as readers
+
+    monkeypatch.setattr(readers, "READ_BYTES", 7)  # many chunk boundaries, some between "\r" and "\n"
+    body = "Chapter 1\r\n\r\nIt was a dark night.\r\nThe end.\r\n\r\nChapter 2\r\nA lone \r stays.\r\n"
+    f = tmp_path / "novel.txt"
+    f.write_bytes("\ufeff".encode() + body.encode())
+    st = readers.Stats()
+    docs = [t for t, _ in readers.read_text(f, "novel.txt", st, readers.DOC_SEPARATORS["blank"], "error")]
+    text = "".join(docs)
+    assert "\r\n" not in text and "\ufeff" not in text and "A lone \r stays." in text
+    assert st.crlf_lines == body.count("\r\n") and st.to_dict()["crlf_lines"] == st.crlf_lines
