@@ -177,11 +177,12 @@ class _StandIns:
     by a stand-in the template cannot tell from text; :meth:`restore` puts the strings back into a
     rendering and says where they are. Roles are left alone: templates compare them."""
 
-    def __init__(self, controls: ControlTokens, messages: list):
+    def __init__(self, controls: ControlTokens, messages: list, tools: Optional[list] = None):
         self.controls, self.pieces = controls, []
         self.nonce = secrets.token_hex(8)
         self.messages = [{k: v if k == "role" else self._swap(v) for k, v in m.items()}
                          if isinstance(m, dict) else m for m in messages]
+        self.tools = self._swap(tools) if tools is not None else None  # descriptions are text too
 
     def _swap(self, v):
         if isinstance(v, str):
@@ -253,10 +254,12 @@ class ChatTemplate:
             raise ChatTemplateError(f"{self.where} is not valid Jinja{line}: {str(e).rstrip('.')}"
                                     f"{self._advice}") from None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False,
+               tools: Optional[list[dict]] = None) -> str:
+        """``tools``: OpenAI's tool dicts, the ``tools`` variable as Hugging Face passes it (None: no tools)."""
         try:
             return self._compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                         bos_token=self.bos_token, eos_token=self.eos_token)
+                                         bos_token=self.bos_token, eos_token=self.eos_token, tools=tools)
         except ChatTemplateError:
             raise
         except Exception as e:  # noqa: BLE001 (the template is code from a file: any failure is its own)
@@ -266,20 +269,21 @@ class ChatTemplate:
             raise ChatTemplateError(f"{self.where} {what}: {type(e).__name__}: {str(e).rstrip('.')}"
                                     f"{self._advice}") from None
 
-    def prompt(self, messages: list[dict]) -> str:
+    def prompt(self, messages: list[dict], tools: Optional[list[dict]] = None) -> str:
         """The text that asks for the next assistant reply (what ``scalelm chat`` and ``serve`` send)."""
-        return self.render(messages, add_generation_prompt=True)
+        return self.render(messages, add_generation_prompt=True, tools=tools)
 
     def render_marked(self, messages: list[dict], add_generation_prompt: bool = False,
-                      controls: Optional[ControlTokens] = None) -> Rendered:
-        """:meth:`render`, with the spans where messages wrote ``controls``' strings marked literal."""
-        swap = _StandIns(controls, messages) if controls is not None else None
+                      controls: Optional[ControlTokens] = None, tools: Optional[list[dict]] = None) -> Rendered:
+        """:meth:`render`, with the spans where messages (and tools) wrote ``controls``' strings marked literal."""
+        swap = _StandIns(controls, messages, tools) if controls is not None else None
         if swap is None or not swap.pieces:
-            return Rendered(self.render(messages, add_generation_prompt))
-        return swap.restore(self.render(swap.messages, add_generation_prompt), self.where)
+            return Rendered(self.render(messages, add_generation_prompt, tools))
+        return swap.restore(self.render(swap.messages, add_generation_prompt, swap.tools), self.where)
 
-    def prompt_marked(self, messages: list[dict], controls: Optional[ControlTokens] = None) -> Rendered:
-        return self.render_marked(messages, True, controls)
+    def prompt_marked(self, messages: list[dict], controls: Optional[ControlTokens] = None,
+                      tools: Optional[list[dict]] = None) -> Rendered:
+        return self.render_marked(messages, True, controls, tools)
 
     def segments(self, messages: list[dict], where: str = "") -> list[tuple[str, bool]]:
         """``[(text, is_reply), ...]`` whose concatenation is the rendered conversation up to its last

@@ -177,7 +177,8 @@ def beam_search(gen, prompts: Union[Prompt, list[Prompt]], num_beams: int = 4,
 # it would be silently ignored (the search is deterministic and knows its best text only at the end)
 _NOT_WITH_BEAMS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
                    "num_samples": "--num-samples", "stream": "--stream", "stop": "--stop", "draft": "--draft",
-                   "prompt_lookup": "--prompt-lookup", "speculate_k": "--speculate-k", "backend": "--backend"}
+                   "prompt_lookup": "--prompt-lookup", "speculate_k": "--speculate-k", "backend": "--backend",
+                   "json_schema": "--json-schema", "regex": "--regex", "choice": "--choice"}
 
 
 def add_beam_args(p) -> None:

@@ -60,9 +60,9 @@ class ChatFormat:
         # message text stays text: only the template writes control tokens (as SFT training encodes)
         self.controls = ControlTokens(gen.tokenizer) if self.template and gen.tokenizer is not None else None
 
-    def render(self, messages: list[dict]) -> str:
+    def render(self, messages: list[dict], tools: Optional[list[dict]] = None) -> str:
         if self.template is not None:
-            return self.template.prompt(messages)
+            return self.template.prompt(messages, tools)
         parts = [m["content"] + "\n\n" for m in messages if m["role"] == "system"]
         for m in messages:
             if m["role"] == "user":
@@ -71,10 +71,11 @@ class ChatFormat:
                 parts.append(f" {m['content']}\n")
         return "".join(parts)
 
-    def encode(self, messages: list[dict]) -> list[int]:
+    def encode(self, messages: list[dict], tools: Optional[list[dict]] = None) -> list[int]:
+        """``tools``: given to a template that takes them (serve's tool calls, scalelm/serve/tools.py)."""
         if self.controls is not None:  # a template writes its own special tokens (bos): none added
-            return self.controls.encode(self.template.prompt_marked(messages, self.controls))
-        return self.gen.encode(self.render(messages), add_special_tokens=self.template is None)
+            return self.controls.encode(self.template.prompt_marked(messages, self.controls, tools))
+        return self.gen.encode(self.render(messages, tools), add_special_tokens=self.template is None)
 
 
 def fit_context(fmt: ChatFormat, messages: list[dict], room: int) -> tuple[list[dict], list[int]]:

@@ -123,9 +123,34 @@ def add_generate_parser(p) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per sample (tokens, text, finish reason)")
     p.add_argument("--raw", action="store_true", help="write control characters as they are even to a terminal "
                    "(by default a terminal gets them escaped, e.g. \\x1b; pipes always get the plain text)")
+    add_structure_args(p)
     add_steer_args(p)
     add_speculative_args(p)
     add_beam_args(p)  # last: it records the defaults of the options it refuses
+
+
+def add_structure_args(p) -> None:
+    g = p.add_argument_group("structured output (every sample matches; it ends when complete)")
+    g = g.add_mutually_exclusive_group()
+    g.add_argument("--json-schema", metavar="FILE", help="JSON that validates against the JSON schema in FILE")
+    g.add_argument("--regex", metavar="RE", help="text that matches the regular expression RE as a whole")
+    g.add_argument("--choice", nargs="+", metavar="STR", help="exactly one of these strings")
+
+
+def grammar_from_args(args):
+    """The :class:`~scalelm.generate.constrained.Grammar` that ``--json-schema``/``--regex``/``--choice`` ask for."""
+    from . import constrained
+
+    if getattr(args, "json_schema", None):
+        f = Path(args.json_schema)
+        if not f.is_file():
+            raise GenerationError(f"--json-schema {f}: no such file")
+        return constrained.json_schema(_utf8(f.read_bytes(), str(f)), what=f"the JSON schema in {f}")
+    if getattr(args, "regex", None) is not None:
+        return constrained.regex(args.regex)
+    if getattr(args, "choice", None):
+        return constrained.choice(args.choice)
+    return None
 
 
 def add_steer_args(p) -> None:
@@ -265,6 +290,7 @@ def run_generate(args) -> int:
         require_kind(args.model, "scalelm generate", LANGUAGE_MODELS)
     sampling = sampling_from_args(args)
     prompts = _read_prompts(args)
+    grammar = grammar_from_args(args)  # the schema file, read before the model loads
     gen = generator_from_args(args)
     if gen.tokenizer is None and any(isinstance(p, str) for p in prompts):
         raise GenerationError(f"{args.model} has no tokenizer.json: pass --tokenizer PATH, or the prompt "
@@ -286,7 +312,8 @@ def run_generate(args) -> int:
             out: dict[int, Completion] = {}
             for ev in gen.stream(prompts, args.max_new_tokens, sampling=sampling,
                                  stop=[unescape(s) for s in args.stop], seed=seed, num_samples=args.num_samples,
-                                 truncate=args.truncate, ignore_eos=args.ignore_eos, completions=out):
+                                 truncate=args.truncate, ignore_eos=args.ignore_eos, completions=out,
+                                 grammar=grammar):
                 if ev.token is not None:
                     n_tok += 1
                     t_first = t_first or time.perf_counter()

@@ -38,6 +38,7 @@ from ..model.io import load_model_dir
 from ..model.kv_cache import GeneratorKVCache, PreallocatedKVCache
 from ..precision import pick_device
 from ..runs import TOKENIZER, resolve_checkpoint
+from .constrained import Grammar, compile_grammar, mask_logits
 from .cpu_layout import compile_decode_step, pack_linears, shallow_copy, should_pack
 from .outputs import Completion, Event, GenerationError  # defined there, imported from here too
 from .sampling import NON_FINITE, NonFiniteLogits, SamplingParams, constrain, next_token_checked
@@ -235,14 +236,17 @@ class Generator:
     def stream(self, prompts: Union[Prompt, list[Prompt]], max_new_tokens: Union[int, Sequence[int]] = 128,
                sampling: Optional[SamplingParams] = None, stop: Sequence[str] = (),
                seed: Optional[int] = None, num_samples: int = 1, truncate: bool = False,
-               ignore_eos: bool = False, completions: Optional[dict] = None, slide: bool = True) -> Iterator[Event]:
+               ignore_eos: bool = False, completions: Optional[dict] = None, slide: bool = True,
+               grammar: Optional[Grammar] = None) -> Iterator[Event]:
         """An iterator of Events: one per generated token per row, then a closing one per row.
 
         ``prompts``: a text, a list of token ids, or a list of either (a batch). Rows are the
         prompts in order, each repeated ``num_samples`` times. ``max_new_tokens``: one budget, or
         one per prompt. ``slide=False``: a row whose context fills ends there (``"length"``,
-        ``stopped_at_context``) instead of sliding its window. Bad arguments fail here, before
-        iterating. ``completions`` (a dict) receives each row's Completion when it finishes.
+        ``stopped_at_context``) instead of sliding its window. ``grammar`` (a JSON schema, regex,
+        ...: :mod:`scalelm.generate.constrained`): every row's text matches it; a row ends
+        (``"stop"``) when its grammar is complete. Bad arguments fail here, before iterating.
+        ``completions`` (a dict) receives each row's Completion when it finishes.
         """
         sampling = (sampling or SamplingParams()).validate()
         if isinstance(max_new_tokens, int) and max_new_tokens < 1:
@@ -263,8 +267,14 @@ class Generator:
             gen.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
         done = completions if completions is not None else {}
         eos = frozenset() if ignore_eos else self.eos_ids
+        constraint = None
+        if grammar is not None:  # compiled before iterating: a schema that cannot compile fails here
+            constraint = compile_grammar(grammar, self.tokenizer, self.cfg.vocab_size, self.eos_ids)
         if self.speculator is None:
-            events = self._decode(rows, budgets, sampling, list(stop), gen, eos, done)
+            events = self._decode(rows, budgets, sampling, list(stop), gen, eos, done, constraint)
+        elif constraint is not None:
+            raise GenerationError("a grammar (--json-schema, --regex, --choice) is not for speculative decoding: "
+                                  "decode without --draft/--prompt-lookup")
         elif sampling.constrains:
             raise GenerationError("no_repeat_ngram_size and min_new_tokens are not for speculative decoding: decode "
                                   "without --draft/--prompt-lookup")
@@ -288,7 +298,7 @@ class Generator:
     @torch.inference_mode()
     def _decode(self, rows: list[list[int]], budgets: list[int], sampling: SamplingParams,
                 stops: list[str], gen: Optional[torch.Generator], eos: frozenset,
-                done: dict[int, Completion]) -> Iterator[Event]:
+                done: dict[int, Completion], constraint=None) -> Iterator[Event]:
         """Each row as it would decode alone. Rows line up at the right (left padding) and a
         finished row leaves the batch (``index_rows``). When every row's prompt and budget fit the
         context, the cache is made long enough for all of them (each row's positions are its own,
@@ -308,11 +318,14 @@ class Generator:
                 seen[b, r] = True
         live = list(range(B))  # the cache's rows, in order
         held = [len(r) for r in rows]  # live[j]'s tokens in the cache: the last held[j] of its sequence
+        matchers = [constraint.matcher() for _ in rows] if constraint is not None else None
         logits = self._prefill(cache, seqs)
         while True:
             if sampling.constrains:  # no repeated n-gram, no end-of-text before min_new_tokens
                 logits = constrain(logits, sampling, [seqs[b] for b in live], [len(comps[b].tokens) for b in live],
                                    sorted(eos))
+            if matchers is not None:  # structured output: only what each row's grammar allows
+                logits = mask_logits(logits, [matchers[b] for b in live])
             tok = next_token_checked(logits, sampling, gen, seen)
             ids = tok.tolist()  # the one host sync per step: text, stops and eos need the ids
             if NON_FINITE in ids:  # logits that are no distribution (a broken model or graph): stop and say so
@@ -327,6 +340,10 @@ class Generator:
                 c.tokens.append(t)
                 seqs[b].append(t)
                 delta = texts[b].add(t)
+                if matchers is not None and matchers[b].advance(t):  # the grammar is complete: nothing may follow
+                    yield Event(b, t, delta + texts[b].flush())
+                    yield self._finish(c, texts[b], "stop", done)
+                    continue
                 if texts[b].stopped:
                     c.text = texts[b].text
                     yield Event(b, t, delta)

@@ -1,5 +1,6 @@
 """The FastAPI app: OpenAI's routes over a :class:`~scalelm.serve.server.Server`.
 
+    GET  /                       the web chat page (webchat.py; no API key needed)
     GET  /health                 liveness, active rows, queue depth (no API key needed)
     GET  /metrics                Prometheus text
     GET  /v1/models              the one served model
@@ -26,6 +27,7 @@ from typing import Iterator, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
@@ -33,11 +35,14 @@ from .gate import APIError, Gate, error_response
 from .metrics import CONTENT_TYPE_LATEST
 from .schemas import ChatCompletionRequest, CompletionRequest
 from .server import Choice, ClientGone, Server, Submission
+from .structured import compile_for, request_constraint, request_grammar
+from .tools import CallStream, ToolPlan, conversation, message, plan
+from .webchat import add_web_chat
 
 log = logging.getLogger("scalelm.serve")
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-FINISH = {"stop": "stop", "length": "length"}
+FINISH = {"stop": "stop", "length": "length", "tool_calls": "tool_calls"}
 
 
 def sse(obj) -> str:
@@ -74,14 +79,16 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict]:
     return msgs
 
 
-def chat_prompt_ids(server: Server, body: ChatCompletionRequest) -> list[int]:
+def chat_prompt_ids(server: Server, body: ChatCompletionRequest, tools: Optional[ToolPlan] = None) -> list[int]:
     """The prompt of a chat request: its messages rendered and tokenized as ``scalelm chat`` does (the
     model's :class:`~scalelm.data.chat_template.ChatTemplate`, the one SFT training used). A control
-    token's text inside a message stays text: a client cannot end its turn or forge a system turn."""
+    token's text inside a message stays text: a client cannot end its turn or forge a system turn.
+    ``tools``: the request's tools and tool calls, rendered as tools.py says."""
     if server.gen.tokenizer is None:
         raise APIError(400, "This model has no tokenizer: chat needs one.", param="messages")
     try:
-        ids = server.chat.encode(chat_messages(body))
+        template = server.chat.template.text if server.chat.template is not None else ""
+        ids = server.chat.encode(*conversation(body, chat_messages(body), template, tools or ToolPlan()))
     except UserError as e:
         raise APIError(400, str(e), param="messages") from None
     except TypeError:  # the tokenizer refuses e.g. unpaired surrogates
@@ -150,6 +157,7 @@ def create_app(server: Server) -> FastAPI:
                   description="An OpenAI-compatible API for one scalelm model directory.")
     app.state.server = server
     app.add_middleware(Gate, server=server)
+    add_web_chat(app)  # GET / : the web chat page (no API key needed; its calls send the one typed in)
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
@@ -229,7 +237,10 @@ def create_app(server: Server) -> FastAPI:
         # the model reads prompts[i], the last tokens of given[i]: cuts[i] were dropped (truncation)
         fitted = [server.fit_prompt(ids, max_tokens, body.truncate_prompt_tokens, "prompt") for ids in given]
         prompts, cuts = [ids for ids, _ in fitted], [cut for _, cut in fitted]
-        params = server.seq_params(body, max_tokens, body.logprobs, body.echo and body.logprobs is not None)
+        # compiled off the event loop (a large schema takes a while; llguidance releases the GIL)
+        constraint = await run_in_threadpool(request_constraint, server, body)
+        params = server.seq_params(body, max_tokens, body.logprobs, body.echo and body.logprobs is not None,
+                                   constraint=constraint)
         sub = Submission(server.engine)
         sub.start(server.make_seqs(sub, prompts, body.n, params))
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
@@ -290,12 +301,17 @@ def create_app(server: Server) -> FastAPI:
             raise APIError(400, server.chat_error, param="messages", code="no_chat_template")
         ready()
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        # structured output and tool calls: the grammar the reply keeps to (tools.py, structured.py)
+        fmt = request_grammar(body)
+        tp = plan(body, fmt)
+        grammar, param = (tp.grammar, "tools") if tp.grammar is not None else fmt or (None, None)
+        constraint = await run_in_threadpool(compile_for, server, grammar, param) if grammar is not None else None
         # without max_tokens the reply may fill the context: the prompt needs room for one token
-        ids, cut = server.fit_prompt(chat_prompt_ids(server, body), 1 if asked is None else asked,
+        ids, cut = server.fit_prompt(chat_prompt_ids(server, body, tp), 1 if asked is None else asked,
                                      body.truncate_prompt_tokens, "messages")
         max_tokens = server.gen.cfg.block_size - len(ids) if asked is None else asked
         k = (body.top_logprobs or 0) if body.logprobs else None
-        params = server.seq_params(body, max_tokens, k, False, extra_stops=server.chat.stops)
+        params = server.seq_params(body, max_tokens, k, False, extra_stops=server.chat.stops, constraint=constraint)
         sub = Submission(server.engine)
         sub.start(server.make_seqs(sub, [ids], body.n, params))
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -307,6 +323,7 @@ def create_app(server: Server) -> FastAPI:
                 for i in range(body.n):
                     yield sse({**obj, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                    "logprobs": None, "finish_reason": None}]})
+                calls = [CallStream(tp) for _ in range(body.n)]  # text as content; tool calls as tool_calls deltas
                 async for ev in sub.events():
                     if ev.error is not None:
                         yield error_chunk(ev)
@@ -314,11 +331,17 @@ def create_app(server: Server) -> FastAPI:
                     lp = None
                     if k is not None and ev.token is not None:
                         lp = server.chat_logprobs([(ev.token, ev.logprob, ev.top)])
-                    if not ev.text and lp is None and ev.finish_reason is None:
+                    deltas, finish = calls[ev.index].feed(ev.text), FINISH.get(ev.finish_reason)
+                    if ev.finish_reason is not None:
+                        rest, finish = calls[ev.index].finish(finish)
+                        deltas += rest
+                    if not deltas and lp is None and finish is None:
                         continue
-                    yield sse({**obj, "choices": [{"index": ev.index,
-                                                   "delta": {"content": ev.text} if ev.text else {},
-                                                   "logprobs": lp, "finish_reason": FINISH.get(ev.finish_reason)}]})
+                    for j, d in enumerate(deltas or [{}]):
+                        last = j == max(len(deltas), 1) - 1
+                        yield sse({**obj, "choices": [{"index": ev.index, "delta": d,
+                                                       "logprobs": lp if j == 0 else None,
+                                                       "finish_reason": finish if last else None}]})
                 for line in stream_end(server, body, obj, sub, [ids], cut):
                     yield line
             return _Stream(chunks(), sub)
@@ -326,10 +349,12 @@ def create_app(server: Server) -> FastAPI:
         choices = await collect_choices(sub, request, body.n)
         if choices is None:
             return Response(status_code=499)
-        out = [{"index": i, "message": {"role": "assistant", "content": c.text},
-                "logprobs": server.chat_logprobs([(t, a, b) for t, (a, b) in zip(c.tokens, c.lps)])
-                if k is not None else None,
-                "finish_reason": FINISH.get(c.finish)} for i, c in enumerate(choices)]
+        out = []
+        for i, c in enumerate(choices):
+            msg, finish = message(c.text, FINISH.get(c.finish), tp)  # tool calls parsed out (tools.py)
+            out.append({"index": i, "message": msg,
+                        "logprobs": server.chat_logprobs([(t, a, b) for t, (a, b) in zip(c.tokens, c.lps)])
+                        if k is not None else None, "finish_reason": finish})
         return {**head, "object": "chat.completion", "choices": out,
                 "usage": server.usage([ids], sum(len(c.tokens) for c in choices), cut)}
 

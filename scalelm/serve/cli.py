@@ -16,6 +16,7 @@ from typing import Optional
 
 from ..cliargs import TORCH_NAMES, add_deprecated, add_dtype_arg, add_model_arg
 from ..errors import UserError
+from . import MAX_BATCH, PREFILL_CHUNK, PREFIX_CACHE_MB
 
 API_KEY_ENV = "SCALELM_API_KEY"
 
@@ -26,11 +27,18 @@ def add_serve_parser(p) -> None:
                    "only; 0.0.0.0 = every interface, then set an API key)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     p.add_argument("--api-key", default=None, help=f"require `Authorization: Bearer KEY` on every route but "
-                   f"/health (default: ${API_KEY_ENV}, which keeps the key out of `ps`; unset = no key)")
-    p.add_argument("--batch-size", type=int, default=8, help="rows decoded together, at most (default 8)")
+                   f"/health and the web chat page at / (default: ${API_KEY_ENV}, which keeps the key out of `ps`; unset = no key)")
+    p.add_argument("--batch-size", type=int, default=MAX_BATCH,
+                   help=f"rows decoded together, at most (default {MAX_BATCH})")
     add_deprecated(p, "--max-batch", "--batch-size")
     p.add_argument("--max-queue", type=int, default=64, help="sequences waiting for a row before requests "
                    "get 429 (default 64)")
+    p.add_argument("--prefix-cache-mb", type=float, default=PREFIX_CACHE_MB, metavar="MB",
+                   help=f"memory for the keys/values of prompt prefixes that requests share, reused instead of "
+                        f"prefilled again (default {PREFIX_CACHE_MB}; 0 = off; docs/serving.md)")
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK, metavar="N",
+                   help=f"while rows decode, prefill at most N prompt tokens between two of their steps, so a "
+                        f"long prompt does not stall them (default {PREFILL_CHUNK}; 0 = whole prompts)")
     p.add_argument("--served-model-name", metavar="NAME", help="the model's name in the API "
                    "(default: MODEL as given)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:N")
@@ -143,6 +151,9 @@ def run_serve(args) -> int:
     for name in ("batch_size", "max_queue"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: must be >= 1")
+    for name in ("prefix_cache_mb", "prefill_chunk"):
+        if not getattr(args, name) >= 0:  # (NaN too)
+            raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)} is invalid: must be >= 0")
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads={args.threads} is invalid: must be >= 1")
@@ -168,13 +179,17 @@ def run_serve(args) -> int:
                 raise UserError(f"--steer-vector {name}: {e}") from None
         server = Server(gen, args.served_model_name or args.model, max_batch=args.batch_size,
                         max_queue=args.max_queue, api_key=api_key, model_dir=ckpt,
-                        truncate_prompts=args.truncate_prompts, steer_vectors=named)
+                        truncate_prompts=args.truncate_prompts, steer_vectors=named,
+                        prefix_cache_mb=args.prefix_cache_mb, prefill_chunk=args.prefill_chunk)
         port = socks[0].getsockname()[1]
         print(f"serving `{server.name}` ({gen.cfg.n_layer} layers, context {gen.cfg.block_size}, "
               f"{str(gen.dtype).removeprefix('torch.')}, {gen.device}) at http://{args.host}:{port}/v1 "
-              f"(batch {args.batch_size}, queue {args.max_queue}, chat {'on' if server.chat else 'off'}, "
+              f"(batch {args.batch_size}, queue {args.max_queue}, prefix cache "
+              f"{f'{args.prefix_cache_mb:g} MB' if args.prefix_cache_mb else 'off'}, prefill chunk "
+              f"{args.prefill_chunk or 'off'}, chat {'on' if server.chat else 'off'}, "
               f"API key {'required' if api_key else 'off'}"
-              f"{', long prompts truncated' if args.truncate_prompts else ''})", file=sys.stderr)
+              f"{', long prompts truncated' if args.truncate_prompts else ''}); web chat at "
+              f"http://{args.host}:{port}/", file=sys.stderr)
         import uvicorn
 
         uv = uvicorn.Server(uvicorn.Config(create_app(server), host=args.host, port=args.port,  # (its log line)

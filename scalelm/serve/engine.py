@@ -5,9 +5,15 @@ Each step the engine thread
 1. drops the rows of cancelled sequences (their client went away),
 2. runs ONE forward of one token for all active rows (the batched decode step),
 3. samples every row with that row's own settings and hands the tokens to the requests,
-4. admits waiting sequences into the free rows: each is prefilled alone (one forward over its
-   prompt), its keys/values are copied into its row, and its first token comes from that
-   prefill; from the next step on it decodes together with the others.
+4. admits waiting sequences while rows are free, and prefills them (prefill.py): each into its own
+   one-row cache, starting after the blocks of its prompt that the prefix cache holds
+   (prefix_cache.py). With ``prefill_chunk``, a step prefills at most that many prompt tokens
+   while rows are decoding, so a long prompt takes several steps and the running rows get a
+   token between its chunks (chunked prefill); with no row decoding, a prompt is prefilled
+   whole. Prompts that start at the same slot share one forward, right-padded (prefill.py's
+   ``groups``). A finished prefill is copied into a free row, its prompt's full blocks go into the
+   prefix cache, and its first token comes from its last logits; from the next step on it
+   decodes together with the others.
 
 So a new request joins the running batch at the next step boundary instead of waiting for the
 batch to drain, and a finished row is free for the next request at once.
@@ -16,8 +22,10 @@ The batch's cache (:class:`BatchCache`) gives every row its own length: a step w
 row's new key/value at that row's next slot, the position ids are the row lengths, and a mask
 hides the slots past each row's end (no mask when all rows have one length). Active rows stay
 dense at the front of the buffer (a freed row gets the last row's cache), so a step runs on a
-view of the first ``n`` rows. A row sees exactly what it would alone: the same prefill, the same
-keys and values, only masked slots added, so greedy tokens equal ``Generator``'s (tested).
+view of the first ``n`` rows. A row sees exactly what it would alone: the same prefill (to the
+last float bits when it was chunked, padded in a group or started from cached blocks: other
+kernels), the same keys and values, only masked slots added, so greedy tokens equal
+``Generator``'s (tested).
 With ``model.sliding_window``, local layers get each row's band instead (its own slot and the
 window - 1 before it); the rows keep all their slots (kv_cache.py).
 """
@@ -35,13 +43,18 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ..generate.constrained import mask_logits
 from ..generate.generator import Generator
+from ..generate.outputs import GenerationError
 from ..generate.sampling import SamplingParams, apply_repetition_penalty, banned_ngram_tokens, next_token
 from ..generate.textstream import TextStream
 from ..interp.hooks import patch
 from ..interp.steering import row_steering
 from ..model.kv_cache import LayerKVCache, PreallocatedKVCache, local_layers
 from ..model.masks import window_mask
+from . import MAX_BATCH, PREFILL_CHUNK, PREFIX_CACHE_MB
+from .prefill import Prefill, groups, run_group
+from .prefix_cache import PrefixCache, namespace
 
 log = logging.getLogger("scalelm.serve")
 
@@ -73,6 +86,7 @@ class SeqParams:
     prompt_logprobs: bool = False  # also the prompt tokens' logprobs (echo)
     seed: Optional[int] = None
     steer: Optional[tuple] = None  # (vector, layer, scale): added to that layer's input stream (interp/steering.py)
+    constraint: Optional[object] = None  # a compiled grammar (generate/constrained.py): the text must match it
 
     @property
     def plain(self) -> bool:
@@ -110,6 +124,8 @@ class Seq:
         self.bias: Optional[torch.Tensor] = None  # (1, V) logit bias
         self.prompt_lp: Optional[list] = None
         self.submitted = time.perf_counter()
+        # structured output: this sequence's place in its grammar (its token mask each step)
+        self.matcher = params.constraint.matcher() if params.constraint is not None else None
 
 
 class BatchCache(LayerKVCache):
@@ -118,29 +134,51 @@ class BatchCache(LayerKVCache):
     A :class:`~scalelm.model.kv_cache.LayerKVCache`: ``GPT.forward`` uses it as any cache
     (``prepare``, ``update``, ``advance``), for one-token steps over the first ``n`` rows
     (:meth:`begin`). Prompts are prefilled alone into a ``PreallocatedKVCache`` and copied in
-    (:meth:`put`)."""
+    (:meth:`put`).
+
+    The buffer grows with the rows in use (doubling, up to ``rows``) instead of being allocated
+    whole at start: a row costs ``2 x layers x kv_heads x context x head_dim`` elements, so a large
+    ``--batch-size`` takes memory only when that many clients come."""
 
     def __init__(self, cfg, rows: int, device=None, dtype=torch.float32):
-        shape = (cfg.n_layer, rows, cfg.kv_heads, cfg.block_size, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.rows = rows
+        self._shape = (cfg.n_layer, cfg.kv_heads, cfg.block_size, cfg.head_dim)
+        self.k = self.v = torch.zeros((0, 0), device=device, dtype=dtype)
+        self._grow(1)
         self.max_len = cfg.block_size
         self.lens = [0] * rows  # filled slots per row (on the host: no sync to read them)
         self.n = 0
         self.window, self.local = cfg.sliding_window, local_layers(cfg)
         self._band: Optional[torch.Tensor] = None
 
+    def _grow(self, n: int) -> None:
+        """Room for rows [0, n) at least; the rows in use keep their keys/values."""
+        have = self.k.shape[1] if self.k.dim() == 5 else 0
+        if n <= have:
+            return
+        cap = min(self.rows, max(n, 2 * have))
+        L, H, S, D = self._shape
+        k = torch.zeros((L, cap, H, S, D), device=self.k.device, dtype=self.k.dtype)
+        v = torch.zeros_like(k)
+        if have:
+            k[:, :have], v[:, :have] = self.k, self.v
+        self.k, self.v = k, v
+
     def begin(self, n: int) -> None:
         """The next forward runs rows [0, n), one new token each."""
+        self._grow(n)
         lens = self.lens[:n]
         if max(lens) >= self.max_len:
             raise ValueError(f"a row of the batch cache is full ({self.max_len} slots)")
         dev = self.k.device
         self.n, self._end = n, max(lens) + 1
-        self._rows = torch.arange(n, device=dev)
+        # all rows at one length (a lone row, always): the new keys go to one slot, written by a
+        # slice instead of an indexed write, and no mask is built
+        self._same = lens[0] if min(lens) == max(lens) else None
+        self._rows = None if self._same is not None else torch.arange(n, device=dev)
         self._slot = torch.tensor(lens, device=dev)
         self._mask = None
-        if min(lens) != max(lens):  # (n, 1, 1, end): each row sees its own slots and the new one
+        if self._same is None:  # (n, 1, 1, end): each row sees its own slots and the new one
             self._mask = (torch.arange(self._end, device=dev)[None, :] <= self._slot[:, None])[:, None, None, :]
         self._band = None  # local layers: each row's own band (it implies the mask above)
         if self.window is not None and self._end > self.window:
@@ -152,9 +190,13 @@ class BatchCache(LayerKVCache):
         return self._slot[:, None]  # each row's position is its length
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        # an indexed write does not convert dtypes as a slice assignment does: convert first
-        self.k[layer, self._rows, :, self._slot] = k[:, :, 0].to(self.k.dtype)
-        self.v[layer, self._rows, :, self._slot] = v[:, :, 0].to(self.v.dtype)
+        s = self._same
+        if s is not None:  # a slice assignment converts to the cache's dtype itself
+            self.k[layer, :self.n, :, s:s + 1] = k
+            self.v[layer, :self.n, :, s:s + 1] = v
+        else:  # an indexed write does not convert dtypes as a slice assignment does: convert first
+            self.k[layer, self._rows, :, self._slot] = k[:, :, 0].to(self.k.dtype)
+            self.v[layer, self._rows, :, self._slot] = v[:, :, 0].to(self.v.dtype)
         mask = self._band if self._band is not None and self.local[layer] else self._mask
         return self.k[layer, :self.n, :, :self._end], self.v[layer, :self.n, :, :self._end], mask
 
@@ -164,6 +206,7 @@ class BatchCache(LayerKVCache):
 
     def put(self, row: int, cache: PreallocatedKVCache, length: int) -> None:
         """Copy a prefilled one-row cache into ``row``."""
+        self._grow(row + 1)
         self.k[:, row, :, :length] = cache.k[:, 0, :, :length]
         self.v[:, row, :, :length] = cache.v[:, 0, :, :length]
         self.lens[row] = length
@@ -178,15 +221,22 @@ class BatchCache(LayerKVCache):
 class Engine:
     """Owns the model (a :class:`Generator`'s) and runs the decode loop in a background thread."""
 
-    def __init__(self, gen: Generator, max_batch: int = 8, max_queue: int = 64, metrics=None):
+    def __init__(self, gen: Generator, max_batch: int = MAX_BATCH, max_queue: int = 64, metrics=None,
+                 prefix_cache_mb: float = PREFIX_CACHE_MB, prefill_chunk: int = PREFILL_CHUNK):
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
+        if prefix_cache_mb < 0 or prefill_chunk < 0:
+            raise ValueError("prefix_cache_mb and prefill_chunk must be >= 0")
         self.gen, self.cfg = gen, gen.cfg
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.metrics = metrics  # optional: .step(rows, seconds, tokens), .prefill(tokens, seconds), .first_token(s)
+        # optional: .step(rows, seconds), .prefill(tokens, seconds), .first_token(s), .tokens(n), .prefix(...)
+        self.metrics = metrics
         self.cache = BatchCache(gen.cfg, max_batch, gen.device, gen.dtype)
         self.rows: list[Seq] = []  # row i of the cache decodes rows[i]
         self.waiting: deque[Seq] = deque()
+        self.prefilling: deque[Prefill] = deque()  # admitted, prompt not all in yet (they hold a row's place)
+        self.prefix = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb > 0 else None
+        self.prefill_chunk = prefill_chunk  # prompt tokens per step while rows decode (0: whole prompts)
         self.steps = 0
         self._cond = threading.Condition()
         self._thread: Optional[threading.Thread] = None
@@ -239,7 +289,7 @@ class Engine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._stopping and not self.waiting and not self.rows:
+                    while not self._stopping and not self.waiting and not self.rows and not self.prefilling:
                         self._cond.wait()
                     if self._stopping:
                         break
@@ -247,17 +297,26 @@ class Engine:
                     self.step()
                 except Exception:  # a bug outside the model calls: fail what is running, keep serving
                     log.exception("engine step failed")
-                    failed, self.rows = self.rows, []
+                    failed, self.rows = self.rows + [j.seq for j in self.prefilling], []
+                    self.prefilling.clear()
                     self.cache.lens = [0] * len(self.cache.lens)
                     self._deliver({s: [Event(s.index, None, "", finish_reason="error", error="engine step failed")]
                                    for s in failed})
                 time.sleep(0)  # let the event loop thread take the GIL: it sends the tokens
-        self._fail(self.rows + list(self.waiting), "the server is shutting down")
+        self._fail(self.rows + [j.seq for j in self.prefilling] + list(self.waiting), "the server is shutting down")
+
+    @property
+    def busy(self) -> bool:
+        """Work left: rows decoding, prompts being prefilled or sequences waiting."""
+        return bool(self.rows or self.prefilling or self.waiting)
 
     def step(self) -> None:
-        """One step: drop cancelled rows, decode one token for all rows, admit waiting sequences."""
+        """One step: drop cancelled rows, decode one token for all rows, admit and prefill waiting sequences."""
         out: dict[Seq, list[Event]] = {}
         self._free([s for s in self.rows if s.cancelled])
+        if any(j.seq.cancelled for j in self.prefilling):
+            self.prefilling = deque(j for j in self.prefilling if not j.seq.cancelled)
+        decoding = bool(self.rows)
         if self.rows:
             try:
                 self._decode(out)
@@ -266,7 +325,7 @@ class Engine:
                 self._fail(self.rows, f"decode step failed: {type(e).__name__}", out)
         with self._cond:
             admit = []
-            while self.waiting and len(self.rows) + len(admit) < self.max_batch:
+            while self.waiting and len(self.rows) + len(self.prefilling) + len(admit) < self.max_batch:
                 admit.append(self.waiting.popleft())
         for s in admit:
             try:
@@ -274,6 +333,27 @@ class Engine:
             except Exception as e:
                 log.exception("prefill failed")
                 self._fail([s], f"prefill failed: {type(e).__name__}", out)
+        # while rows decode, a step prefills at most prefill_chunk prompt tokens, so that they get
+        # their next token soon; with none decoding there is no one to keep waiting
+        budget = self.prefill_chunk if decoding and self.prefill_chunk else None
+        plan = []  # (job, tokens to prefill now), in arrival order
+        for job in self.prefilling:
+            if budget is not None and budget <= 0:
+                break
+            n = job.left if budget is None else min(job.left, budget)
+            plan.append((job, n))
+            if budget is not None:
+                budget -= n
+        over = set()  # jobs finished or failed
+        for group in groups(plan):  # prompts that can share a forward do
+            try:
+                over.update(self._prefill(group, out))
+            except Exception as e:
+                log.exception("prefill failed")
+                over.update(job for job, _ in group)
+                self._fail([job.seq for job, _ in group], f"prefill failed: {type(e).__name__}", out)
+        if over:
+            self.prefilling = deque(j for j in self.prefilling if j not in over)
         self._deliver(out)
 
     def _decode(self, out: dict) -> None:
@@ -289,27 +369,51 @@ class Engine:
             self.metrics.step(n, time.perf_counter() - t)
 
     def _admit(self, s: Seq, out: dict) -> None:
+        """Start prefilling ``s``: from the blocks of its prompt the prefix cache has, if any."""
         p, ids = s.params, s.prompt
         if p.max_tokens == 0 and not p.prompt_logprobs:  # nothing to compute (echo alone)
             out.setdefault(s, []).append(Event(s.index, None, "", finish_reason="length"))
             return
+        cached, ns = [], namespace(p.steer) if self.prefix is not None else b""
+        # prompt logprobs need every prompt position's logits: such a prompt is prefilled whole;
+        # at least the last token is always prefilled, for the logits of the first new one
+        if self.prefix is not None and not p.prompt_logprobs:
+            cached = self.prefix.lookup(ids, ns, limit=len(ids) - 1)
+            if self.metrics is not None:
+                self.metrics.prefix(bool(cached), len(cached) * self.prefix.block)
+        job = Prefill(s, self.cfg, self.gen.device, self.gen.dtype, cached, want_all=p.prompt_logprobs)
+        job.ns = ns
+        self.prefilling.append(job)
+
+    def _prefill(self, group: list, out: dict) -> list[Prefill]:
+        """Prefill the next tokens of each (job, n) of ``group`` (one forward if several); the jobs
+        whose prompt is all in get a row (or finish, echo alone) and their first token. Returns those."""
         t = time.perf_counter()
-        tmp = PreallocatedKVCache(self.cfg, 1, max_len=len(ids), device=self.gen.device, dtype=self.gen.dtype)
-        x = torch.tensor([ids], device=self.gen.device)
-        with steering([p.steer], self.gen.model):
-            logits = self.gen.model(x, kv_cache=tmp, last_only=not p.prompt_logprobs)[0][0]  # (T or 1, V)
-        if p.prompt_logprobs:
-            s.prompt_lp = self._prompt_logprobs(ids, logits, p.logprobs or 0)
+        with steering([job.seq.params.steer for job, _ in group], self.gen.model):  # each row its own vector
+            finished = run_group(self.gen.model, group)
         if self.metrics is not None:
-            self.metrics.prefill(len(ids), time.perf_counter() - t)
+            self.metrics.prefill(sum(n for _, n in group), time.perf_counter() - t)
+        done = [job for (job, _), f in zip(group, finished) if f]
+        for job in done:
+            self._prefilled(job, out)
+        return done
+
+    def _prefilled(self, job: Prefill, out: dict) -> None:
+        """``job``'s prompt is all in: store its blocks, then give it a row and sample its first token."""
+        s, p = job.seq, job.seq.params
+        ids = s.prompt
+        if self.prefix is not None:
+            self.prefix.insert(ids, job.cache.k[:, 0], job.cache.v[:, 0], job.ns)
+        if p.prompt_logprobs:
+            s.prompt_lp = self._prompt_logprobs(ids, job.all_logits(), p.logprobs or 0)
         if p.max_tokens == 0:  # the prompt's logprobs only (echo): no row needed
             out.setdefault(s, []).append(Event(s.index, None, "", finish_reason="length",
                                                prompt_logprobs=s.prompt_lp))
             return
         self._setup(s)
-        self.cache.put(len(self.rows), tmp, len(ids))
+        self.cache.put(len(self.rows), job.cache, len(ids))
         self.rows.append(s)
-        self._sample([s], logits[-1:], out)
+        self._sample([s], job.last, out)
 
     def _setup(self, s: Seq) -> None:
         p, dev, V = s.params, self.gen.device, self.cfg.vocab_size
@@ -355,10 +459,13 @@ class Engine:
             return x.argmax(dim=-1)
 
     def _sample(self, seqs: list[Seq], logits: torch.Tensor, out: dict) -> None:
+        # structured output: each constrained row's grammar masks its logits (the batch's one mask);
+        # logprobs stay the model's own
+        masked = mask_logits(logits, [s.matcher for s in seqs])
         if all(s.params.plain for s in seqs):
-            ids = logits.float().argmax(dim=-1).tolist()
+            ids = masked.float().argmax(dim=-1).tolist()
         else:
-            ids = torch.cat([self._next(s, logits[i:i + 1]) for i, s in enumerate(seqs)]).tolist()
+            ids = torch.cat([self._next(s, masked[i:i + 1]) for i, s in enumerate(seqs)]).tolist()
         done = []
         for i, s in enumerate(seqs):
             lp = top = None
@@ -377,6 +484,13 @@ class Engine:
         if (not p.ignore_eos and t in self.gen.eos_ids) or t in p.stop_token_ids:
             evs.append(Event(s.index, None, s.text.flush(), finish_reason="stop", prompt_logprobs=plp))
             return True
+        complete = False
+        if s.matcher is not None:
+            try:
+                complete = s.matcher.advance(t)
+            except GenerationError as e:  # e.g. an n-gram ban left only tokens the grammar forbids
+                evs.append(Event(s.index, None, "", finish_reason="error", error=str(e)))
+                return True
         s.tokens.append(t)
         s.last = t
         if s.seen is not None:
@@ -387,6 +501,10 @@ class Engine:
             self.metrics.tokens(1)
         ev = Event(s.index, t, s.text.add(t), lp, top, prompt_logprobs=plp)
         evs.append(ev)
+        if complete:  # the grammar is complete: nothing may follow
+            ev.text += s.text.flush()
+            ev.finish_reason = "stop"
+            return True
         if s.text.stopped:
             ev.finish_reason = "stop"
             return True

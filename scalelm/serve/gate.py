@@ -2,8 +2,8 @@
 
 :class:`Gate` is ASGI middleware in front of all routes: it counts requests and their latency
 per endpoint (``/metrics``), checks the API key (``hmac.compare_digest``; every route but
-``/health``) and limits the body to ``max_body`` bytes (413), reading it itself and replaying
-it to the app. :class:`APIError` is an error answered as OpenAI does:
+``/health`` and the web chat page's files) and limits the body to ``max_body`` bytes (413),
+reading it itself and replaying it to the app. :class:`APIError` is an error answered as OpenAI does:
 ``{"error": {"message", "type", "param", "code"}}``.
 """
 
@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse
 
 MAX_BODY = 1 << 20  # bytes of a request body
 ENDPOINTS = ("/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions")
-OPEN_PATHS = ("/health",)  # answered without an API key
+OPEN_PATHS = ("/health", "/")  # answered without an API key: liveness, and the web chat page (webchat.py)
+OPEN_PREFIXES = ("/static/",)  # the page's script and style: public, they hold no secret
 
 
 class APIError(Exception):
@@ -84,7 +85,7 @@ class Gate:
     def _refuse(self, scope, path: str):
         headers = dict(scope["headers"])
         key = self.server.api_key
-        if key is not None and path not in OPEN_PATHS:
+        if key is not None and path not in OPEN_PATHS and not path.startswith(OPEN_PREFIXES):
             given = headers.get(b"authorization", b"")
             scheme, _, token = given.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), key.encode()):

@@ -2,7 +2,8 @@
 
 Requests by endpoint and status, request latency, time to first token, prompt and generated
 token counters, generation tokens/s over the last steps, decode step time and batch rows,
-and the queue depth and active rows as they are when scraped.
+the prefix cache's hits, misses, reused tokens and size, and the queue depth and active rows as
+they are when scraped.
 """
 
 from __future__ import annotations
@@ -29,7 +30,15 @@ class Metrics:
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("scalelm_time_to_first_token_seconds", "sequence queued to first token",
                               buckets=LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("scalelm_prompt_tokens", "prompt tokens prefilled", registry=r)
+        self.prompt_tokens = Counter("scalelm_prompt_tokens", "prompt tokens prefilled (not those the prefix "
+                                     "cache supplied)", registry=r)
+        self.prefix_hits = Counter("scalelm_prefix_cache_hits", "prompts that reused cached prefix blocks",
+                                   registry=r)
+        self.prefix_misses = Counter("scalelm_prefix_cache_misses", "prompts that found no cached prefix block",
+                                     registry=r)
+        self.prefix_tokens = Counter("scalelm_prefix_cache_hit_tokens", "prompt tokens taken from the prefix "
+                                     "cache instead of prefilled", registry=r)
+        self.prefix_bytes = Gauge("scalelm_prefix_cache_bytes", "keys/values held by the prefix cache", registry=r)
         self.generation_tokens = Counter("scalelm_generation_tokens", "tokens generated", registry=r)
         self.step_seconds = Histogram("scalelm_decode_step_seconds", "time of one batched decode step",
                                       buckets=STEP_BUCKETS, registry=r)
@@ -48,6 +57,7 @@ class Metrics:
     def bind(self, engine) -> None:
         self.queue_depth.set_function(lambda: engine.queued)
         self.active_rows.set_function(lambda: engine.active)
+        self.prefix_bytes.set_function(lambda: engine.prefix.bytes if getattr(engine, "prefix", None) else 0)
 
     # called by the engine thread
     def step(self, rows: int, seconds: float) -> None:
@@ -56,6 +66,10 @@ class Metrics:
 
     def prefill(self, tokens: int, seconds: float) -> None:
         self.prompt_tokens.inc(tokens)
+
+    def prefix(self, hit: bool, tokens: int) -> None:
+        (self.prefix_hits if hit else self.prefix_misses).inc()
+        self.prefix_tokens.inc(tokens)
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)

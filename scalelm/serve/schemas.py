@@ -45,6 +45,22 @@ class SteerRequest(BaseModel):
     scale: float = Field(1.0, ge=-1e4, le=1e4, allow_inf_nan=False, description="the vector's multiplier")
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, populate_by_name=True)
+    name: str = Field(..., min_length=1, max_length=64)
+    description: Optional[str] = None
+    schema_: Optional[dict] = Field(None, alias="schema", description="the JSON schema the reply validates against "
+                                    "(omitted: any JSON)")
+    strict: Optional[bool] = Field(None, description="accepted; the schema is always enforced")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's ``response_format``: ``text``, ``json_object`` (any JSON object) or ``json_schema``."""
+    model_config = STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JsonSchemaFormat] = None
+
+
 class SamplingFields(BaseModel):
     """Fields shared by both endpoints."""
     model_config = STRICT
@@ -73,6 +89,13 @@ class SamplingFields(BaseModel):
     stop_token_ids: Optional[list[Int]] = Field(None, max_length=MAX_STOPS)
     truncate_prompt_tokens: Optional[Int] = Field(None, ge=1, description="keep only the last N tokens of "
                                                   "a longer prompt (N at most the context)")
+    # structured output (docs/serving.md): OpenAI's, and vLLM's guided decoding (at most one of them)
+    response_format: Optional[ResponseFormat] = None
+    guided_json: Optional[Union[dict, str]] = Field(None, description="a JSON schema (object or its JSON text) the "
+                                                    "output validates against")
+    guided_regex: Optional[str] = Field(None, description="a regular expression the whole output matches")
+    guided_choice: Optional[list[str]] = Field(None, min_length=1, max_length=1024,
+                                               description="the output is exactly one of these strings")
     # scalelm's extension
     steer: Optional[SteerRequest] = None
 
@@ -92,11 +115,55 @@ class ContentPart(BaseModel):
     text: Optional[str] = None
 
 
+class FunctionCall(BaseModel):
+    model_config = STRICT
+    name: str
+    arguments: str = Field(..., description="the arguments as a JSON object's text")
+
+
+class ToolCall(BaseModel):
+    """A call an assistant message made (sent back in the conversation)."""
+    model_config = STRICT
+    id: Optional[str] = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = STRICT
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Optional[Union[str, list[ContentPart]]] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = Field(None, max_length=128, description="an assistant message's calls")
+    tool_call_id: Optional[str] = Field(None, description="a tool message: the call it answers")
+
+
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"  # OpenAI's function names
+
+
+class FunctionDef(BaseModel):
+    model_config = STRICT
+    name: str = Field(..., pattern=TOOL_NAME)
+    description: Optional[str] = None
+    parameters: Optional[dict] = Field(None, description="a JSON schema of the arguments (omitted: no arguments)")
+    strict: Optional[bool] = Field(None, description="accepted; the schema is always enforced")
+
+
+class Tool(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(BaseModel):
+    model_config = STRICT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -104,3 +171,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Optional[Int] = Field(None, ge=0, description="OpenAI's newer name for max_tokens")
     logprobs: bool = False
     top_logprobs: Optional[Int] = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: Optional[list[Tool]] = Field(None, max_length=128, description="functions the model may call")
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], NamedToolChoice]] = Field(
+        None, description="none, auto (the default with tools), required, or a named function")
+    parallel_tool_calls: bool = Field(True, description="several calls in one reply (at most 8); false: one")

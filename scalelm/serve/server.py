@@ -20,6 +20,7 @@ from fastapi import Request
 from ..errors import UserError
 from ..generate.generator import Generator
 from ..generate.sampling import SamplingParams
+from . import MAX_BATCH
 from .engine import Engine, Event, QueueFull, Seq, SeqParams
 from .gate import MAX_BODY, APIError
 from .metrics import Metrics
@@ -115,14 +116,15 @@ class Choice:
 class Server:
     """What the routes share: the generator (model + tokenizer), engine, metrics, settings."""
 
-    def __init__(self, gen: Generator, name: str, max_batch: int = 8, max_queue: int = 64,
+    def __init__(self, gen: Generator, name: str, max_batch: int = MAX_BATCH, max_queue: int = 64,
                  api_key: Optional[str] = None, max_body: int = MAX_BODY, model_dir=None,
-                 truncate_prompts: bool = False, steer_vectors: Optional[dict] = None):
+                 truncate_prompts: bool = False, steer_vectors: Optional[dict] = None, **engine_kw):
         self.gen, self.name, self.api_key, self.max_body = gen, name, api_key or None, max_body
         self.steer_vectors = dict(steer_vectors or {})  # name -> (vector, layer): requests' `steer` by name
         self.truncate_prompts = truncate_prompts
         self.metrics = Metrics()
-        self.engine = Engine(gen, max_batch=max_batch, max_queue=max_queue, metrics=self.metrics)
+        # engine_kw: prefix_cache_mb, prefill_chunk (engine.py's defaults if not given)
+        self.engine = Engine(gen, max_batch=max_batch, max_queue=max_queue, metrics=self.metrics, **engine_kw)
         self.metrics.bind(self.engine)
         self.created = int(time.time())
         self.chat, self.chat_error = None, None
@@ -202,7 +204,8 @@ class Server:
 
     # ------------------------------------------------------------------ sampling settings
     def seq_params(self, body: SamplingFields, max_tokens: int, logprobs: Optional[int], echo_logprobs: bool,
-                   extra_stops=()) -> SeqParams:
+                   extra_stops=(), constraint=None) -> SeqParams:
+        """``constraint``: the request's compiled grammar (structured.py, tools.py), if any."""
         V = self.gen.cfg.vocab_size
         stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         if len(stops) > MAX_STOPS:
@@ -236,7 +239,8 @@ class Server:
                          frequency_penalty=body.frequency_penalty, min_tokens=body.min_tokens,
                          ignore_eos=body.ignore_eos, stop=tuple(stops), stop_token_ids=tuple(body.stop_token_ids or ()),
                          logit_bias=bias or None, logprobs=logprobs, prompt_logprobs=echo_logprobs,
-                         seed=None if body.seed is None else body.seed % 2**63, steer=self.steering(body))
+                         seed=None if body.seed is None else body.seed % 2**63, steer=self.steering(body),
+                         constraint=constraint)
 
     def steering(self, body: SamplingFields) -> Optional[tuple]:
         """A request's ``steer`` as ``(vector, layer, scale)``, checked against the model (None without one)."""

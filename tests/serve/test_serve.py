@@ -471,6 +471,13 @@ def test_fuzz_the_openapi_schema_no_server_errors(live, gen, dirs):
     from schemathesis.checks import not_a_server_error
 
     schema = schemathesis.openapi.from_url(live.url + "/openapi.json")
+    # the fuzzing covers structured output and tool calls: their fields are in the schema it draws from
+    spec = httpx.get(live.url + "/openapi.json").json()["components"]["schemas"]
+    assert {"response_format", "guided_json", "guided_regex", "guided_choice"} <= set(
+        spec["CompletionRequest"]["properties"])
+    assert {"response_format", "tools", "tool_choice", "parallel_tool_calls"} <= set(
+        spec["ChatCompletionRequest"]["properties"])
+    assert {"tool_calls", "tool_call_id"} <= set(spec["ChatMessage"]["properties"])
     ops = [r.ok() for r in schema.get_all_operations()]
     assert {(op.method.upper(), op.path) for op in ops} >= {("POST", "/v1/completions"),
                                                             ("POST", "/v1/chat/completions")}
