@@ -172,6 +172,11 @@ def main() -> int:
     res["dev"] = evals
     res["total_s"] = round(time.perf_counter() - t0, 1)
     path = ROOT / "benchmarks" / "results" / ("preference_quick.json" if q else "preference.json")
+    if path.is_file():  # a rerun of some losses (--losses ipo) keeps the other losses' rows
+        old = json.loads(path.read_text())
+        if old.get("base", {}).get("steps") == res["base"]["steps"]:
+            res["tuned"] = {**old.get("tuned", {}), **res["tuned"]}
+            res["dev"] = {**old.get("dev", {}), **res["dev"]}
     atomic_write_text(path, json.dumps(res, indent=2) + "\n")
     print("| model | dev pairs | pairwise accuracy | mean margin | reward |")
     print("|---|---:|---:|---:|---|")
