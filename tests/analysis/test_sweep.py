@@ -167,7 +167,18 @@ def test_each_run_gets_its_shape_length_and_schedule(shakespeare):
     assert kaplan["runs"][0]["lr"] > kaplan["runs"][1]["lr"]  # Kaplan's rule: smaller models, larger lr
 
 
+def _in_process(*args, check=True):
+    """``scalelm ARGS`` in this process, as a CompletedProcess (returncode, stdout, stderr)."""
+    from train_helpers import cli
+
+    rc, out, err = cli(*args)
+    if check and rc != 0:
+        raise AssertionError(f"scalelm {' '.join(map(str, args))} failed ({rc}):\n{err[-3000:]}")
+    return subprocess.CompletedProcess(list(args), rc, out, err)
+
+
 def test_sweep_cli_errors_and_dry_run(shakespeare, tmp_path):
+    run_cli = _in_process  # nine refusals: no interpreter start-up each
     out = tmp_path / "sw"
     p = run_cli("sweep", "--data", shakespeare, "--out", out, "--budget", "1e13", "--dry-run", *TINY)
     plan = json.loads(p.stdout)
