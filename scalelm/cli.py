@@ -24,11 +24,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("scalelm.demo", "prepare a corpus, train a small model for a few minutes, generate text"),
     "prepare": ("scalelm.data.prepare", "train a tokenizer and write token shards from a corpus"),
     "train": ("scalelm.train.run", "train a model (one process, or many under torchrun)"),
-    "finetune": ("scalelm.tasks.finetune", "fine-tune a model for a task (classify, sft, translate, summarize, dpo), "
-                 "fully or with LoRA"),
+    "finetune": ("scalelm.tasks.finetune", "fine-tune a model for a task (classify, tokens, sft, translate, summarize, "
+                 "dpo), fully or with LoRA"),
     "eval": ("scalelm.evaluate.lm", "loss, perplexity and bits per byte of a checkpoint on a data split"),
     "generate": ("scalelm.generate.cli", "generate text from a checkpoint"),
     "classify": ("scalelm.tasks.classify.cli", "label texts with a classifier (JSON lines of label and probabilities)"),
+    "tag": ("scalelm.tasks.tokens.cli", "tag the words of a CoNLL, CoNLL-U or JSONL file with a token tagger (NER, POS), "
+            "line for line"),
     "translate": ("scalelm.tasks.translate.cli", "translate a file with a translation model, one line per line"),
     "summarize": ("scalelm.tasks.translate.cli", "summarize texts (lines or JSONL records) with a summarization model, "
                   "one summary per line"),

@@ -45,13 +45,19 @@ class ModelConfig:
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     norm_eps: float = 1e-5
     mlp: Literal["gelu", "swiglu", "geglu"] = "gelu"  # geglu: SwiGLU with a tanh-GELU gate (Gemma)
+    # the GELU of mlp=gelu and of geglu's gate: "tanh" (GPT-2's gelu_new, Gemma) or "erf", the exact GELU
+    # (BERT's and ModernBERT's "gelu"); they differ by up to ~1e-3, too much for logits parity
+    gelu: Literal["tanh", "erf"] = "tanh"
     bias: bool = True
     dropout: float = 0.0
     tie_embeddings: bool = True
     n_shared_blocks: Optional[int] = None  # ALBERT-style: n_layer layers built from K distinct blocks
     init_std: float = 0.02
-    # "encoder-decoder": the seq2seq Transformer of "Attention Is All You Need" (scalelm/model/encdec.py)
-    arch: Literal["gpt", "encoder-decoder"] = "gpt"
+    # "encoder-decoder": the seq2seq Transformer of "Attention Is All You Need" (scalelm/model/encdec.py);
+    # "encoder": a bidirectional encoder with a masked-LM head, BERT / ModernBERT (scalelm/model/encoder.py)
+    arch: Literal["gpt", "encoder-decoder", "encoder"] = "gpt"
+    # encoder only: token-type (segment) embeddings added to the input (BERT: 2); 0 = none (ModernBERT)
+    type_vocab_size: int = 0
     n_encoder_layer: Optional[int] = None  # encoder-decoder only; None -> n_layer
     n_decoder_layer: Optional[int] = None  # encoder-decoder only; None -> n_layer
     head_size: Optional[int] = None  # width of one head; None -> n_embd / n_head (set by structured pruning)
@@ -70,8 +76,9 @@ class ModelConfig:
     # n_head * head_dim and n_kv_head * head_dim wide: OLMo 2)
     qk_norm_scope: Literal["head", "all"] = "head"
     # where a block's norms sit: "pre" x + f(norm(x)) (GPT-2, Llama); "sandwich" x + norm'(f(norm(x)))
-    # (Gemma 2/3); "post" x + norm'(f(x)) (OLMo 2). norm' is the block's attn_post_norm / mlp_post_norm
-    norm_placement: Literal["pre", "sandwich", "post"] = "pre"
+    # (Gemma 2/3); "post" x + norm'(f(x)) (OLMo 2). norm' is the block's attn_post_norm / mlp_post_norm.
+    # "post_add" norm'(x + f(x)), the original Transformer's and BERT's post-LN (arch=encoder only)
+    norm_placement: Literal["pre", "sandwich", "post", "post_add"] = "pre"
     # Gemma: every RMSNorm scales by (1 + weight) and its weights start at 0. A switch rather than the 1
     # folded into the weights on import: in bf16, 1 + w would lose w's low bits, and an export would not
     # give back the imported bits
@@ -89,7 +96,9 @@ class ModelConfig:
     # sliding-window attention (Mistral, Phi-3; Gemma's local layers): a query attends to itself and
     # the sliding_window - 1 tokens before it (HF's convention); None = full attention everywhere.
     # With a window, layer i is local unless sliding_window_pattern > 1 and (i + 1) % pattern == 0
-    # (Gemma 2: 2, Gemma 3: 6; Mistral: 1, every layer local): see layer_window
+    # (Gemma 2: 2, Gemma 3: 6; Mistral: 1, every layer local): see layer_window. An encoder's window is
+    # bidirectional, ModernBERT's local_attention: a query sees the keys at most sliding_window // 2
+    # away on either side; its layer i is global when sliding_window_pattern > 1 and i % pattern == 0
     sliding_window: Optional[int] = None
     sliding_window_pattern: int = 1
 
@@ -99,6 +108,8 @@ class ModelConfig:
         if self.sliding_window is None:
             return None
         p = self.sliding_window_pattern
+        if self.arch == "encoder":  # ModernBERT: layer 0 global, then every p-th (global_attn_every_n_layers)
+            return None if p > 1 and layer % p == 0 else self.sliding_window
         return None if p > 1 and (layer + 1) % p == 0 else self.sliding_window
 
     @property
@@ -143,7 +154,7 @@ class ModelConfig:
         for name in ("n_encoder_layer", "n_decoder_layer"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 bad(f"{name} must be positive, got {getattr(self, name)}")
-        if self.arch == "encoder-decoder" and self.n_shared_blocks is not None:
+        if self.arch != "gpt" and self.n_shared_blocks is not None:
             bad("n_shared_blocks is for arch=gpt")
         if self.n_shared_blocks is not None and (
             self.n_shared_blocks <= 0 or self.n_layer % self.n_shared_blocks
@@ -170,8 +181,21 @@ class ModelConfig:
             bad(f"qk_norm_scope={self.qk_norm_scope!r} says where the q/k norm goes: it needs qk_norm=true")
         if self.norm_unit_offset and self.norm != "rmsnorm":
             bad("norm_unit_offset=true is Gemma's RMSNorm (scale 1 + weight): it needs norm=rmsnorm")
+        if self.type_vocab_size < 0:
+            bad(f"type_vocab_size must be 0 (no token types) or positive, got {self.type_vocab_size}")
+        if self.arch != "encoder" and self.type_vocab_size:
+            bad("type_vocab_size (token-type embeddings) is for arch=encoder")
+        if self.arch == "encoder" and self.norm_placement not in ("pre", "post_add"):
+            bad(f"norm_placement={self.norm_placement!r} is for arch=gpt; an encoder takes pre (pre-norm, "
+                f"ModernBERT) or post_add (post-LN, BERT)")
+        if self.arch != "encoder" and self.norm_placement == "post_add":
+            bad("norm_placement='post_add' (BERT's post-LN) is for arch=encoder")
         if self.arch != "gpt":
-            changed = [f.name for f in dataclasses.fields(self) if f.name in _GPT_ONLY
+            # an encoder has norm_placement (checked above) and ModernBERT's local-layer RoPE base; every
+            # other decoder-only switch is refused
+            only = _GPT_ONLY if self.arch != "encoder" else tuple(
+                n for n in _GPT_ONLY if n not in ("norm_placement", "rope_local_theta"))
+            changed = [f.name for f in dataclasses.fields(self) if f.name in only
                        and getattr(self, f.name) != f.default]
             if changed:
                 bad(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} for arch=gpt")
@@ -189,8 +213,8 @@ class ModelConfig:
         if self.sliding_window is not None:
             if self.sliding_window < 1:
                 bad(f"sliding_window must be at least 1 (a query sees itself), got {self.sliding_window}")
-            if self.arch != "gpt":
-                bad("sliding_window is for arch=gpt")
+            if self.arch == "encoder-decoder":
+                bad("sliding_window is for arch=gpt and arch=encoder")
         if self.sliding_window_pattern < 1:
             bad(f"sliding_window_pattern must be at least 1, got {self.sliding_window_pattern}")
         if self.sliding_window is not None and self.n_shared_blocks:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint.kinds import CLASSIFIER, ENCDEC, GPT, LORA, QUANTIZED, require_kind
+from .checkpoint.kinds import CLASSIFIER, ENCDEC, ENCODER, GPT, LORA, QUANTIZED, require_kind
 from .cliargs import add_dtype_arg, add_model_arg, add_overwrite_arg
 from .data.hub import HubError, download_hub_model, is_hub_model_id
 from .model.hf import (
@@ -51,18 +51,23 @@ def add_convert_parser(p: argparse.ArgumentParser) -> None:
 
 
 # the kinds a Hugging Face export takes (``scalelm push`` uploads the same export), and why the others not
-HF_EXPORTABLE = (GPT, LORA, CLASSIFIER)
+HF_EXPORTABLE = (GPT, ENCODER, LORA, CLASSIFIER)  # an encoder: BertForMaskedLM / ModernBertForMaskedLM
 HF_EXPORT_HINTS = {QUANTIZED: "a Hugging Face model holds float weights: export the float model it was made from",
                    ENCDEC: "Hugging Face export covers decoder-only models (GPT-2 and Llama layouts)"}
 
 
 def export_to_hf(model, out_dir, dtype: torch.dtype = torch.float32) -> Path:
     """``model`` (checked with :data:`HF_EXPORTABLE` first) -> a directory ``transformers`` loads:
-    ``*ForCausalLM``, or a classifier's ``*ForSequenceClassification``."""
+    ``*ForCausalLM``, a classifier's ``*ForSequenceClassification`` or a tagger's ``*ForTokenClassification``."""
     from .tasks.classify.hf import export_hf_classifier, is_classifier_dir
+    from .tasks.tokens.files import is_tagger_dir
 
     if is_classifier_dir(model):
         return Path(export_hf_classifier(model, out_dir, dtype))
+    if is_tagger_dir(model):
+        from .tasks.tokens.hf import export_hf_tagger
+
+        return Path(export_hf_tagger(model, out_dir, dtype))
     return Path(export_hf_dir(model, out_dir, dtype))
 
 
@@ -71,7 +76,10 @@ def _to_hf(args: argparse.Namespace) -> str:
     from .tasks.classify.hf import is_classifier_dir
 
     require_kind(args.model, "scalelm convert --to-hf", HF_EXPORTABLE, hint=HF_EXPORT_HINTS)
-    classifier = is_classifier_dir(args.model)  # -> *ForSequenceClassification
+    from .tasks.tokens.files import is_tagger_dir
+
+    # -> *ForSequenceClassification / *ForTokenClassification
+    classifier = is_classifier_dir(args.model) or is_tagger_dir(args.model)
     src = resolve_model_dir(args.model) if classifier else resolve_checkpoint(args.model)
     check_output_dir(args.to_hf, "Hugging Face model directory", is_hf_model_dir,
                      sources=[args.model, src], overwrite=args.overwrite, option="--to-hf")

@@ -18,6 +18,14 @@ _LLAMA3_ROPE = dict(rope_theta=500000.0, rope_scaling="llama3", rope_low_freq_fa
 _GEMMA = dict(pos_embedding="rope", norm="rmsnorm", mlp="geglu", bias=False, norm_eps=1e-6, norm_placement="sandwich",
               norm_unit_offset=True, tie_embeddings=True)
 _QWEN = dict(_LLAMA, vocab_size=151936, norm_eps=1e-6, rope_theta=1000000.0, tie_embeddings=True)
+# encoders (masked LM, scalelm/model/encoder.py). BERT: post-LN, learned positions, token types, the exact
+# GELU, biases, its 30522-token WordPiece vocabulary; holds BertForMaskedLM's weights exactly
+_BERT = dict(arch="encoder", vocab_size=30522, block_size=512, pos_embedding="learned", norm="layernorm",
+             norm_eps=1e-12, mlp="gelu", gelu="erf", bias=True, tie_embeddings=True, norm_placement="post_add",
+             type_vocab_size=2)
+# ModernBERT's block (pre-norm, RoPE, GeGLU with the exact GELU, no biases), global attention on every layer
+_MODERN_ENCODER = dict(arch="encoder", pos_embedding="rope", rope_theta=160000.0, norm="layernorm", norm_eps=1e-5,
+                       mlp="geglu", gelu="erf", bias=False, tie_embeddings=True, norm_placement="pre")
 
 PRESETS: dict[str, dict] = {
     "gpt2-124m": {"model": dict(_GPT2, n_layer=12, n_head=12, n_embd=768)},
@@ -95,6 +103,18 @@ PRESETS: dict[str, dict] = {
     "transformer-small": {"model": dict(_GPT2, arch="encoder-decoder", vocab_size=8192, block_size=128,
                                         n_layer=3, n_encoder_layer=3, n_decoder_layer=3, n_head=4, n_embd=256,
                                         intermediate_size=1024, dropout=0.1)},
+    # BERT-base (uncased): 12 x 768, 12 heads, FFN 3072: 110M parameters with the MLM head
+    "bert-base": {"model": dict(_BERT, n_layer=12, n_head=12, n_embd=768, intermediate_size=3072)},
+    # Google's smaller BERTs ("Well-Read Students Learn Better", 2019): BERT-Small 4 x 512, BERT-Mini 4 x 256
+    "bert-small": {"model": dict(_BERT, n_layer=4, n_head=8, n_embd=512, intermediate_size=2048)},
+    "bert-mini": {"model": dict(_BERT, n_layer=4, n_head=4, n_embd=256, intermediate_size=1024)},
+    # a masked-LM encoder that pretrains on 2 CPU cores (ModernBERT's block; the vocabulary follows the data)
+    "encoder-cpu": {
+        "model": dict(_MODERN_ENCODER, vocab_size=8192, block_size=128, n_layer=4, n_head=4, n_embd=256,
+                      intermediate_size=512, dropout=0.0),
+        "train": dict(micro_batch_size=16, max_steps=2000, eval_every=250, eval_iters=20),
+        "optim": dict(lr=1e-3, min_lr=1e-4, warmup_steps=100, beta2=0.98, weight_decay=0.01, grad_clip=1.0),
+    },
     # nanoGPT's shakespeare-char config
     "char-shakespeare": {
         "model": dict(_GPT2, block_size=256, n_layer=6, n_head=6, n_embd=384, dropout=0.2),

@@ -37,6 +37,7 @@ CAUSAL_LM_CLASSES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qw
 SEQUENCE_CLASSES = {"gpt2": "GPT2ForSequenceClassification", "llama": "LlamaForSequenceClassification",
                     "qwen2": "Qwen2ForSequenceClassification", "qwen3": "Qwen3ForSequenceClassification",
                     "mistral": "MistralForSequenceClassification"}
+MASKED_LM_CLASSES = {"bert": "BertForMaskedLM", "modernbert": "ModernBertForMaskedLM"}  # encoders (arch=encoder)
 
 
 def add_push_parser(p: argparse.ArgumentParser) -> None:
@@ -207,14 +208,16 @@ def model_card(model: str | Path, repo_id: str = "", license: Optional[str] = No
     front = ["---", "library_name: transformers"]
     if license:
         front.append(f"license: {license}")
-    front.append("pipeline_tag: " + ("text-classification" if classifier else "text-generation"))
+    masked_lm = family in MASKED_LM_CLASSES and not classifier
+    front.append("pipeline_tag: " + ("text-classification" if classifier else "fill-mask" if masked_lm
+                                     else "text-generation"))
     front += ["tags:", "- scalelm", f"- {family}"]
     if datasets:
         front += ["datasets:"] + [f"- {n}" for n in datasets]
     front.append("---")
 
     name = repo_id.split("/")[-1] if repo_id else d.name
-    arch = (SEQUENCE_CLASSES if classifier else CAUSAL_LM_CLASSES)[family]
+    arch = (SEQUENCE_CLASSES if classifier else MASKED_LM_CLASSES if masked_lm else CAUSAL_LM_CLASSES)[family]
     body = [f"# {name}", "", f"{kind.describe()[0].upper()}{kind.describe()[1:]}, trained with "
             f"scalelm and exported to `transformers`' `{arch}`.", "",
             "## Model", "", f"- parameters: {params:,} ({_human(params)})",
@@ -240,7 +243,8 @@ def model_card(model: str | Path, repo_id: str = "", license: Optional[str] = No
         if task:
             body += ["", "The task's settings (`task.json`):", "", "```json",
                      json.dumps({k: _public(v) for k, v in task.items()}, indent=2), "```"]
-    load = "AutoModelForSequenceClassification" if classifier else "AutoModelForCausalLM"
+    load = ("AutoModelForSequenceClassification" if classifier else "AutoModelForMaskedLM" if masked_lm
+            else "AutoModelForCausalLM")
     body += ["", "## Use", "", "```python", f"from transformers import AutoTokenizer, {load}", "",
              f"model = {load}.from_pretrained({json.dumps(repo_id or name)})",
              f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(repo_id or name)})", "```", ""]

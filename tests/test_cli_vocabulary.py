@@ -36,17 +36,17 @@ DEPRECATED = [
 ]
 OLD_DTYPE_VALUES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # the positional model argument: dest `model`, metavar MODEL, in exactly these commands
-MODEL_COMMANDS = {"eval", "generate", "classify", "translate", "summarize", "chat", "serve", "convert", "merge", "export",
+MODEL_COMMANDS = {"eval", "generate", "classify", "tag", "translate", "summarize", "chat", "serve", "convert", "merge", "export",
                   "prune", "quantize", "push", "inspect", "trace", "steer"}
 OLD_MODEL_NAMES = {"ckpt", "checkpoint", "model_dir", "run", "RUN", "CKPT", "MODEL_DIR"}
 # what each command's --out is: a directory it writes (refused when non-empty without --overwrite),
 # a run directory it continues (train-like: an existing run is resumed), or files
 DIRECTORY_WRITERS = {"prepare", "convert", "merge", "export", "prune", "quantize", "inspect", "trace"}
 RUN_DIR_WRITERS = {"train", "finetune", "distill", "sweep", "demo"}
-FILE_WRITERS = {"translate", "summarize", "plot", "steer"}
+FILE_WRITERS = {"translate", "summarize", "plot", "steer", "tag"}
 # "longest example in tokens" belongs to the fine-tuning tasks; a model's window is --seq-len
 MAX_LENGTH_COMMANDS = {"finetune classify", "finetune sft", "finetune translate", "finetune summarize",
-                       "finetune dpo"}
+                       "finetune dpo", "finetune tokens"}
 
 
 def _subparsers(p: argparse.ArgumentParser) -> dict:

@@ -7,6 +7,11 @@ follow what autograd saves in ``scalelm.model``, tensor by tensor (see ``layer_s
 
 Mixed precision means what the trainer does: fp32 master weights, gradients and AdamW
 state, bf16 autocast for matmuls (or, under FSDP2, bf16 all-gathered parameters).
+
+An encoder (``arch = "encoder"``, masked-LM training) is counted from its own modules: its embedding
+norm and token types, and a head that runs on the predicted rows only (``MLM_FRACTION`` of the
+tokens: the transform, the decoder's logits and the loss), never full-vocabulary logits at every
+position.
 """
 
 from __future__ import annotations
@@ -90,11 +95,12 @@ def planning_config(cfg: ModelConfig) -> ModelConfig:
 
 
 def param_split(cfg: ModelConfig) -> ParamSplit:
-    from ..model.gpt import GPT
+    from ..model.build import build_model
 
     with torch.device("meta"):
-        m = GPT(cfg)
-    blk = m.blocks["0"]
+        m = build_model(cfg)
+    encoder = cfg.arch == "encoder"
+    blk = m.blocks[m.layer_keys[-1]] if encoder else m.blocks["0"]  # an encoder's layer 0 may lack its attn norm
     tp_part = lin_w = 0
     for name, p in blk.named_parameters():
         owner = name.split(".")[-2]
@@ -104,9 +110,18 @@ def param_split(cfg: ModelConfig) -> ParamSplit:
         elif name.endswith("bias") and owner in COLWISE:
             tp_part += p.numel()
     numel = lambda mod: sum(p.numel() for p in mod.parameters()) if mod is not None else 0  # noqa: E731
-    return ParamSplit(tok_emb=numel(m.tok_emb), pos_emb=numel(m.pos_emb), block=numel(blk),
-                      block_tp=tp_part, block_linear_w=lin_w, norm_f=numel(m.norm_f),
-                      head=0 if cfg.tie_embeddings else numel(m.lm_head), n_layer=cfg.n_layer,
+    pos, last = numel(m.pos_emb), numel(m.norm_f)
+    head = 0 if cfg.tie_embeddings else numel(m.lm_head)
+    if encoder:
+        # token types and the embedding norm sit with the embeddings (a pre-norm encoder's embedding
+        # norm is layer 0's attention norm: the blocks count it, as layer 0 is counted as large as the
+        # others); the MLM head's transform and the decoder's bias sit with the final norm (last stage)
+        pos += numel(m.type_emb) + numel(m.emb_norm) - (numel(blk) - numel(m.blocks["0"]))
+        last += numel(m.head_dense) + numel(m.head_norm) + m.lm_head.bias.numel()
+        head = 0 if cfg.tie_embeddings else m.lm_head.weight.numel()
+    return ParamSplit(tok_emb=numel(m.tok_emb), pos_emb=pos, block=numel(blk),
+                      block_tp=tp_part, block_linear_w=lin_w, norm_f=last,
+                      head=head, n_layer=cfg.n_layer,
                       n_blocks=len(m.blocks), tied=cfg.tie_embeddings)
 
 
@@ -132,22 +147,37 @@ def layer_saved_bytes(cfg: ModelConfig, precision: str, tp: int = 1, seq_paralle
     dn = d / tp if seq_parallel else d  # norms run on sequence shards under sequence parallelism
     norms = 2 * _norm_saved(cfg, dn)
     lin_in = 2 * (2 if low else 4) * d  # each norm's output, read by the linears after it
+    if cfg.norm_placement == "post_add" and low:  # post-LN (BERT): each linear casts the fp32 norm output itself
+        lin_in = 2 * d * (3 + (2 if swiglu else 1))  # q, k, v; up (and gate)
     attn = (a * (2 * q + 2 * kv) + 4 * H) / tp  # q, k, v, output (o_proj reads the same), logsumexp
     mlp = a * f * (4 if swiglu else 2) / tp  # gelu: in, out; swiglu: gate, silu(gate), up, product
     return norms + lin_in + attn + mlp
 
 
+def predicted_fraction(cfg: ModelConfig) -> float:
+    """The share of positions the LM head (and the loss) runs on: all of them, an encoder's masked ones."""
+    from ..model.gpt import MLM_FRACTION
+
+    return MLM_FRACTION if cfg.arch == "encoder" else 1.0
+
+
 def head_saved_bytes(cfg: ModelConfig, precision: str) -> float:
     """Per token: final norm, LM-head input, and what ``scalelm.loss`` keeps: the logits, the
-    target and its mask."""
+    target and its mask. An encoder's head runs on the gathered predicted rows only (their index
+    kept): the transform's dense input, GELU input and norm, then the decoder's input and logits."""
     a = 2 if precision in ("bf16", "fp16") else 4
-    return _norm_saved(cfg, cfg.n_embd) + a * cfg.n_embd + a * cfg.vocab_size + 8 + 1
+    d, V = cfg.n_embd, cfg.vocab_size
+    if cfg.arch != "encoder":
+        return _norm_saved(cfg, d) + a * d + a * V + 8 + 1
+    final = _norm_saved(cfg, d) if cfg.norm_placement == "pre" else 0  # post-LN BERT has no final norm
+    row = 8 + 2 * a * d + _norm_saved(cfg, d) + a * d + a * V + 8 + 1
+    return final + predicted_fraction(cfg) * row
 
 
 def head_transient_bytes(cfg: ModelConfig, precision: str) -> float:
     """Per token, on top of the saved tensors, in the loss's backward (usually the largest
-    moment of the step): the logits' gradient, in the logits' dtype."""
-    return (2 if precision in ("bf16", "fp16") else 4) * cfg.vocab_size
+    moment of the step): the logits' gradient, in the logits' dtype (an encoder: predicted rows only)."""
+    return (2 if precision in ("bf16", "fp16") else 4) * cfg.vocab_size * predicted_fraction(cfg)
 
 
 def loss_workspace_bytes(cfg: ModelConfig, tokens: int, device_type: str) -> float:
@@ -155,8 +185,18 @@ def loss_workspace_bytes(cfg: ModelConfig, tokens: int, device_type: str) -> flo
     from ..model.loss import CHUNK_BYTES, DEFAULT_CHUNK_BYTES
 
     chunk = CHUNK_BYTES.get(device_type, DEFAULT_CHUNK_BYTES)
-    rows = min(tokens, max(1, chunk // (4 * cfg.vocab_size)))
+    rows = min(tokens * predicted_fraction(cfg), max(1, chunk // (4 * cfg.vocab_size)))
     return 2 * 4 * rows * cfg.vocab_size
+
+
+def head_weight_copy_bytes(cfg: ModelConfig) -> float:
+    """The bf16 copies autocast saves of the head's weights: the decoder (and an encoder's transform)."""
+    return 2 * cfg.n_embd * (cfg.vocab_size + (cfg.n_embd if cfg.arch == "encoder" else 0))
+
+
+def embedding_saved_bytes(cfg: ModelConfig) -> float:
+    """Per token: the token ids the embedding's backward reads (and an encoder's embedding norm)."""
+    return 8 + (_norm_saved(cfg, cfg.n_embd) if cfg.arch == "encoder" else 0)
 
 
 def layer_workspace_bytes(cfg: ModelConfig, precision: str, tp: int = 1) -> float:
@@ -247,14 +287,14 @@ def _stage_memory(cfg, layout, B, T, precision, accum, schedule, seq_parallel, s
         per_layer = layer_full + w_copy
         recompute = 0
     blocks_saved = k * layers * per_layer
-    emb_saved = 8 * tokens * k if first else 0
+    emb_saved = embedding_saved_bytes(cfg) * tokens * k if first else 0
     head_saved = head_transient = head_w_copy = 0
     if last:
         head_saved = head_saved_bytes(cfg, precision) * tokens
         head_transient = head_transient_bytes(cfg, precision) * tokens + loss_workspace_bytes(
             cfg, tokens, device_type)
         if low and not layout.fsdp:
-            head_w_copy = 2 * cfg.vocab_size * cfg.n_embd
+            head_w_copy = head_weight_copy_bytes(cfg)
     # at the end of the backward: FSDP2 has reduce-scattered every block but the root (unless
     # accumulating); everyone else holds the whole local gradient
     grads_end = 4 * P
@@ -311,8 +351,8 @@ def forward_saved_bytes(cfg: ModelConfig, batch: int, seq_len: int, precision: s
     split = param_split(cfg)
     tokens = batch * seq_len
     total = cfg.n_layer * (layer_saved_bytes(cfg, precision) * tokens + (2 * split.block_linear_w if low else 0))
-    total += head_saved_bytes(cfg, precision) * tokens + (2 * cfg.vocab_size * cfg.n_embd if low else 0)
-    total += 8 * tokens + 8  # token ids (embedding backward), the loss's count of targets
+    total += head_saved_bytes(cfg, precision) * tokens + (head_weight_copy_bytes(cfg) if low else 0)
+    total += embedding_saved_bytes(cfg) * tokens + 8  # token ids (embedding backward), the loss's count of targets
     if cfg.pos_embedding == "learned":
         total += 8 * seq_len  # position ids
     else:

@@ -100,6 +100,8 @@ def factorizations(n: int) -> list[tuple[int, int, int, int, int]]:
 def invalid_reason(setup: Setup, pp: int, r: int, s: int, tp: int, cp: int = 1) -> Optional[str]:
     """Why a layout cannot run (the same rules as scalelm.distributed), or None."""
     c = setup.cfg
+    if c.arch == "encoder" and max(pp, tp, cp) > 1:  # as the trainer refuses them
+        return "an encoder trains with data parallelism only (tp, pp and cp are built for the GPT)"
     if cp > 1:
         if pp > 1:
             return "cp does not run inside a pipeline"
@@ -143,6 +145,12 @@ def layer_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def head_flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs per token of the LM head; an encoder's masked-LM head (transform and decoder)
+    runs on the predicted ``MLM_FRACTION`` of positions only (``encoder_flops_per_token``'s head term)."""
+    if cfg.arch == "encoder":
+        from ..model.gpt import MLM_FRACTION
+
+        return 3 * 2 * MLM_FRACTION * (cfg.n_embd * cfg.n_embd + cfg.n_embd * cfg.vocab_size)
     return 3 * 2 * cfg.n_embd * cfg.vocab_size
 
 
@@ -337,6 +345,8 @@ def assumptions(setup: Setup) -> list[str]:
         "gradient accumulation keeps unsharded gradients until the last micro-batch (DDP no_sync, FSDP2 "
         "gradient sync off); the loss is computed on full fp32 logits; activation checkpointing is per block",
         f"fits = peak under {HEADROOM:.0%} of device memory",
+        *(["encoder (masked LM): the head, its logits and the loss on the 15% of positions that are predicted; "
+           "data parallelism only"] if setup.cfg.arch == "encoder" else []),
     ]
 
 
@@ -348,9 +358,11 @@ def print_table(setup: Setup, plans: list[Plan], skipped: list[dict], best: Opti
     print(f"model: {n:,} parameters ({c.n_layer} layers, {c.n_embd} wide, {c.n_head} heads / "
           f"{c.kv_heads} kv, vocab {c.vocab_size})", file=out)
     fpt = plans[0].flops_per_step / (setup.global_batch * setup.seq_len) if plans else 0
+    how = ("encoder: 6N at every position + attention, the masked-LM head on 15% of them" if c.arch == "encoder"
+           else "6N + attention")
     print(f"batch: {setup.global_batch} sequences x {setup.seq_len} tokens = "
           f"{setup.global_batch * setup.seq_len:,} tokens per step, micro-batch {setup.micro_batch}; "
-          f"{fpt:.4g} FLOPs per token (6N + attention), {fpt * setup.global_batch * setup.seq_len:.4g} per step",
+          f"{fpt:.4g} FLOPs per token ({how}), {fpt * setup.global_batch * setup.seq_len:.4g} per step",
           file=out)
     print(f"devices: {setup.devices} x {setup.device.name} ({setup.per_node} per node)\n", file=out)
     hdr = (f"{'layout':<16}{'pp':>3}{'rep':>4}{'shard':>6}{'cp':>4}{'tp':>4}{'acc':>5}{'params':>10}{'grads':>10}"

@@ -8,6 +8,7 @@ weights read)::
     facet              how it is recognised
     gpt                model.arch "gpt" (the default): GPT, Llama-style, pruned, sft, decoder-only translation
     encoder-decoder    model.arch "encoder-decoder"
+    encoder            model.arch "encoder" (BERT / ModernBERT: a masked LM, it does not generate)
     lora               adapter.safetensors (or a sharded checkpoint) + a "lora" entry
     quantized          a "quantization" entry
     classifier         a "task" entry named "classify" (head.safetensors, or head.* in the adapters)
@@ -30,10 +31,11 @@ from .model_dir import read_config
 from .names import ADAPTER, DCP_METADATA
 from .rundir import resolve_checkpoint
 
-GPT, ENCDEC, LORA, QUANTIZED, CLASSIFIER, TRANSLATION = (
-    "gpt", "encoder-decoder", "lora", "quantized", "classifier", "translation")
-FACETS = (GPT, ENCDEC, LORA, QUANTIZED, CLASSIFIER)  # what decides whether a command can load and write the model
-KINDS = (GPT, LORA, CLASSIFIER, QUANTIZED, ENCDEC)  # model_kind's answers
+GPT, ENCDEC, ENCODER, LORA, QUANTIZED, CLASSIFIER, TRANSLATION = (
+    "gpt", "encoder-decoder", "encoder", "lora", "quantized", "classifier", "translation")
+ARCHS = (GPT, ENCDEC, ENCODER)  # model.arch: one of these facets per model
+FACETS = (GPT, ENCDEC, ENCODER, LORA, QUANTIZED, CLASSIFIER)  # what decides whether a command can load and write it
+KINDS = (GPT, LORA, CLASSIFIER, QUANTIZED, ENCDEC, ENCODER)  # model_kind's answers
 # config.json "task" name -> kind (a summarizer is a sequence-to-sequence model as a translator is)
 TASKS = {"classify": CLASSIFIER, "translate": TRANSLATION, "summarize": TRANSLATION}
 
@@ -44,6 +46,8 @@ FLOAT_LANGUAGE_MODELS = (GPT, LORA, CLASSIFIER)  # the same, where float weights
 # what to do instead, by the facet that made a command refuse (when the caller gives no hint)
 DEFAULT_HINTS = {
     ENCDEC: "use it with `scalelm translate` or `scalelm eval --task translate`",
+    ENCODER: "an encoder predicts masked tokens and does not generate: score it with `scalelm eval --data DATA_DIR`, "
+             "convert it (`scalelm convert --to-hf`) or fine-tune it (`scalelm finetune classify|tokens`)",
     QUANTIZED: "use the float model it was made from",
     CLASSIFIER: "use it with `scalelm classify` or `scalelm eval --task classify`",
     LORA: "fold the adapters into a model directory first (`scalelm merge RUN --out MODEL_DIR`)",
@@ -62,7 +66,7 @@ class ModelKind:
     """What a model directory holds (see the module docstring)."""
 
     path: Path  # the resolved directory (a RUN_DIR's latest checkpoint)
-    arch: str  # "gpt" | "encoder-decoder"
+    arch: str  # "gpt" | "encoder-decoder" | "encoder"
     lora: bool = False
     quantization: Optional[str] = None  # "int8" | "int4" ("" when damaged; None: float weights)
     task: Optional[str] = None  # config.json's "task" name: "classify", "translate", "sft", ...
@@ -72,7 +76,7 @@ class ModelKind:
 
     @property
     def facets(self) -> frozenset:
-        f = {ENCDEC if self.arch == ENCDEC else GPT}
+        f = {self.arch if self.arch in ARCHS else GPT}
         if self.lora:
             f.add(LORA)
         if self.quantization is not None:
@@ -88,8 +92,8 @@ class ModelKind:
 
     @property
     def kind(self) -> str:
-        """The one most specific kind: encoder-decoder, classifier, lora, quantized or gpt."""
-        for k in (ENCDEC, CLASSIFIER, LORA, QUANTIZED):
+        """The one most specific kind: encoder-decoder, classifier, encoder, lora, quantized or gpt."""
+        for k in (ENCDEC, CLASSIFIER, ENCODER, LORA, QUANTIZED):
             if k in self.facets:
                 return k
         return GPT
@@ -106,6 +110,10 @@ class ModelKind:
             words += ["LoRA"] * self.lora + ["encoder-decoder model"]
         elif self.task == "classify":
             words += ["LoRA"] * self.lora + ["classifier"]
+            if self.arch == ENCODER:
+                notes.append("on an encoder")
+        elif self.arch == ENCODER:
+            words += ["LoRA"] * self.lora + ["masked-LM encoder"]
         elif self.lora:
             words.append("LoRA checkpoint")
             notes.append(f"adapters on a {shape} model")
@@ -132,7 +140,7 @@ def read_kind(path: Union[str, Path]) -> ModelKind:
     scheme = quant.get("scheme") if isinstance(quant, dict) else None  # a damaged entry: the loader says so
     return ModelKind(
         path=d,
-        arch=ENCDEC if model.get("arch") == ENCDEC else GPT,
+        arch=model.get("arch") if model.get("arch") in ARCHS else GPT,
         lora=isinstance(meta.get("lora"), dict) and ((d / ADAPTER).is_file() or (d / DCP_METADATA).is_file()),
         quantization=None if quant is None else str(scheme or ""),
         task=task_name if isinstance(task_name, str) else None,
@@ -151,7 +159,7 @@ def model_kind(path: Union[str, Path]) -> str:
 # ----------------------------------------------------------------------------- refusing
 
 _FACET_WORDS = {GPT: "GPT, Llama-style, pruned", QUANTIZED: "quantized", LORA: "LoRA", CLASSIFIER: "classifiers",
-                ENCDEC: "encoder-decoder"}
+                ENCDEC: "encoder-decoder", ENCODER: "encoders"}
 
 
 def _join(words: list[str], last: str = " or ") -> str:
@@ -175,6 +183,9 @@ def supported_phrase(supported: tuple, needs: Optional[str] = None) -> str:
         more = [w for w in ("LoRA" if LORA in s else "", "quantized" if QUANTIZED in s else "") if w]
         return "translation models of `scalelm finetune translate` (" + ", ".join([_join(archs)] + more) + ")"
     words = [_FACET_WORDS[f] for f in (GPT, QUANTIZED, LORA, CLASSIFIER) if f in s]
+    if ENCODER in s and ENCDEC not in s:
+        enc = "encoders (BERT-style masked LMs)"
+        return enc if GPT not in s else "decoder-only language models (" + ", ".join(words) + ") and " + enc
     if ENCDEC in s:
         return _join(words + ["encoder-decoder models"], " and ") if words else "encoder-decoder models"
     return "decoder-only language models (" + ", ".join(words) + ")"
@@ -196,7 +207,8 @@ def require_kind(path_or_kind: Union[str, Path, ModelKind], command: str, suppor
     path that holds no model)."""
     kind = path_or_kind if isinstance(path_or_kind, ModelKind) else read_kind(path_or_kind)
     command = command if command.startswith("`") else f"`{command}`"
-    unsupported = [f for f in (ENCDEC, QUANTIZED, CLASSIFIER, LORA, GPT) if f in kind.facets and f not in supported]
+    unsupported = [f for f in (ENCDEC, ENCODER, QUANTIZED, CLASSIFIER, LORA, GPT)
+                   if f in kind.facets and f not in supported]
     missing = needs is not None and needs not in kind.tags
     if not unsupported and not missing:
         return kind

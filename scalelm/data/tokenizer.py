@@ -27,6 +27,9 @@ BPE_MIN_VOCAB = 256 + 2  # byte-level BPE: the 256 byte tokens, end-of-text and 
 # end-of-sequence / pad tokens of common tokenizers, most preferred first
 EOT_CANDIDATES = (EOT, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>", "[SEP]", "<|im_end|>")
 PAD_CANDIDATES = (PAD, "<pad>", "[PAD]", "<|padding|>", "<|finetune_right_pad_id|>")
+# a masked LM's mask token (BERT's, RoBERTa's); the kinds we build have none, masked-LM training adds MASK
+MASK = "<|mask|>"
+MASK_CANDIDATES = (MASK, "[MASK]", "<mask>")
 
 
 class TokenizerError(UserError):
@@ -186,6 +189,34 @@ def special_ids(tok, eot_token: Optional[str] = None) -> tuple[Optional[int], Op
     return eot, pad
 
 
+def mask_token_id(tok) -> int:
+    """The tokenizer's mask token, else the id :func:`with_mask_token` gives ``<|mask|>``: the first
+    past the tokenizer (ids it never produces: the vocabulary grows by one)."""
+    vocab = tok.get_vocab(with_added_tokens=True)
+    own = next((vocab[t] for t in MASK_CANDIDATES if t in vocab), None)
+    if own is not None:
+        return own
+    n = vocab_size_of(tok)
+    if tok.get_vocab_size(with_added_tokens=True) == n:  # dense ids: an added token takes the next one
+        return n
+    return with_mask_token(tok.to_str())[1]  # ids with holes: where `tokenizers` puts it, found by adding it
+
+
+def with_mask_token(tokenizer_json: str) -> tuple[str, int]:
+    """``(tokenizer.json with a mask token, its id)``: unchanged where the tokenizer has one, else with
+    ``<|mask|>`` added as a special token (appended: every other id keeps its meaning), so a model
+    trained with it can be given the mask as text (``fill-mask``) and its tokenizer names it."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(tokenizer_json)
+    vocab = tok.get_vocab(with_added_tokens=True)
+    own = next((t for t in MASK_CANDIDATES if t in vocab), None)
+    if own is not None:
+        return tokenizer_json, vocab[own]
+    tok.add_special_tokens([MASK])
+    return tok.to_str(), tok.token_to_id(MASK)
+
+
 def ensure_eot(tok, eot_token: Optional[str] = None) -> tuple[int, Optional[int], bool]:
     """``(eot_id, pad_id, added)``: adds ``<|endoftext|>`` to a tokenizer that has no end token."""
     eot, pad = special_ids(tok, eot_token)
@@ -213,11 +244,20 @@ def dtype_for_vocab(vocab_size: int, requested: str = "auto") -> str:
 
 # ----------------------------------------------------------------------------- checking
 
-def _canonical(tokenizer_json: str) -> Optional[str]:
+def _canonical(tokenizer_json: Optional[str]) -> Optional[str]:
     from tokenizers import Tokenizer
 
+    if tokenizer_json is None:
+        return None
     try:
         return Tokenizer.from_str(tokenizer_json).to_str()
+    except Exception:
+        return None
+
+
+def _with_mask_or_none(tokenizer_json: str) -> Optional[str]:
+    try:
+        return with_mask_token(tokenizer_json)[0]
     except Exception:
         return None
 
@@ -241,6 +281,10 @@ def check_same_tokenizer(data_dir: str | Path, tokenizer_json: Optional[str], wh
         return True
     canon = _canonical(tokenizer_json)
     if canon is not None and canon == _canonical(data_json):
+        return True
+    # a masked LM saves the data's tokenizer with its mask token appended (scalelm/train/mlm.py): the
+    # data's ids mean the same text under it
+    if canon is not None and canon == _canonical(_with_mask_or_none(data_json)):
         return True
     try:
         their_vocab = vocab_size_of(__import__("tokenizers").Tokenizer.from_str(tokenizer_json))

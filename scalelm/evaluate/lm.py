@@ -12,7 +12,7 @@ import math
 import sys
 from typing import Optional
 
-from ..checkpoint.kinds import CLASSIFIER, ENCDEC, GPT, LANGUAGE_MODELS, LORA, TRANSLATION, require_kind
+from ..checkpoint.kinds import CLASSIFIER, ENCDEC, ENCODER, GPT, LANGUAGE_MODELS, LORA, TRANSLATION, require_kind
 from ..cliargs import add_deprecated, add_dtype_arg, add_model_arg
 from ..fileio import json_safe
 from ..train.validation import evaluate, loss_sums, summarize  # noqa: F401 (the Python API of eval)
@@ -36,6 +36,9 @@ def add_eval_parser(p: argparse.ArgumentParser) -> None:
     from ..tasks.preference.evaluate import add_eval_args as add_preference_args
 
     add_preference_args(p)  # --ref-model
+    from ..tasks.tokens.cli import add_eval_args as add_tokens_args
+
+    add_tokens_args(p)  # --format --tag-column --tag-field --word-field
     p.add_argument("--text", metavar="FILE", help="score a UTF-8 text file directly (rolling windows, no prepare)")
     p.add_argument("--stride", type=int, default=None,
                    help="with --text: how far each window advances (default: the window length; smaller = "
@@ -76,7 +79,7 @@ def check_limit(limit: Optional[float]) -> None:
 
 
 # --task -> (the model kinds it takes, the kind it needs: scalelm.checkpoint.kinds)
-TASK_KINDS = {"classify": ((GPT, LORA, CLASSIFIER), CLASSIFIER), "translate": ((GPT, LORA, ENCDEC), TRANSLATION),
+TASK_KINDS = {"classify": ((GPT, ENCODER, LORA, CLASSIFIER), CLASSIFIER), "translate": ((GPT, LORA, ENCDEC), TRANSLATION),
               "qa": (LANGUAGE_MODELS, None), "preference": (LANGUAGE_MODELS, None)}
 
 
@@ -100,6 +103,10 @@ def run_eval(args: argparse.Namespace) -> int:
         from ..tasks.classify.cli import run_eval_classify
 
         return run_eval_classify(args)
+    if args.task == "tokens":
+        from ..tasks.tokens.cli import run_eval_tokens
+
+        return run_eval_tokens(args)
     if args.task == "translate":
         from ..tasks.translate.evaluate import run_eval_translate
 
@@ -118,8 +125,11 @@ def run_eval(args: argparse.Namespace) -> int:
                         if given else "what to score: --data DATA_DIR (made by `scalelm prepare`), --text FILE "
                         "or --harness TASKS")
     ckpt = resolve_checkpoint(args.model)
-    require_kind(ckpt, f"scalelm eval {given[0]}", LANGUAGE_MODELS,
-                 hint="score a translation model with `scalelm eval --task translate --source FILE --reference FILE`")
+    masked_lm = args.data and not args.memorization  # an encoder is scored as a masked LM on a DATA_DIR
+    kind = require_kind(ckpt, f"scalelm eval {given[0]}", LANGUAGE_MODELS + ((ENCODER,) if masked_lm else ()),
+                        hint={ENCDEC: "score a translation model with `scalelm eval --task translate --source FILE "
+                                      "--reference FILE`",
+                              ENCODER: "an encoder is scored as a masked LM: `scalelm eval MODEL --data DATA_DIR`"})
     if args.memorization:
         if not args.data:
             raise UserError("--memorization reads the train and val splits of --data DATA_DIR (the data the model "
@@ -150,8 +160,15 @@ def run_eval(args: argparse.Namespace) -> int:
     data.check_window(args.split, seq_len)
     precision = resolve_precision(args.dtype, device)
     print(f"evaluating {ckpt} on {args.data} [{args.split}] with {precision} on {device}", file=sys.stderr)
-    res = evaluate(model, data, args.split, args.batch_size, seq_len, args.max_batches, device,
-                   autocast_context(precision, device))
+    if ENCODER in kind.facets:  # masked-LM loss and accuracy on a fixed seeded masking (scalelm/train/mlm.py)
+        from ..train.mlm import mlm_evaluate, mlm_settings
+
+        res = mlm_evaluate(model, data.tokens(args.split), **mlm_settings(data, model.cfg.vocab_size),
+                           batch_size=args.batch_size, seq_len=seq_len, max_batches=args.max_batches, device=device,
+                           autocast=autocast_context(precision, device))
+    else:
+        res = evaluate(model, data, args.split, args.batch_size, seq_len, args.max_batches, device,
+                       autocast_context(precision, device))
     print(json.dumps(json_safe(res), allow_nan=False))  # a NaN loss prints as null: stdout stays JSON
     return 0
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..config import ModelConfig
 from .kv_cache import LayerKVCache
 from .loss import IGNORE_INDEX, cross_entropy  # noqa: F401  (IGNORE_INDEX is re-exported)
-from .masks import window_mask
+from .masks import bidirectional_window_mask, window_mask
 
 
 def _up(x: torch.Tensor) -> torch.Tensor:
@@ -169,6 +169,7 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
         self.scale = None if cfg.attn_scalar is None else cfg.attn_scalar ** -0.5  # None: SDPA's 1/sqrt(head_dim)
         self.softcap = cfg.attn_softcap
+        self.causal = cfg.arch != "encoder"  # an encoder's queries see every key its mask allows
 
     def forward(self, x, rope=None, kv_cache: Optional[LayerKVCache] = None, layer: int = 0,
                 mask: Optional[torch.Tensor] = None):
@@ -187,12 +188,14 @@ class Attention(nn.Module):
         if kv_cache is not None:  # it stores k, v in its own dtype; attention runs in the input's
             k, v, mask = kv_cache.update(layer, k, v)
             k, v = k.to(q.dtype), v.to(q.dtype)
-        elif self.window is not None and T > self.window:  # a band only where keys fall out of the window
+        elif self.window is not None and T > (self.window if self.causal else self.window // 2 + 1):
+            # a band only where keys fall out of the window: (T, T), the diagonal kept for padding rows;
+            # causal, or an encoder's both ways
             pos = torch.arange(T, device=q.device)
-            band = window_mask(pos, pos, self.window)  # (T, T), causal; the diagonal kept for padding rows
+            band = (window_mask if self.causal else bidirectional_window_mask)(pos, pos, self.window)
             mask = band if mask is None else mask & band
         gqa = self.n_kv_head != self.n_head  # from the config, not shapes: static under compile
-        causal = True if mask is None and T > 1 else False  # a Python bool even when T is symbolic
+        causal = True if self.causal and mask is None and T > 1 else False  # a Python bool even when T is symbolic
         y = attend(q, k, v, mask, causal, self.dropout if self.training else 0.0, gqa, self.scale, self.softcap)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -202,6 +205,7 @@ class MLP(nn.Module):
         super().__init__()
         self.swiglu = cfg.gated_mlp  # gated: SwiGLU (silu gate) or GeGLU (tanh-GELU gate, Gemma)
         self.gelu_gate = cfg.mlp == "geglu"
+        self.gelu = cfg.gelu if cfg.gelu == "tanh" else "none"  # F.gelu's approximate: "none" is the exact erf
         self.up = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=cfg.bias)
         self.gate = nn.Linear(cfg.n_embd, cfg.ffn_dim, bias=cfg.bias) if self.swiglu else None
         self.down = nn.Linear(cfg.ffn_dim, cfg.n_embd, bias=cfg.bias)
@@ -209,17 +213,19 @@ class MLP(nn.Module):
     def forward(self, x):
         if self.swiglu:
             g = self.gate(x)
-            g = F.gelu(g, approximate="tanh") if self.gelu_gate else F.silu(g)
+            g = F.gelu(g, approximate=self.gelu) if self.gelu_gate else F.silu(g)
             return self.down(g * self.up(x))
-        return self.down(F.gelu(self.up(x), approximate="tanh"))  # GPT-2's gelu_new
+        return self.down(F.gelu(self.up(x), approximate=self.gelu))  # tanh: GPT-2's gelu_new
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         # norm_placement: norms on each sub-layer's input ("pre", "sandwich") and/or on its output
-        # before the residual add ("sandwich", "post"); the ones a placement lacks are None
-        pre, post = cfg.norm_placement != "post", cfg.norm_placement != "pre"
+        # before the residual add ("sandwich", "post") or after it ("post_add": BERT's post-LN, the norm
+        # over x + f(x)); the ones a placement lacks are None
+        pre, post = cfg.norm_placement in ("pre", "sandwich"), cfg.norm_placement != "pre"
+        self.post_add = cfg.norm_placement == "post_add"
         self.attn_norm = make_norm(cfg) if pre else None
         self.attn = Attention(cfg, layer)
         self.attn_post_norm = make_norm(cfg) if post else None
@@ -233,6 +239,9 @@ class Block(nn.Module):
         h = x if self.attn_norm is None else _autocast_once(self.attn_norm(x))
         # the mask only when there is one: tensor parallelism's input plan names four inputs
         h = self.attn(h, rope, kv_cache, layer) if mask is None else self.attn(h, rope, kv_cache, layer, mask)
+        if self.post_add:
+            x = self.attn_post_norm(x + self.drop(h))
+            return self.mlp_post_norm(x + self.drop(self.mlp(x)))
         if self.attn_post_norm is not None:
             h = self.attn_post_norm(h)
         x = x + self.drop(h)
@@ -394,6 +403,8 @@ def flops_per_token(cfg: ModelConfig, seq_len: Optional[int] = None, training: b
     T = seq_len or cfg.block_size
     if cfg.arch == "encoder-decoder":
         return encdec_flops_per_token(cfg, T, training)
+    if cfg.arch == "encoder":
+        return encoder_flops_per_token(cfg, T, training)
     d, L, hd = cfg.n_embd, cfg.n_layer, cfg.head_dim
     attn_w = d * hd * (cfg.n_head * 2 + cfg.kv_heads * 2)  # q, o and k, v projections
     mlp_w = d * cfg.ffn_dim * (3 if cfg.gated_mlp else 2)
@@ -415,4 +426,24 @@ def encdec_flops_per_token(cfg: ModelConfig, seq_len: Optional[int] = None, trai
     enc = n_enc * (2 * (attn_w + mlp_w) + 4 * T * cfg.n_head * hd)
     dec = n_dec * (2 * (2 * attn_w + mlp_w) + 2 * 4 * T * cfg.n_head * hd)
     fwd = enc + dec + 2 * d * cfg.vocab_size
+    return 3 * fwd if training else fwd
+
+
+# the share of tokens masked-LM training predicts (BERT's 15%): the encoder's head runs on those only
+MLM_FRACTION = 0.15
+
+
+def encoder_flops_per_token(cfg: ModelConfig, seq_len: Optional[int] = None, training: bool = True) -> int:
+    """The same count for ``arch = "encoder"`` (scalelm/model/encoder.py), per input token: every layer
+    at every position, attention over the full T (a packed-document mask does not skip work; a local
+    layer over its window), and the
+    masked-LM head (transform and decoder) on the ``MLM_FRACTION`` of positions that are predicted."""
+    T = seq_len or cfg.block_size
+    d, L, hd = cfg.n_embd, cfg.n_layer, cfg.head_dim
+    attn_w = d * hd * (cfg.n_head * 2 + cfg.kv_heads * 2)
+    mlp_w = d * cfg.ffn_dim * (3 if cfg.gated_mlp else 2)
+    head_w = MLM_FRACTION * (d * d + d * cfg.vocab_size)
+    # a local layer's query sees at most window // 2 keys on either side (ModernBERT's local attention)
+    keys = sum(min(T, 2 * (w // 2) + 1) if (w := cfg.layer_window(i)) else T for i in range(L))
+    fwd = int(2 * (L * (attn_w + mlp_w) + head_w) + 2 * 2 * keys * cfg.n_head * hd)
     return 3 * fwd if training else fwd

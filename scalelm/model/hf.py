@@ -39,13 +39,16 @@ from ..checkpoint.names import (  # noqa: F401 (TOKENIZER_FILES: re-exported)
     FORMAT,
     HF_CONFIG,
     HF_GENERATION_CONFIG,
+    SPECIAL_TOKENS_MAP,
     TOKENIZER,
     TOKENIZER_CONFIG,
     TOKENIZER_FILES,
 )
 from ..runs import resolve_checkpoint
+from .build import build_model
 from .gpt import GPT
-from .hf_config import (  # noqa: F401 (the families' config API, re-exported: scalelm.model.hf is the public face)
+from .hf_config import (  # noqa: F401 (ENCODER_FAMILIES: re-exported)
+    ENCODER_FAMILIES,  # noqa: F401 (the families' config API, re-exported: scalelm.model.hf is the public face)
     ConversionError,
     hf_config_dict,
     hf_family,
@@ -62,6 +65,12 @@ from .hf_weights import (  # noqa: F401 (re-exported)
 from .io import load_model_dir, load_state_dict_into, model_state_dict, read_model_config
 
 EOT = "<|endoftext|>"
+# the special tokens an encoder's exported tokenizer_config.json names where its tokenizer has them
+# (Hugging Face's attribute -> the strings, most preferred first): fill-mask needs ``mask_token``.
+# ``<|mask|>`` is the one masked-LM training adds to scalelm's tokenizers (scalelm.data.tokenizer.MASK)
+ENCODER_SPECIAL_TOKENS = {"mask_token": ("<|mask|>", "[MASK]", "<mask>"), "pad_token": ("<|pad|>", "[PAD]", "<pad>"),
+                          "cls_token": ("[CLS]", "<s>", "<cls>"), "sep_token": ("[SEP]", "</s>", "<sep>"),
+                          "unk_token": ("<|unk|>", "[UNK]", "<unk>")}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -76,11 +85,11 @@ def from_hf(src: Union[str, Path, Any], dtype: torch.dtype = torch.float32,
         if not (d / HF_CONFIG).is_file():
             raise ConversionError(f"{d} is not a Hugging Face model directory (no {HF_CONFIG})")
         cfg = model_config_from_hf(read_hf_json(d / HF_CONFIG))  # a bad config fails before the weights are read
-        model = GPT(cfg)
+        model = build_model(cfg)
         load_hf_weights(model, d, safetensors_only)
     else:
         cfg = model_config_from_hf(src.config.to_dict())
-        model = GPT(cfg)
+        model = build_model(cfg)
         load_state_dict_into(model, hf_to_scalelm_state_dict(src.state_dict(), cfg), source="Hugging Face checkpoint")
     return model.to(dtype).eval()
 
@@ -89,15 +98,17 @@ def to_hf(model: GPT, eos_id: Any = None, bos_id: Any = None, prefer: Optional[s
     """The equivalent ``transformers`` model (same weights, same dtype, eval mode); ``prefer``: the
     family to write where it holds the model (see :func:`hf_family`)."""
     try:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
     except ImportError:
         raise ConversionError("exporting needs transformers: pip install 'scalelm[hf]'") from None
     kw = hf_config_dict(model.cfg, eos_id, bos_id, prefer)
     config = AutoConfig.for_model(**kw)
-    hf = AutoModelForCausalLM.from_config(config)
+    encoder = kw["model_type"] in ENCODER_FAMILIES  # BertForMaskedLM / ModernBertForMaskedLM
+    hf = (AutoModelForMaskedLM if encoder else AutoModelForCausalLM).from_config(config)
     sd = scalelm_to_hf_state_dict(model_state_dict(model), model.cfg, prefer)
     missing, unexpected = hf.load_state_dict(sd, strict=False)
-    if unexpected or [k for k in missing if not (k == "lm_head.weight" and model.cfg.tie_embeddings)]:
+    if unexpected or [k for k in missing if not (k.endswith(("lm_head.weight", "decoder.weight"))
+                                                 and model.cfg.tie_embeddings)]:
         raise ConversionError(f"internal mapping error: missing {missing}, unexpected {unexpected}")
     if model.cfg.tie_embeddings:
         hf.tie_weights()
@@ -174,9 +185,14 @@ def export_hf_dir(ckpt: Union[str, Path], out_dir: Union[str, Path],
             tc = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.block_size}
             from tokenizers import Tokenizer
 
-            if Tokenizer.from_file(str(tmp / TOKENIZER)).token_to_id(EOT) is not None:
-                tc.update(eos_token=EOT, bos_token=EOT)
-            write_json(tmp / TOKENIZER_CONFIG, tc)
+            vocab = Tokenizer.from_file(str(tmp / TOKENIZER)).get_vocab(with_added_tokens=True)
+            specials = {"eos_token": EOT, "bos_token": EOT} if EOT in vocab else {}
+            if cfg.arch == "encoder":  # the mask token (pipeline("fill-mask")), padding, BERT's [CLS]/[SEP]
+                specials.update({k: t for k, names in ENCODER_SPECIAL_TOKENS.items()
+                                 for t in [next((n for n in names if n in vocab), None)] if t is not None})
+            write_json(tmp / TOKENIZER_CONFIG, {**tc, **specials})
+            if cfg.arch == "encoder" and SPECIAL_TOKENS_MAP not in copied:
+                write_json(tmp / SPECIAL_TOKENS_MAP, specials)
     return out
 
 

@@ -2,7 +2,8 @@
 (:func:`hf_family`) and its ``config.json`` (:func:`hf_config_dict`), and the ``ModelConfig`` of an
 HF ``config.json`` (:func:`model_config_from_hf`), with one :class:`ConversionError` naming the key
 for anything scalelm cannot run exactly (a RoPE type, an irregular window pattern, an activation).
-The families and what each needs are listed in :mod:`scalelm.model.hf`.
+The families and what each needs are listed in :mod:`scalelm.model.hf`; the encoders' (BERT,
+ModernBERT) at the end here, their weights in :mod:`scalelm.model.hf_encoder`.
 """
 
 
@@ -23,6 +24,9 @@ class ConversionError(CheckpointError):
     """A model that the other side cannot represent, or an HF directory we cannot read."""
 
 
+ENCODER_FAMILIES = ("bert", "modernbert")  # masked-LM encoders (scalelm/model/hf_encoder.py)
+
+
 # ----------------------------------------------------------------------------- configs
 
 def _check(cfg: ModelConfig, family: str, field: str, want: Any, why: str) -> None:
@@ -36,7 +40,10 @@ def _check(cfg: ModelConfig, family: str, field: str, want: Any, why: str) -> No
 def hf_family(cfg: ModelConfig, prefer: Optional[str] = None) -> str:
     """'gpt2', 'llama', 'qwen2', 'qwen3', 'mistral' or 'phi3', or a ConversionError naming the first
     field HF cannot represent. ``prefer`` (the ``model_type`` an import came from) wins where that
-    family holds the model: a Mistral or Phi-3 import goes back to its own class."""
+    family holds the model: a Mistral or Phi-3 import goes back to its own class. An encoder
+    (``arch = "encoder"``) is 'bert' or 'modernbert' (:mod:`scalelm.model.hf_encoder`)."""
+    if cfg.arch == "encoder":
+        return encoder_family(cfg)
     if cfg.n_shared_blocks is not None and cfg.n_shared_blocks != cfg.n_layer:
         raise ConversionError(
             f"model.n_shared_blocks={cfg.n_shared_blocks} (cross-layer sharing) cannot be exported: "
@@ -168,6 +175,8 @@ def hf_config_dict(cfg: ModelConfig, eos_id: Any = None, bos_id: Any = None, pre
     :func:`hf_family`)."""
     family = hf_family(cfg, prefer)
     tokens = dict(bos_token_id=bos_id, eos_token_id=eos_id)
+    if family in ENCODER_FAMILIES:
+        return encoder_hf_config(cfg, family, tokens)
     if family == "gpt2":
         return dict(model_type="gpt2", vocab_size=cfg.vocab_size, n_positions=cfg.block_size,
                     n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
@@ -227,8 +236,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         raise ConversionError(f"a Hugging Face config is a JSON object, got a {type(hf).__name__}")
     if "model_type" not in hf:
         raise ConversionError("the Hugging Face config.json has no model_type: scalelm converts 'gpt2', "
-                              "'llama', 'qwen2', 'qwen3', 'mistral', 'phi3', 'olmo2', 'gemma2' and "
-                              "'gemma3_text' configs as save_pretrained writes them")
+                              "'llama', 'qwen2', 'qwen3', 'mistral', 'phi3', 'olmo2', 'gemma2', "
+                              "'gemma3_text', 'bert' and 'modernbert' configs as save_pretrained writes them")
     try:
         cfg = _model_config_from_hf(hf)
         types = _field_types(ModelConfig)  # HF values of the wrong JSON type, named by our field
@@ -289,6 +298,8 @@ def _model_config_from_hf(hf: dict) -> ModelConfig:
             qkv_bias=mt == "qwen2", qk_norm=mt == "qwen3", **_rope_from_hf(mt, hf), **window)
     elif mt in ("olmo2", "gemma2", "gemma3_text"):
         cfg = _post_norm_model_config(mt, hf)
+    elif mt in ENCODER_FAMILIES:
+        cfg = encoder_config_from_hf(mt, hf)
     elif mt == "gemma3":
         raise ConversionError("Hugging Face model_type 'gemma3' (Gemma3ForConditionalGeneration, text and vision) "
                               "is not supported: scalelm imports the text-only Gemma 3 models, model_type "
@@ -298,7 +309,8 @@ def _model_config_from_hf(hf: dict) -> ModelConfig:
                               "'gpt2' (GPT2LMHeadModel), 'llama' (LlamaForCausalLM), 'qwen2' "
                               "(Qwen2ForCausalLM), 'qwen3' (Qwen3ForCausalLM), 'mistral' "
                               "(MistralForCausalLM), 'phi3' (Phi3ForCausalLM), 'olmo2' (Olmo2ForCausalLM), "
-                              "'gemma2' (Gemma2ForCausalLM) and 'gemma3_text' (Gemma3ForCausalLM)")
+                              "'gemma2' (Gemma2ForCausalLM), 'gemma3_text' (Gemma3ForCausalLM), 'bert' "
+                              "(BertForMaskedLM) and 'modernbert' (ModernBertForMaskedLM)")
     return cfg
 
 
@@ -451,3 +463,133 @@ def window_from_layer_types(mt: str, types: Any, window: Any, n_layer: int) -> d
     return {"sliding_window": window, "sliding_window_pattern": p}
 
 
+
+
+# ----------------------------------------------------------------------------- encoders
+
+# transformers' activation names -> ModelConfig.gelu
+_GELUS = {"gelu": "erf", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
+
+
+def encoder_family(cfg: ModelConfig) -> str:
+    """'bert' (post-LN, learned positions, GELU MLP, biases) or 'modernbert' (pre-norm, RoPE, GeGLU, no
+    token types) for an ``arch = "encoder"`` config, or a ConversionError naming the first field
+    neither holds."""
+    if cfg.kv_heads != cfg.n_head or cfg.head_dim * cfg.n_head != cfg.n_embd:
+        raise ConversionError(f"model.n_kv_head / model.head_size cannot be exported: BertForMaskedLM and "
+                              f"ModernBertForMaskedLM have n_head heads of n_embd / n_head = "
+                              f"{cfg.n_embd / cfg.n_head:g} (no grouped-query attention)")
+    _check(cfg, "BertForMaskedLM / ModernBertForMaskedLM", "norm", "layernorm", "both use LayerNorm")
+    if cfg.norm_placement == "post_add":
+        why = "post-LN (norm_placement=post_add) means BERT"
+        for field, want in (("pos_embedding", "learned"), ("mlp", "gelu"), ("bias", True), ("sliding_window", None)):
+            _check(cfg, "BertForMaskedLM", field, want, why)
+        return "bert"
+    why = "pre-norm means ModernBERT"
+    for field, want in (("pos_embedding", "rope"), ("mlp", "geglu"), ("type_vocab_size", 0)):
+        _check(cfg, "ModernBertForMaskedLM", field, want, why)
+    return "modernbert"
+
+
+def encoder_hf_config(cfg: ModelConfig, family: str, tokens: dict) -> dict:
+    """The ``transformers`` config keywords of an encoder config in ``family``."""
+    common = dict(model_type=family, vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd,
+                  intermediate_size=cfg.ffn_dim, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                  max_position_embeddings=cfg.block_size, initializer_range=cfg.init_std,
+                  tie_word_embeddings=cfg.tie_embeddings)
+    pad, eos = tokens.get("pad_token_id"), tokens.get("eos_token_id")
+    act = "gelu" if cfg.gelu == "erf" else "gelu_new"  # transformers' names of the exact and the tanh GELU
+    if family == "bert":
+        return dict(common, hidden_act=act, layer_norm_eps=cfg.norm_eps, type_vocab_size=cfg.type_vocab_size,
+                    hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout, pad_token_id=pad,
+                    position_embedding_type="absolute", is_decoder=False)
+    local_theta = cfg.rope_theta if cfg.rope_local_theta is None else cfg.rope_local_theta
+    return dict(common, hidden_activation=act, classifier_activation=act, norm_eps=cfg.norm_eps,
+                norm_bias=cfg.bias, attention_bias=cfg.bias, mlp_bias=cfg.bias, classifier_bias=cfg.bias,
+                decoder_bias=True,
+                layer_types=["sliding_attention" if layer_is_local(cfg, i) else "full_attention"
+                             for i in range(cfg.n_layer)],
+                local_attention=cfg.sliding_window or 128,  # (unused without local layers: the class's default)
+                rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": local_theta}},
+                attention_dropout=cfg.dropout, embedding_dropout=cfg.dropout, mlp_dropout=cfg.dropout,
+                # ModernBertConfig defaults its special ids past a small vocabulary: ours, or none
+                pad_token_id=pad, eos_token_id=eos, bos_token_id=tokens.get("bos_token_id"),
+                cls_token_id=tokens.get("bos_token_id"), sep_token_id=eos)
+
+
+def encoder_config_from_hf(mt: str, hf: dict) -> ModelConfig:
+    """The ``ModelConfig`` of a BERT or ModernBERT ``config.json`` (missing keys: the classes' defaults).
+    ModernBERT's local layers (``layer_types`` ``sliding_attention``: a bidirectional window of
+    ``local_attention`` with its own RoPE base) are ``sliding_window`` + ``sliding_window_pattern`` +
+    ``rope_local_theta``: layer 0 global, then every p-th, or every layer local; another arrangement
+    is refused by name."""
+    if mt == "bert":
+        act = hf.get("hidden_act", "gelu")
+        if act not in _GELUS:
+            raise _unsupported(mt, "hidden_act", act, "GELU ('gelu', or the tanh 'gelu_new')")
+        for key, want in (("position_embedding_type", "absolute"), ("is_decoder", False),
+                          ("add_cross_attention", False)):
+            if hf.get(key, want) != want:
+                raise _unsupported(mt, key, hf[key], f"{key}={want!r}")
+        return ModelConfig(
+            arch="encoder", vocab_size=hf.get("vocab_size", 30522), block_size=hf.get("max_position_embeddings", 512),
+            n_layer=hf.get("num_hidden_layers", 12), n_head=hf.get("num_attention_heads", 12),
+            n_embd=hf.get("hidden_size", 768), intermediate_size=hf.get("intermediate_size", 3072),
+            pos_embedding="learned", norm="layernorm", norm_eps=hf.get("layer_norm_eps", 1e-12), mlp="gelu",
+            gelu=_GELUS[act], bias=True, dropout=0.0, norm_placement="post_add",
+            type_vocab_size=hf.get("type_vocab_size", 2), tie_embeddings=hf.get("tie_word_embeddings", True),
+            init_std=hf.get("initializer_range", 0.02))
+    n = hf.get("num_hidden_layers", 22)
+    every = hf.get("global_attn_every_n_layers", 3)
+    types = hf.get("layer_types") or ["sliding_attention" if i % every else "full_attention" for i in range(n)]
+    window = _modernbert_window(types, n, hf)
+    acts = {key: hf.get(key, "gelu") for key in ("hidden_activation", "classifier_activation")}
+    for key, act in acts.items():
+        if act not in _GELUS:
+            raise _unsupported(mt, key, act, "GELU ('gelu', or the tanh 'gelu_new')")
+    if _GELUS[acts["hidden_activation"]] != _GELUS[acts["classifier_activation"]]:
+        raise _unsupported(mt, "classifier_activation", acts["classifier_activation"],
+                           f"the GELU of hidden_activation ({acts['hidden_activation']!r})")
+    biases = {k: bool(hf.get(k, False)) for k in ("norm_bias", "attention_bias", "mlp_bias", "classifier_bias")}
+    if len(set(biases.values())) > 1:
+        raise _unsupported(mt, "norm_bias/attention_bias/mlp_bias/classifier_bias", biases, "all four equal")
+    if not hf.get("decoder_bias", True):
+        raise _unsupported(mt, "decoder_bias", False, "decoder_bias=true")
+    rp = hf.get("rope_parameters") or {}
+    full = rp.get("full_attention", rp) if isinstance(rp, dict) else {}
+    local = rp.get("sliding_attention", {}) if isinstance(rp, dict) else {}
+    for key, part in (("full_attention", full), ("sliding_attention", local)):
+        if part.get("rope_type", "default") != "default":
+            raise _unsupported(mt, f"rope_parameters.{key}.rope_type", part["rope_type"], "'default'")
+    if window:
+        window["rope_local_theta"] = float(local.get("rope_theta", hf.get("local_rope_theta", 10000.0)))
+    return ModelConfig(
+        arch="encoder", vocab_size=hf.get("vocab_size", 50368), block_size=hf.get("max_position_embeddings", 8192),
+        n_layer=n, n_head=hf.get("num_attention_heads", 12), n_embd=hf.get("hidden_size", 768),
+        intermediate_size=hf.get("intermediate_size", 1152), pos_embedding="rope",
+        rope_theta=float(full.get("rope_theta", hf.get("global_rope_theta", 160000.0))), norm="layernorm",
+        norm_eps=hf.get("norm_eps", 1e-5), mlp="geglu", gelu=_GELUS[acts["hidden_activation"]],
+        bias=biases["norm_bias"], dropout=0.0, norm_placement="pre", tie_embeddings=hf.get("tie_word_embeddings", True),
+        init_std=hf.get("initializer_range", 0.02), **window)
+
+
+def _modernbert_window(types: Any, n_layer: int, hf: dict) -> dict:
+    """``sliding_window`` and ``sliding_window_pattern`` of ModernBERT's ``layer_types``: {} when every
+    layer is global; p = 1 when every layer is local; else layer 0 global and then every p-th."""
+    mt = "modernbert"
+    if not isinstance(types, list) or len(types) != n_layer or \
+            not set(types) <= {"full_attention", "sliding_attention"}:
+        raise _unsupported(mt, "layer_types", types, f"{n_layer} entries of 'full_attention' or 'sliding_attention'")
+    local = [t == "sliding_attention" for t in types]
+    if not any(local):
+        return {}
+    glob = [i for i, x in enumerate(local) if not x]
+    p = 1 if not glob else (glob[1] if len(glob) > 1 else max(2, n_layer))
+    if local != [not (p > 1 and i % p == 0) for i in range(n_layer)]:
+        raise _unsupported(mt, "layer_types", types, "all layers sliding, or layer 0 and every p-th after it "
+                           "full (global_attn_every_n_layers=p)")
+    window = hf.get("local_attention", 128)
+    if not isinstance(window, int) or window < 1:
+        raise _unsupported(mt, "local_attention", window, "a positive window")
+    return {"sliding_window": window, "sliding_window_pattern": p}

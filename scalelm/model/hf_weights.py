@@ -14,8 +14,10 @@ import torch
 
 from ..checkpoint.names import HF_PICKLE_WEIGHTS, HF_WEIGHTS, HF_WEIGHTS_INDEX
 from ..config import ModelConfig
+from .build import build_model
 from .gpt import GPT
-from .hf_config import ConversionError, hf_family, read_hf_json
+from .hf_config import ENCODER_FAMILIES, ConversionError, hf_family, read_hf_json
+from .hf_encoder import decoder_key, encoder_from_hf, encoder_to_hf, normalize_encoder_keys
 from .io import load_state_dict_into
 
 
@@ -66,6 +68,8 @@ _GPT2_CONV = [("attn.o_proj", "attn.c_proj"), ("mlp.up", "mlp.c_fc"), ("mlp.down
 def scalelm_to_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig,
                              prefer: Optional[str] = None) -> dict[str, torch.Tensor]:
     family = hf_family(cfg, prefer)
+    if family in ENCODER_FAMILIES:
+        return encoder_to_hf(sd, cfg, family)
     out = {hf: sd[ours] for ours, hf in _layer_map(cfg, family)}
     if family == "phi3":  # rows [q; k; v] and [gate; up], as Phi3Attention and Phi3MLP split them
         for i in range(cfg.n_layer):
@@ -99,7 +103,8 @@ def _normalize_hf_keys(sd: dict[str, torch.Tensor], family: str) -> dict[str, to
 
 def hf_to_scalelm_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     family = hf_family(cfg)
-    sd = _normalize_hf_keys(hf_sd, family)
+    encoder = family in ENCODER_FAMILIES
+    sd = normalize_encoder_keys(hf_sd, family) if encoder else _normalize_hf_keys(hf_sd, family)
     if family in ("llama", "mistral") and "model.layers.0.self_attn.qkv_proj.weight" in sd:
         family = "phi3"  # the same model as Mistral (or Llama, without a window), stored fused
     used, out = set(), {}
@@ -110,7 +115,9 @@ def hf_to_scalelm_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -
         used.add(key)
         return sd[key]
 
-    for ours, theirs in _layer_map(cfg, family):
+    if encoder:
+        out = encoder_from_hf(take, cfg, family)
+    for ours, theirs in [] if encoder else _layer_map(cfg, family):
         out[ours] = take(theirs)
     if family == "gpt2":
         d = cfg.n_embd
@@ -136,9 +143,9 @@ def hf_to_scalelm_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -
                     raise ConversionError(f"'{h}{key}.weight' has shape {tuple(w.shape)}, expected {(sum(rows), d)}")
                 for name, part in zip(ours, w.split(rows)):
                     out[b + name + ".weight"] = part.contiguous()
-    if cfg.tie_embeddings:
-        used.add("lm_head.weight")  # tied: HF may or may not store it; the embedding wins, as in HF
-    else:
+    if cfg.tie_embeddings:  # tied: HF may or may not store it; the embedding wins, as in HF
+        used.add(decoder_key(family) if encoder else "lm_head.weight")
+    elif not encoder:
         out["lm_head.weight"] = take("lm_head.weight")
     extra = sorted(set(sd) - used)
     if extra:
@@ -230,7 +237,7 @@ def load_hf_weights(model: GPT, hf_dir: Path, safetensors_only: bool = False) ->
     shapes = _tensor_shapes(files)
     plan = hf_to_scalelm_state_dict(shapes, cfg)
     with torch.device("meta"):
-        shadow = GPT(cfg)
+        shadow = build_model(cfg)
     load_state_dict_into(shadow, plan, source=source)  # every name and shape, checked on the meta twin
     params, filled = model.state_dict(), set()
     for f in files:

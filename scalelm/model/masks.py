@@ -1,7 +1,7 @@
 """Attention masks and position ids for batches that are not one plain causal sequence.
 
 Each returns ``(attn_mask, pos_ids)`` for ``GPT(idx, attn_mask=..., pos_ids=...)``: a bool
-mask ``(B, 1, T, T)`` (True = may attend), always causal, and positions that count from 0 at
+mask ``(B, 1, T, T)`` (True = may attend), causal unless ``causal=False`` (an encoder's), and positions that count from 0 at
 each sequence's first real token, so a padded or packed row computes exactly what the
 sequence alone would. A query that may see nothing (padding) sees itself: a fully masked row
 would give NaN on some kernels.
@@ -21,23 +21,27 @@ def _finish(allowed: torch.Tensor) -> torch.Tensor:
     return (allowed | own)[:, None]
 
 
-def padding_mask(valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _order(T: int, causal: bool, device) -> torch.Tensor:
+    full = torch.ones(T, T, dtype=torch.bool, device=device)
+    return full.tril() if causal else full
+
+
+def padding_mask(valid: torch.Tensor, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``valid``: (B, T) bool, True at real tokens (left or right padding, or both)."""
     B, T = valid.shape
-    causal = torch.ones(T, T, dtype=torch.bool, device=valid.device).tril()
-    allowed = causal[None] & valid[:, None, :] & valid[:, :, None]
+    allowed = _order(T, causal, valid.device)[None] & valid[:, None, :] & valid[:, :, None]
     pos = (valid.long().cumsum(1) - 1).clamp(min=0)
     return _finish(allowed), pos
 
 
-def document_mask(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def document_mask(doc_ids: torch.Tensor, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``doc_ids``: (B, T) ints, the example each position belongs to (packing several short
     examples in one window); attention never crosses examples and positions restart at each.
-    Padding can be given its own id (it then attends only within itself)."""
+    Padding can be given its own id (it then attends only within itself). ``causal=False``: the
+    block-diagonal mask of packed encoder inputs, each document seeing all of itself."""
     B, T = doc_ids.shape
-    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
     same = doc_ids[:, None, :] == doc_ids[:, :, None]
-    allowed = causal[None] & same
+    allowed = _order(T, causal, doc_ids.device)[None] & same
     idx = torch.arange(T, device=doc_ids.device).expand(B, T)
     start = torch.ones_like(doc_ids, dtype=torch.bool)
     start[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
@@ -53,3 +57,10 @@ def window_mask(q_slot: torch.Tensor, k_slot: torch.Tensor, window: int) -> torc
     the padding or document mask already forbids attention."""
     d = q_slot[..., :, None] - k_slot
     return (d >= 0) & (d < window)
+
+
+def bidirectional_window_mask(q_slot: torch.Tensor, k_slot: torch.Tensor, window: int) -> torch.Tensor:
+    """An encoder's sliding window (ModernBERT's local attention, ``local_attention = window``): a query
+    sees the keys at most ``window // 2`` slots away on either side, as Hugging Face masks it. Shapes
+    as :func:`window_mask`'s."""
+    return (q_slot[..., :, None] - k_slot).abs() <= window // 2

@@ -18,6 +18,8 @@ TASKS: dict[str, tuple[str, str]] = {
                   "(--preset transformer-small)"),
     "summarize": ("scalelm.tasks.translate.train", "summarization: the translation recipe on (text, summary) pairs, "
                   "from JSONL fields or line-aligned files, decoder-only or encoder-decoder"),
+    "tokens": ("scalelm.tasks.tokens.train", "token classification (NER, POS): a linear head on every position of a GPT "
+               "or an encoder, from CoNLL, CoNLL-U or JSONL (full or LoRA)"),
     "dpo": ("scalelm.tasks.preference.train", "preference tuning: DPO, IPO, conservative DPO or SimPO on chosen/rejected "
             "pairs (full or LoRA)"),
 }

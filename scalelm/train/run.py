@@ -4,7 +4,8 @@
     scalelm train --data DATA_DIR --out RUN_DIR --init-from MODEL_DIR [--lora.r=8]   (a new run from weights)
 
 Next-token windows of a DATA_DIR, the LM loss and validation: the defaults of
-:class:`~scalelm.train.recipe.Recipe`. This module declares only the config (a preset, the saved run,
+:class:`~scalelm.train.recipe.Recipe`; an encoder (``model.arch = "encoder"``) trains as a masked LM
+on the same windows (:class:`~scalelm.train.mlm.MLMRecipe`). This module declares only the config (a preset, the saved run,
 ``--preset auto``'s choice, or ``--init-from``'s shape), the data and the starting weights.
 """
 
@@ -21,6 +22,7 @@ from ..config import Config
 from ..errors import CheckpointError, UserError
 from ..fileio import json_safe
 from . import state as ts
+from .mlm import MLMData, MLMObjective, mask_token_id, mlm_settings
 from .recipe import Plan, Recipe, resolve_run_config, run_recipe, vocab_is_explicit
 
 
@@ -45,7 +47,7 @@ class PretrainRecipe(Recipe):
     command = "train"
 
     def prepare(self, args: argparse.Namespace, out: Path, saved: Optional[Config]) -> PretrainPlan:
-        from ..checkpoint.kinds import ENCDEC, FLOAT_LANGUAGE_MODELS, require_kind
+        from ..checkpoint.kinds import ENCDEC, ENCODER, FLOAT_LANGUAGE_MODELS, require_kind
         from ..data.loader import TokenData
         from ..model.io import read_model_config
         from ..runs import latest_checkpoint, resolve_checkpoint
@@ -55,7 +57,7 @@ class PretrainRecipe(Recipe):
             print(f"auto: resuming with the recipe recorded in {out}", file=sys.stderr)
         init = resolve_checkpoint(args.init_from) if args.init_from else None
         if init is not None:
-            require_kind(init, "scalelm train --init-from", FLOAT_LANGUAGE_MODELS,
+            require_kind(init, "scalelm train --init-from", FLOAT_LANGUAGE_MODELS + (ENCODER,),
                          hint={ENCDEC: "train it on sentence pairs with `scalelm finetune translate`"})
         if init is not None and (args.resume or (saved is not None and latest_checkpoint(out) is not None)):
             raise UserError(f"{out} already holds a run to resume; --init-from starts a new one: use another --out")
@@ -66,7 +68,7 @@ class PretrainRecipe(Recipe):
                                  model=read_model_config(init) if init_shape else None,
                                  fixed=f"--init-from {args.init_from}" if init_shape else None,
                                  reuse_saved=reuse_saved, check_vocab=False)
-        if cfg.model.arch != "gpt":  # next-token windows of a DATA_DIR are a decoder-only objective
+        if cfg.model.arch == "encoder-decoder":  # next-token windows of a DATA_DIR are a decoder-only objective
             what = f"--init-from {args.init_from} is" if init_shape else f"the model (model.arch={cfg.model.arch}) is"
             raise UserError(f"`scalelm train` pretrains decoder-only language models (GPT, Llama-style, LoRA); {what} "
                             f"an encoder-decoder: train it on sentence pairs with `scalelm finetune translate`")
@@ -74,11 +76,21 @@ class PretrainRecipe(Recipe):
             cfg.data.path = args.data
         if not cfg.data.path:
             raise UserError("no training data: pass --data DATA_DIR (made by `scalelm prepare`)")
-        data = TokenData(cfg.data.path)
+        encoder = cfg.model.arch == "encoder"  # masked-LM pretraining on the same shards (scalelm/train/mlm.py)
+        # an encoder's saved tokenizer gains the mask token (MLMData); the shards and their ids are the same
+        data = (MLMData if encoder else TokenData)(cfg.data.path)
         if not (reuse_saved or init_shape or vocab_is_explicit(args)):
             cfg.model.vocab_size = data.vocab_size
+            if encoder:  # room for the mask token where the tokenizer has none
+                cfg.model.vocab_size = max(data.vocab_size, mask_token_id(data.tokenizer()) + 1)
         cfg.validate()
         plan = PretrainPlan(cfg, data, init_from=init)
+        if encoder:
+            if auto:
+                raise UserError("--preset auto chooses a GPT (decoder-only) shape; pick an encoder preset "
+                                "(`scalelm presets`) or --model.* settings")
+            mlm_settings(data, cfg.model.vocab_size)  # a vocabulary without room for the mask token: refused now
+            plan.recipe = MLMRecipe()
         if auto and saved is None:
             from ..checkpoint.names import AUTO_RECORD
             from .auto import choose
@@ -110,6 +122,11 @@ class PretrainRecipe(Recipe):
             if resume_from is not None and base_dir is not None:
                 model = load_model_dir(base_dir, allow_quantized=False)
         return model, base_dir
+
+
+class MLMRecipe(MLMObjective, PretrainRecipe):
+    """``scalelm train`` of an encoder (``model.arch = "encoder"``): this recipe's config, data and
+    starting weights, trained as a masked LM (:mod:`scalelm.train.mlm`)."""
 
 
 def run_train(args: argparse.Namespace) -> int:

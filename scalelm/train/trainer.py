@@ -165,8 +165,9 @@ class Trainer:
             self.model_io = LoRAFiles(self.model_io, self.raw_model, base_dir)
         if wrap_model_io is not None:
             self.model_io = wrap_model_io(self.model_io)
-        if cfg.model.arch == "encoder-decoder" and (cfg.parallel.pp > 1 or cfg.parallel.tp > 1):
-            raise ConfigError("the encoder-decoder trains with data parallelism (DDP / FSDP2: --parallel.dp_shard, "
+        if cfg.model.arch != "gpt" and (cfg.parallel.pp > 1 or cfg.parallel.tp > 1):
+            what = "the encoder-decoder" if cfg.model.arch == "encoder-decoder" else "an encoder"
+            raise ConfigError(f"{what} trains with data parallelism (DDP / FSDP2: --parallel.dp_shard, "
                               "--parallel.dp_replicate); tensor and pipeline parallelism are built for the GPT only")
         if self.gpt is not self.raw_model and cfg.parallel.pp > 1:
             raise ConfigError("pipeline parallelism (--parallel.pp > 1) trains a plain language model; use "

@@ -3,7 +3,8 @@ that names the kinds it works with (exit 2); never a traceback.
 
 One tiny model of each kind is written directly with the save functions (no training): a GPT, a
 Llama-style GPT, a LoRA run, a classifier, a LoRA classifier, a quantized model, a structurally
-pruned model, a decoder-only translation model and an encoder-decoder translation model. The
+pruned model, a decoder-only translation model, an encoder-decoder translation model and a masked-LM
+encoder (BERT / ModernBERT: it never generates). The
 kind checks themselves (:mod:`scalelm.checkpoint.kinds`) are tested first.
 """
 
@@ -21,7 +22,7 @@ from train_helpers import char_tokenizer, make_char_data
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 WORDS = "the a king queen good bad film plot man woman house dog cat runs sees loves hates".split()
-KINDS = ["gpt", "llama", "lora", "clf", "lora-clf", "quant", "pruned", "mt", "ed"]
+KINDS = ["gpt", "llama", "lora", "clf", "lora-clf", "quant", "pruned", "mt", "ed", "enc"]
 MODEL = {"lora": "lora", "ed": "ed/best"}  # the path of a kind under the root (default: its name)
 LM = {"gpt", "llama", "lora", "clf", "lora-clf", "quant", "pruned", "mt"}  # decoder-only language models
 FLOAT = LM - {"quant"}
@@ -103,6 +104,9 @@ def root(tmp_path_factory):
                                  n_decoder_layer=1))
     save_model_dir(ed, d / "ed" / "best", tok, extra={"task": {
         "name": "translate", "arch": "encoder-decoder", "eot_id": 0, "max_length": 32, "label_smoothing": 0.1}})
+    # a masked-LM encoder of ModernBERT's shape (so that it exports to Hugging Face)
+    enc = build_model(ModelConfig(**small, arch="encoder", pos_embedding="rope", mlp="geglu", gelu="erf", bias=False))
+    save_model_dir(enc, d / "enc", tok)
     rc, _, se = run("quantize", d / "gpt", "--scheme", "int8", "--out", d / "quant")
     assert rc == 0, se
     rc, _, se = run("prune", d / "llama", "--method", "structured", "--ffn-dim", "32", "--calib", data,
@@ -125,7 +129,7 @@ def test_each_directory_is_recognised(root):
     from scalelm.checkpoint.kinds import model_kind, read_kind
 
     want = {"gpt": "gpt", "llama": "gpt", "lora": "lora", "clf": "classifier", "lora-clf": "classifier",
-            "quant": "quantized", "pruned": "gpt", "mt": "gpt", "ed": "encoder-decoder"}
+            "quant": "quantized", "pruned": "gpt", "mt": "gpt", "ed": "encoder-decoder", "enc": "encoder"}
     assert {k: model_kind(root / MODEL.get(k, k)) for k in KINDS} == want
     lclf = read_kind(root / "lora-clf")
     assert lclf.facets == {"gpt", "lora", "classifier"} and lclf.describe() == "a LoRA classifier (2 labels)"
@@ -135,6 +139,7 @@ def test_each_directory_is_recognised(root):
     assert read_kind(root / "quant").describe() == "an int8-quantized GPT language model"
     assert read_kind(root / "mt").tags == {"gpt", "translation"}
     assert read_kind(root / "ed" / "best").describe() == "an encoder-decoder model (translation)"
+    assert read_kind(root / "enc").describe() == "a masked-LM encoder" and read_kind(root / "enc").facets == {"encoder"}
 
 
 def test_require_kind_names_what_the_command_works_with(root):
@@ -205,16 +210,16 @@ def _commands(d, m, out) -> dict[str, list]:
 
 # command -> the kinds it works with (every other kind is refused)
 WORKS_WITH = {
-    "eval --data": LM, "eval --text": LM, "eval --harness": LM, "eval --task qa": LM,
+    "eval --data": LM | {"enc"}, "eval --text": LM, "eval --harness": LM, "eval --task qa": LM,
     "eval --task classify": {"clf", "lora-clf"}, "eval --task translate": {"mt", "ed"},
     "generate": LM, "chat": LM, "classify": {"clf", "lora-clf"}, "translate": {"mt", "ed"},
-    "convert --to-hf": FLOAT, "push --dry-run": FLOAT, "convert --to-peft": {"lora"}, "merge": {"lora", "lora-clf"},
+    "convert --to-hf": FLOAT | {"enc"}, "push --dry-run": FLOAT | {"enc"}, "convert --to-peft": {"lora"}, "merge": {"lora", "lora-clf"},
     "export": {"gpt", "llama", "lora", "pruned", "mt", "ed"},
     "export --format onnx": {"gpt", "llama", "lora", "pruned", "mt"},
     "prune": {"gpt", "llama", "lora", "pruned", "mt"}, "quantize": {"gpt", "llama", "lora", "pruned", "mt"},
     "distill --teacher": LM, "distill --student": FLOAT,
-    "finetune classify --base": FLOAT, "finetune sft --base": FLOAT, "finetune translate --base": FLOAT | {"ed"},
-    "train --init-from": FLOAT,
+    "finetune classify --base": FLOAT | {"enc"}, "finetune sft --base": FLOAT, "finetune translate --base": FLOAT | {"ed"},
+    "train --init-from": FLOAT | {"enc"},  # an encoder continues as a masked LM
 }
 SLOW = {"export --format onnx", "eval --harness"}  # ~20 s per ONNX export; lm-eval's start-up
 

@@ -127,3 +127,25 @@ def test_check_same_tokenizer(tmp_path):
         check_same_tokenizer(d, b.to_str())
     with pytest.raises(TokenizerError, match="not a readable prepared data directory"):
         check_same_tokenizer(tmp_path / "missing", a.to_str())
+
+
+def test_a_masked_lm_tokenizer_is_the_datas_plus_its_mask_token(tmp_path):
+    """with_mask_token appends <|mask|> at the id masked-LM training uses (other ids unchanged); a
+    checkpoint with that tokenizer matches the data, one with any other added token does not."""
+    from scalelm.data.tokenizer import mask_token_id, tokenizer_sha256, vocab_size_of, with_mask_token
+
+    a = char_tokenizer("abc")
+    grown, mask = with_mask_token(a.to_str())
+    g = Tokenizer.from_str(grown)
+    assert mask == mask_token_id(a) == vocab_size_of(a) and g.token_to_id("<|mask|>") == mask
+    assert g.encode("cab").ids == a.encode("cab").ids and g.encode("a<|mask|>").ids == [a.token_to_id("a"), mask]
+    assert with_mask_token(grown) == (grown, mask) and mask_token_id(g) == mask  # already there: unchanged
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "tokenizer.json").write_text(a.to_str())
+    (d / "meta.json").write_text(json.dumps({"tokenizer": {"sha256": tokenizer_sha256(a.to_str())}}))
+    assert check_same_tokenizer(d, grown) is True
+    other = char_tokenizer("abc")
+    other.add_special_tokens(["<|other|>"])
+    with pytest.raises(TokenizerError, match="different tokenizer"):
+        check_same_tokenizer(d, other.to_str())

@@ -207,7 +207,7 @@ def test_cli_unrepresentable_export_writes_nothing(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (dict(model_type="bert"), "model_type 'bert' is not supported"),
+    (dict(model_type="roberta"), "model_type 'roberta' is not supported"),
     (dict(rope_parameters={"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}), "rope_type='yarn'"),
     (dict(rope_parameters=None, rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_type='dynamic'"),
     (dict(hidden_act="gelu"), "hidden_act='gelu'"),

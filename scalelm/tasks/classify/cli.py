@@ -20,24 +20,31 @@ from ...errors import UserError
 from ...fileio import json_safe
 
 
-def _load(args):
+def load_for_inference(args, loader, what: str):
+    """``(model, task entry, tokenizer.json text, device, autocast)`` of a task model for ``--batch-size``,
+    ``--device``, ``--dtype`` and ``--no-verify``; ``loader`` is ``load_classifier`` or the like."""
+    from ...checkpoint.names import TOKENIZER
     from ...precision import autocast_context, pick_device, resolve_precision
-    from .data import TextEncoder
-    from .files import load_classifier
 
     if args.batch_size < 1:
         raise UserError("--batch-size must be positive")
     device = pick_device(args.device)
-    model, task, d = load_classifier(args.model, device=device, verify=not args.no_verify)
-    from ...checkpoint.names import TOKENIZER
-
+    model, task, d = loader(args.model, device=device, verify=not args.no_verify)
     tok = d / TOKENIZER
     if not tok.is_file():
-        raise UserError(f"{d} has no {TOKENIZER}: a classifier reads text with its tokenizer")
-    enc = TextEncoder(tok.read_text(), task.get("max_length") or model.cfg.block_size, task.get("append_eos", True),
-                      eos_id=task.get("eos_id"), pad_id=task.get("pad_id"), lowercase=task.get("lowercase", False))
-    precision = resolve_precision(args.dtype, device)
-    return model, task, enc, device, autocast_context(precision, device)
+        raise UserError(f"{d} has no {TOKENIZER}: {what} reads text with its tokenizer")
+    return model, task, tok.read_text(), device, autocast_context(resolve_precision(args.dtype, device), device)
+
+
+def _load(args):
+    from .data import TextEncoder
+    from .files import load_classifier
+
+    model, task, tok, device, autocast = load_for_inference(args, load_classifier, "a classifier")
+    enc = TextEncoder(tok, task.get("max_length") or model.cfg.block_size, task.get("append_eos", True),
+                      eos_id=task.get("eos_id"), pad_id=task.get("pad_id"), lowercase=task.get("lowercase", False),
+                      special_tokens=task.get("special_tokens", False))
+    return model, task, enc, device, autocast
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -67,9 +74,9 @@ def run_classify(args: argparse.Namespace) -> int:
     if bool(args.text) == bool(args.input):
         raise UserError("give the texts to label: --text TEXT (repeatable) or --input FILE, not both"
                         if args.text else "give the texts to label: --text TEXT (repeatable) or --input FILE")
-    from ...checkpoint.kinds import CLASSIFIER, GPT, LORA, require_kind
+    from ...checkpoint.kinds import CLASSIFIER, ENCODER, GPT, LORA, require_kind
 
-    require_kind(args.model, "scalelm classify", (GPT, LORA, CLASSIFIER), needs=CLASSIFIER)
+    require_kind(args.model, "scalelm classify", (GPT, ENCODER, LORA, CLASSIFIER), needs=CLASSIFIER)
     model, task, enc, device, autocast = _load(args)
     if args.input:
         fmt = detect_format(args.input)
@@ -101,9 +108,11 @@ def run_classify(args: argparse.Namespace) -> int:
 
 def add_eval_args(p) -> None:
     """``scalelm eval``'s option for this task (the eval parser's own --data/--batch-size/... are reused)."""
-    p.add_argument("--task", choices=["lm", "classify", "translate", "summarize", "qa", "preference"], default="lm",
+    p.add_argument("--task", choices=["lm", "classify", "tokens", "translate", "summarize", "qa", "preference"],
+                   default="lm",
                    help="lm (default): loss/perplexity on --data DATA_DIR; classify: accuracy, macro-F1, per-class "
-                        "precision/recall and the confusion matrix of a classifier on --data FILE (labelled texts); "
+                        "precision/recall and the confusion matrix of a classifier on --data FILE (labelled texts); tokens: "
+                        "entity precision/recall/F1 (seqeval, strict IOB2) or token accuracy of a tagger on --data FILE; "
                         "translate: BLEU/chrF on --source/--reference; qa: exact match of final answers on --data FILE; "
                         "preference: pairwise accuracy and margin on --data PAIRS")
 

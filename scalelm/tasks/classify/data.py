@@ -224,15 +224,28 @@ def label_ids(examples: list[Example], names: list[str], what: str = "--train") 
 
 # ----------------------------------------------------------------------------- tokenization
 
+def special_wrap(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids a tokenizer's post-processor puts before and after a text (BERT's ``[CLS]``/``[SEP]``;
+    none for a byte-level BPE of ``scalelm prepare``)."""
+    bare = tokenizer.encode("a", add_special_tokens=False).ids
+    full = tokenizer.encode("a", add_special_tokens=True).ids
+    for i in range(len(full) - len(bare) + 1):
+        if full[i:i + len(bare)] == bare:
+            return full[:i], full[i + len(bare):]
+    return [], []
+
+
 class TextEncoder:
     """Token ids of texts as the model reads them: the base's tokenizer without its own special
     tokens, truncated to ``max_length`` and (``append_eos``) ended by the end-of-text token, so
     last-token pooling reads a position that has seen the whole text. ``lowercase``: texts are
     lowercased first (set when every training text was lowercase, e.g. SST-2: a cased sentence
-    from elsewhere then reads as the training data did)."""
+    from elsewhere then reads as the training data did). ``special_tokens`` (an encoder): the text
+    goes between the tokenizer's own special tokens (``[CLS] ... [SEP]``), which truncation keeps."""
 
     def __init__(self, tokenizer_json: str, max_length: int, append_eos: bool = True,
-                 eos_id: Optional[int] = None, pad_id: Optional[int] = None, lowercase: bool = False):
+                 eos_id: Optional[int] = None, pad_id: Optional[int] = None, lowercase: bool = False,
+                 special_tokens: bool = False):
         from tokenizers import Tokenizer
 
         from ...data.tokenizer import special_ids, vocab_size_of
@@ -243,18 +256,21 @@ class TextEncoder:
         self.eos_id = eos if eos_id is None else eos_id
         self.pad_id = pad if pad_id is None else pad_id
         self.max_length, self.append_eos, self.lowercase = max_length, append_eos, lowercase
-        if max_length < 1 + append_eos:
+        self.special_tokens = special_tokens
+        self.prefix, self.suffix = special_wrap(self.tokenizer) if special_tokens else ([], [])
+        if max_length < 1 + append_eos + len(self.prefix) + len(self.suffix):
             raise ClassifyDataError(f"--max-length {max_length} leaves no room for text")
         if append_eos and self.eos_id is None:
             raise ClassifyDataError("the tokenizer has no end-of-text token to end each text with: use one that "
                                     "has (e.g. <|endoftext|>), or pass --no-eos")
 
     def encode(self, texts: list[str]) -> list[list[int]]:
-        room = self.max_length - int(self.append_eos)
+        room = self.max_length - int(self.append_eos) - len(self.prefix) - len(self.suffix)
         texts = [t.lower() for t in texts] if self.lowercase else list(texts)
         encs = self.tokenizer.encode_batch(texts, add_special_tokens=False)
-        tail = [self.eos_id] if self.append_eos else []
-        return [e.ids[:room] + tail if e.ids or tail else [self.pad_id or 0] for e in encs]
+        tail = ([self.eos_id] if self.append_eos else []) + self.suffix
+        return [self.prefix + e.ids[:room] + tail if e.ids or tail or self.prefix else [self.pad_id or 0]
+                for e in encs]
 
     @property
     def fill_id(self) -> int:
@@ -285,6 +301,8 @@ class ClassifyBatches:
     micro-batches, rank-interleaved. So the state is ``(step, micro)``, batches are a pure
     function of it and the seed, and a resumed run sees exactly the batches an unbroken one would.
     """
+
+    kind = "classify"  # in the state: a checkpoint resumes only batches of its own task
 
     def __init__(self, ids: list[list[int]], labels: np.ndarray, micro_batch_size: int, grad_accum_steps: int = 1,
                  dp_rank: int = 0, dp_world: int = 1, seed: int = 0, fill: int = 0, device=None):
@@ -325,7 +343,7 @@ class ClassifyBatches:
         lo = (self.micro * self.dp_world + self.dp_rank) * self.B
         sel = self.global_indices(self.step)[lo:lo + self.B]
         idx, valid = collate([self.ids[i] for i in sel], self.fill)
-        y = torch.from_numpy(self.labels[sel])
+        y = self.label_batch(sel)
         self.micro += 1
         if self.micro == self.accum:
             self.micro, self.step = 0, self.step + 1
@@ -333,12 +351,16 @@ class ClassifyBatches:
             idx, valid, y = idx.to(self.device), valid.to(self.device), y.to(self.device)
         return idx, valid, y
 
+    def label_batch(self, sel: np.ndarray) -> torch.Tensor:
+        """The labels of examples ``sel`` (one per example; a subclass may give one per token)."""
+        return torch.from_numpy(self.labels[sel])
+
     def state_dict(self) -> dict:
-        return {"version": 1, "kind": "classify", "seed": self.seed, "examples": len(self.ids),
+        return {"version": 1, "kind": self.kind, "seed": self.seed, "examples": len(self.ids),
                 "global_batch": self.global_batch, "step": self.step, "micro": self.micro}
 
     def load_state_dict(self, state: dict) -> None:
-        for key, now in (("kind", "classify"), ("seed", self.seed), ("examples", len(self.ids)),
+        for key, now in (("kind", self.kind), ("seed", self.seed), ("examples", len(self.ids)),
                          ("global_batch", self.global_batch)):
             if state.get(key) != now:
                 raise ClassifyDataError(f"the checkpoint's batch order does not match this run: {key} was "

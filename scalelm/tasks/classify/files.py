@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -76,22 +76,22 @@ def load_head(model: Classifier, sd: dict[str, torch.Tensor], source: str) -> No
     want = {k: tuple(v.shape) for k, v in model.head.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in sd.items()}
     if want != got:
-        raise CheckpointError(f"{source} does not match the classifier's head: it holds {got}, the model "
+        raise CheckpointError(f"{source} does not match the task model's head: it holds {got}, the model "
                               f"({model.n_labels} labels) needs {want}")
     model.head.load_state_dict(sd)
 
 
-def read_task(d: Path) -> dict:
-    """config.json's "task" entry, or an error saying this is not a classifier."""
+def read_task(d: Path, name: str = TASK, what: str = "a classifier") -> dict:
+    """config.json's "task" entry, or an error saying this is not ``what`` (a model of task ``name``)."""
     p = Path(d) / CONFIG
     try:
         meta = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{p} is missing or corrupt ({e})") from None
     task = meta.get("task") if isinstance(meta, dict) else None
-    if not isinstance(task, dict) or task.get("name") != TASK or not isinstance(task.get("labels"), list):
-        raise CheckpointError(f"{d} is not a classifier (its config.json has no classify task): train one with "
-                              f"`scalelm finetune classify`")
+    if not isinstance(task, dict) or task.get("name") != name or not isinstance(task.get("labels"), list):
+        raise CheckpointError(f"{d} is not {what} (its config.json has no {name} task): train one with "
+                              f"`scalelm finetune {name}`")
     return task
 
 
@@ -103,37 +103,44 @@ def resolve_model_dir(path: str | Path) -> Path:
     return resolve_checkpoint(p)
 
 
-def _consolidated(d: Path, task: dict, device, verify: bool) -> Classifier:
-    """A classifier from a sharded (torchrun) checkpoint: DCP read in this process, no process group."""
+def _consolidated(d: Path, make: Callable[[nn.Module], nn.Module], device, verify: bool) -> nn.Module:
+    """A task model from a sharded (torchrun) checkpoint: DCP read in this process, no process group."""
     from ...checkpoint.adapters import lora_entry, read_adapters
     from ...checkpoint.dcp import read_model_shards
-    from ...model.gpt import GPT
+    from ...model.build import build_model
     from ...model.io import read_model_config
 
-    n, pooling = len(task["labels"]), task.get("pooling", "last")
     if lora_entry(d) is not None:  # a LoRA run's: the base with the adapters merged, and the head
-        model = Classifier(load_model_dir(d, verify=verify), n, pooling)
+        model = make(load_model_dir(d, verify=verify))
         load_head(model, head_tensors(read_adapters(d, verify=False)[1]), str(d))
         return model.to(device)
     if verify:
         verify_manifest(d)
-    model = Classifier(GPT(read_model_config(d)), n, pooling)
+    model = make(build_model(read_model_config(d)))
     sd = model.state_dict()
-    read_model_shards(d, sd, what="the classifier")
+    read_model_shards(d, sd, what="the task model")
     model.load_state_dict(sd)
     return model.to(device)
 
 
-def load_classifier(path: str | Path, device="cpu", verify: bool = True) -> tuple[Classifier, dict, Path]:
-    """``(classifier in eval mode, its task entry, the directory)`` of a classifier model directory,
-    a LoRA classifier directory (the GPT comes merged from ``load_model_dir``) or a RUN_DIR."""
+def load_task_model(path: str | Path, make: Callable[[nn.Module, dict], nn.Module], device="cpu",
+                    verify: bool = True, name: str = TASK, what: str = "a classifier") -> tuple[nn.Module, dict, Path]:
+    """``(model in eval mode, its task entry, the directory)`` of a task model directory (a backbone
+    and a head: a classifier, a tagger), a LoRA one (the backbone comes merged from
+    ``load_model_dir``) or a RUN_DIR; ``make(backbone, task)`` builds the model around its backbone."""
     d = resolve_model_dir(path)
-    task = read_task(d)
+    task = read_task(d, name, what)
     if not (d / WEIGHTS).is_file() and (d / DCP_METADATA).is_file():
-        return _consolidated(d, task, device, verify).eval(), task, d
+        return _consolidated(d, lambda b: make(b, task), device, verify).eval(), task, d
     if verify and (d / HEAD).is_file():
         verify_manifest(d, only=(HEAD,))
-    gpt = load_model_dir(d, device=device, verify=verify)
-    model = Classifier(gpt, len(task["labels"]), task.get("pooling", "last"))
+    model = make(load_model_dir(d, device=device, verify=verify), task)
     load_head(model, read_head(d), str(d))
     return model.to(device).eval(), task, d
+
+
+def load_classifier(path: str | Path, device="cpu", verify: bool = True) -> tuple[Classifier, dict, Path]:
+    """``(classifier in eval mode, its task entry, the directory)`` of a classifier model directory,
+    a LoRA classifier directory or a RUN_DIR."""
+    return load_task_model(path, lambda b, task: Classifier(b, len(task["labels"]), task.get("pooling", "last")),
+                           device, verify)

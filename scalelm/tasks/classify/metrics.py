@@ -16,14 +16,14 @@ import torch.nn.functional as F
 from .data import collate
 
 
-def predict_logits(model: nn.Module, ids: list[list[int]], batch_size: int, fill: int, device,
-                   autocast: Callable = contextlib.nullcontext, n_batches: int | None = None) -> torch.Tensor:
-    """fp32 logits (N, n_labels) of the texts ``ids``, in their order (batched shortest first).
+def batched_logits(model: nn.Module, ids: list[list[int]], batch_size: int, fill: int, device,
+                   autocast: Callable = contextlib.nullcontext, n_batches: int | None = None):
+    """Yield ``(sel, fp32 logits on the CPU)`` of the sequences ``ids``, batched shortest first
+    (``sel``: their indices; each batch right-padded with ``fill``), in eval mode without gradients.
 
     ``n_batches``: run at least this many forward passes (extra ones on a dummy text), so every
     rank of a sharded model runs the same number of collectives."""
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out: list[torch.Tensor] = []
     was_training = model.training
     model.eval()
     try:
@@ -35,9 +35,18 @@ def predict_logits(model: nn.Module, ids: list[list[int]], batch_size: int, fill
                 with autocast():
                     logits = model(idx.to(device), valid.to(device))
                 if sel:
-                    out.append(logits.float().cpu())
+                    yield sel, logits.float().cpu()
     finally:
         model.train(was_training)
+
+
+def predict_logits(model: nn.Module, ids: list[list[int]], batch_size: int, fill: int, device,
+                   autocast: Callable = contextlib.nullcontext, n_batches: int | None = None) -> torch.Tensor:
+    """fp32 logits (N, n_labels) of the texts ``ids``, in their order (:func:`batched_logits`)."""
+    order, out = [], []
+    for sel, logits in batched_logits(model, ids, batch_size, fill, device, autocast, n_batches):
+        order += sel
+        out.append(logits)
     if not out:
         return torch.zeros(0, 0)
     logits = torch.cat(out)

@@ -38,7 +38,8 @@ from .model import POOLINGS, Classifier
 
 # settings that shape the model or its inputs: a run resumes only with the same ones
 FIXED = ("base", "preset", "pooling", "max_length", "append_eos", "format", "text_field", "label_field")
-DEFAULTS = {"text_field": "text", "label_field": "label", "pooling": "last", "append_eos": True}
+# pooling and append_eos follow the base: "last" and True on a GPT, "first" and False on an encoder
+DEFAULTS = {"text_field": "text", "label_field": "label"}
 
 
 def add_classify_parser(p: argparse.ArgumentParser) -> None:
@@ -56,13 +57,14 @@ def add_classify_parser(p: argparse.ArgumentParser) -> None:
                    help="the files' format (default: by extension; .tsv/.csv/.jsonl/.json, else SST)")
     p.add_argument("--text-field", help="the text column / JSON field (default: text)")
     p.add_argument("--label-field", help="the label column / JSON field (default: label)")
-    p.add_argument("--pooling", choices=POOLINGS, help="the head reads the last real token (default; what Hugging "
-                   "Face's *ForSequenceClassification does) or the mean over the text's tokens")
+    p.add_argument("--pooling", choices=POOLINGS, help="the head reads the last real token (default on a GPT; what "
+                   "Hugging Face's *ForSequenceClassification does), the mean over the text's tokens, or (an "
+                   "encoder base; its default) the first token, [CLS], through BERT's pooler")
     p.add_argument("--max-length", type=int, help="longest example in tokens: longer texts are truncated "
                    "(default: the model's block_size)")
     p.add_argument("--no-eos", dest="append_eos", action="store_const", const=False, default=None,
-                   help="do not end each text with the end-of-text token (default: end it, so the last "
-                        "token has seen the whole text)")
+                   help="do not end each text with the end-of-text token (default on a GPT: end it, so the "
+                        "last token has seen the whole text; an encoder reads its tokenizer's own special tokens)")
     p.epilog = "Any config field is an override: --optim.lr=1e-4 --train.max_steps=500 --lora.r=8 ..."
     p.set_defaults(accepts_overrides=True)
 
@@ -98,7 +100,7 @@ class ClassifyData:
     encoder: TextEncoder = field(repr=False)
 
 
-def load_data(s: dict, tokenizer_json: str, max_length: int) -> ClassifyData:
+def load_data(s: dict, tokenizer_json: str, max_length: int, special_tokens: bool = False) -> ClassifyData:
     fmt_train, fmt_val = detect_format(s["train"], s["format"]), detect_format(s["val"], s["format"])
     train = read_examples(s["train"], fmt_train, s["text_field"], s["label_field"])
     val = read_examples(s["val"], fmt_val, s["text_field"], s["label_field"])
@@ -106,12 +108,54 @@ def load_data(s: dict, tokenizer_json: str, max_length: int) -> ClassifyData:
     y_train, y_val = label_ids(train, names, "--train"), label_ids(val, names, f"--train {s['train']}")
     # lowercase training text (SST-2): read every later text lowercased too, so cased input is not a new domain
     lower = all(e.text == e.text.lower() for e in train)
-    enc = TextEncoder(tokenizer_json, max_length, s["append_eos"], lowercase=lower)
+    enc = TextEncoder(tokenizer_json, max_length, s["append_eos"], lowercase=lower, special_tokens=special_tokens)
     return ClassifyData(tokenizer_json, enc.vocab_size, names, enc.encode([e.text for e in train]), y_train,
                         enc.encode([e.text for e in val]), y_val, enc)
 
 
 # ----------------------------------------------------------------------------- the recipe
+
+def start_head_task(args, out: Path, saved: Optional[Config], settings_of, command: str, what: str):
+    """What a task with a head on a base (classify, tokens) resolves first: ``(saved task.json or None,
+    settings, base, the tokenizer's vocabulary size, config)``. The base may be a GPT (any float kind)
+    or an encoder; the head trains under data parallelism only."""
+    from tokenizers import Tokenizer
+
+    from ...checkpoint.kinds import ENCODER, FLOAT_LANGUAGE_MODELS
+    from ...data.tokenizer import vocab_size_of
+
+    saved_task = read_task_file(out)
+    s = settings_of(args, saved_task)
+    base = base_or_tokenizer(s, "FILE (a tokenizer.json) or a DATA_DIR / model directory holding one",
+                             (*FLOAT_LANGUAGE_MODELS, ENCODER), f"scalelm {command}")
+    vocab = vocab_size_of(Tokenizer.from_str(base.tokenizer_json))
+    cfg = task_config(args, s, saved, base, vocab, defaults=None)
+    if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
+        raise ConfigError(f"{what} trains with data parallelism (DDP, or FSDP2 with --parallel.dp_shard); "
+                          f"use --parallel.tp=1 --parallel.pp=1")
+    return saved_task, s, base, vocab, cfg
+
+
+def check_same_labels(out: Path, saved_task: Optional[dict], names: list[str], source, what: str = "label") -> None:
+    """A resumed run keeps its label set (the head's rows mean those labels)."""
+    if saved_task is not None and saved_task.get("labels") not in (None, names):
+        raise UserError(f"{out} was trained on the {what}s {saved_task['labels']}, but {source} has {names}: resume "
+                        f"with the same {what} set, or use another --out")
+
+
+def load_backbone(plan, resume_from):
+    """``(backbone, base_dir)``: the base's weights (a resumed LoRA run's recorded base, hash checked)
+    or, from a preset, a fresh model of ``plan.cfg.model`` (a GPT or an encoder)."""
+    from ...lora import lora_base_dir
+    from ...model.build import build_model
+    from ...model.io import load_model_dir
+
+    base_dir = plan.base.dir
+    if base_dir is None:
+        return build_model(plan.cfg.model), None
+    base_dir = lora_base_dir(plan.cfg.lora, resume_from, base_dir)
+    return load_model_dir(base_dir, model_cfg=plan.cfg.model, allow_quantized=False), base_dir
+
 
 @dataclass
 class ClassifyPlan(Plan):
@@ -126,43 +170,28 @@ class ClassifyRecipe(Recipe):
     show_metrics = ("val_loss", "val_accuracy", "val_macro_f1")
 
     def prepare(self, args, out: Path, saved: Optional[Config]) -> ClassifyPlan:
-        from tokenizers import Tokenizer
-
-        from ...checkpoint.kinds import FLOAT_LANGUAGE_MODELS
-        from ...data.tokenizer import vocab_size_of
-
-        saved_task = read_task_file(out)
-        s = _settings(args, saved_task)
-        base = base_or_tokenizer(s, "FILE (a tokenizer.json) or a DATA_DIR / model directory holding one",
-                                 FLOAT_LANGUAGE_MODELS, "scalelm finetune classify")
-        vocab = vocab_size_of(Tokenizer.from_str(base.tokenizer_json))
-        cfg = task_config(args, s, saved, base, vocab, defaults=None)
-        if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
-            raise ConfigError("a classifier trains with data parallelism (DDP, or FSDP2 with --parallel.dp_shard); "
-                              "use --parallel.tp=1 --parallel.pp=1")
+        saved_task, s, base, vocab, cfg = start_head_task(args, out, saved, _settings, self.command, "a classifier")
+        encoder = cfg.model.arch == "encoder"
+        if s["pooling"] is None:
+            s["pooling"] = "first" if encoder else "last"
+        if s["append_eos"] is None:
+            s["append_eos"] = not encoder
+        if s["pooling"] == "first" and not encoder:
+            raise UserError("--pooling first reads the first token, which in a causal GPT has seen only itself: use "
+                            "--pooling last or mean, or an encoder base (model.arch encoder)")
         max_length = max_length_of(s, cfg, least=1)
-        data = load_data(s, base.tokenizer_json, max_length)
-        if saved_task is not None and saved_task.get("labels") not in (None, data.names):
-            raise UserError(f"{out} was trained on the labels {saved_task['labels']}, but {s['train']} has "
-                            f"{data.names}: resume with the same label set, or use another --out")
+        data = load_data(s, base.tokenizer_json, max_length, special_tokens=encoder)
+        check_same_labels(out, saved_task, data.names, s["train"])
         record = RunRecord.of_files(s["train"], base.tokenizer_json, vocab, s["train"], s["val"])
         task = {"labels": data.names, "append_eos": bool(s["append_eos"]), "lowercase": data.encoder.lowercase,
                 "eos_id": data.encoder.eos_id, "pad_id": data.encoder.pad_id, "max_length": max_length,
-                "text_field": s["text_field"], "label_field": s["label_field"], "format": s["format"]}
+                "text_field": s["text_field"], "label_field": s["label_field"], "format": s["format"],
+                "special_tokens": encoder}
         files = {TASK_FILE: json.dumps({**s, "labels": data.names}, indent=2) + "\n"}
         return ClassifyPlan(cfg, data, record, files, settings=s, base=base, task=task)
 
     def build_model(self, plan: ClassifyPlan, ctx, resume_from):
-        from ...lora import lora_base_dir
-        from ...model.gpt import GPT
-        from ...model.io import load_model_dir
-
-        base_dir = plan.base.dir
-        if base_dir is not None:  # a resumed LoRA run continues on its recorded base (hash checked)
-            base_dir = lora_base_dir(plan.cfg.lora, resume_from, base_dir)
-            gpt = load_model_dir(base_dir, model_cfg=plan.cfg.model, allow_quantized=False)
-        else:
-            gpt = GPT(plan.cfg.model)
+        gpt, base_dir = load_backbone(plan, resume_from)
         return Classifier(gpt, len(plan.data.names), plan.settings["pooling"]), base_dir
 
     def batches(self, plan: ClassifyPlan, ctx, micro_batch: int, accum: int):
