@@ -282,3 +282,32 @@ def test_hf_token_classification_parity(shape, arch):
         ours = model(idx, valid)
         theirs = hf(input_ids=idx, attention_mask=valid.long()).logits
     torch.testing.assert_close(theirs[valid], ours[valid], atol=1e-4, rtol=0)
+
+
+def test_span_predictions_are_decoded_as_valid_iob2_and_pos_tags_by_argmax():
+    """Per-word argmax would write O I-MISC and B-PER I-ORG, which strict IOB2 scoring drops; the decoder
+    returns the best sequence the scheme allows. Without spans (POS) each word keeps its argmax."""
+    import torch
+
+    from scalelm.tasks.tokens.metrics import tags_of
+    from scalelm.tasks.tokens.schemes import split_tag
+
+    names = ["O", "B-MISC", "B-ORG", "B-PER", "I-MISC", "I-ORG", "I-PER"]
+
+    def row(**p):
+        x = torch.full((len(names),), -5.0)
+        for k, v in p.items():
+            x[names.index(k.replace("_", "-"))] = v
+        return x
+
+    sent = [row(O=0.0, B_MISC=-0.5), row(I_MISC=1.5, O=0.5), row(B_PER=2.0), row(I_ORG=1.0, I_PER=0.8), None]
+    assert [names[int(x.argmax())] for x in sent[:4]] == ["O", "I-MISC", "B-PER", "I-ORG"]  # invalid as argmax
+    assert tags_of([sent], names, "O") == [["B-MISC", "I-MISC", "B-PER", "I-PER", "O"]]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):  # random scores: always a valid IOB2 sequence
+        tags = tags_of([[torch.randn(len(names), generator=g) * 3 for _ in range(8)]], names, "O")[0]
+        for prev, cur in zip(["O"] + tags, tags):
+            if cur.startswith("I-"):
+                assert split_tag(prev)[0] in ("B", "I") and split_tag(prev)[1] == split_tag(cur)[1], tags
+    pos = ["ADJ", "NOUN", "VERB"]
+    assert tags_of([[torch.tensor([0.0, 2.0, 1.0]), torch.tensor([3.0, 0.0, 1.0])]], pos, "X") == [["NOUN", "ADJ"]]

@@ -4,7 +4,8 @@ the loss, and the Trainer's ``evaluate_fn``.
 A tagset with spans is scored per entity by ``seqeval`` (``mode="strict"``, ``scheme=IOB2``: an
 entity counts only when its type and both ends match, and a predicted ``I-X`` that continues no
 entity is no entity): precision, recall and F1 per type and micro-averaged. Every tagset also gets
-token accuracy over words (POS tagging's figure). Each word is predicted at its first subword.
+token accuracy over words (POS tagging's figure). Each word is predicted at its first subword; a span
+tagset's sentence is decoded as the most probable valid IOB2 sequence (Viterbi, :func:`tags_of`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -19,6 +21,7 @@ import torch.nn.functional as F
 from ...model.loss import IGNORE_INDEX
 from ..classify.metrics import batched_logits
 from .align import WordEncoder
+from .schemes import has_spans, split_tag
 
 
 def word_logits(model: nn.Module, enc: WordEncoder, words: list[list[str]], batch_size: int, device,
@@ -36,7 +39,43 @@ def word_logits(model: nn.Module, enc: WordEncoder, words: list[list[str]], batc
 
 
 def tags_of(logits: list[list[Optional[torch.Tensor]]], names: list[str], fallback: str) -> list[list[str]]:
-    return [[names[int(x.argmax())] if x is not None else fallback for x in sent] for sent in logits]
+    """Each sentence's tags: for a span tagset the most probable *valid* IOB2 sequence (an ``I-X`` only
+    after ``B-X`` or ``I-X``), else each word's most probable tag."""
+    if not has_spans(names):
+        return [[names[int(x.argmax())] if x is not None else fallback for x in sent] for sent in logits]
+    allowed, start = _iob2_transitions(names)
+    return [[names[i] if x is not None else fallback for i, x in zip(_viterbi(sent, names, fallback, allowed, start), sent)]
+            for sent in logits]
+
+
+def _iob2_transitions(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``allowed[prev, cur]`` and ``start[cur]``: an ``I-X`` continues only ``B-X`` or ``I-X``."""
+    kinds = [split_tag(n) for n in names]
+    allowed = np.array([[c[0] != "I" or (p[0] in ("B", "I") and p[1] == c[1]) for c in kinds] for p in kinds])
+    return allowed, np.array([c[0] != "I" for c in kinds])
+
+
+def _viterbi(sent: list[Optional[torch.Tensor]], names: list[str], fallback: str, allowed: np.ndarray,
+             start: np.ndarray) -> list[int]:
+    """Per-word argmax would write ``O I-MISC`` or ``B-PER I-ORG``, which strict IOB2 scoring counts as no
+    entity: decode the best sequence the scheme allows instead (the log-probabilities summed over words).
+    A word with no subword is held at ``fallback``."""
+    if not sent:
+        return []
+    neg = -1e9
+    fixed = np.where(np.array(names) == fallback, 0.0, neg) if fallback in names else np.zeros(len(names))
+    scores = np.stack([F.log_softmax(x.float(), -1).numpy() if x is not None else fixed for x in sent])
+    trans = np.where(allowed, 0.0, neg)
+    dp, back = scores[0] + np.where(start, 0.0, neg), []
+    for row in scores[1:]:
+        cand = dp[:, None] + trans  # (prev, cur)
+        b = cand.argmax(0)
+        back.append(b)
+        dp = cand[b, np.arange(len(names))] + row
+    path = [int(dp.argmax())]
+    for b in reversed(back):
+        path.append(int(b[path[-1]]))
+    return path[::-1]
 
 
 def loss_of(logits: list[list[Optional[torch.Tensor]]], gold: list[list[int]]) -> float:
