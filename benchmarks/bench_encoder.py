@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_tasks import COMMON, DATA, log, scalelm  # noqa: E402  (one subprocess harness for every task benchmark)
+from bench_tasks import COMMON, DATA, general_english, log, scalelm  # noqa: E402  (one subprocess harness for every task benchmark)
 
 from scalelm.fileio import atomic_write_text  # noqa: E402
 from scalelm.hardware import cpu_name  # noqa: E402
@@ -185,15 +184,7 @@ def main() -> int:
     t0 = time.perf_counter()
 
     # ---- bases: the same shards, the same shape, the same minutes
-    corpus = DATA / "pretrain_text"
-    if q:
-        (work / "corpus.txt").write_text((DATA / "tinyshakespeare" / "input.txt").read_text()[:200_000])
-        corpus = work / "corpus.txt"
-    prep = work / "pretrain"
-    if not (prep / "meta.json").is_file():
-        subprocess.run([sys.executable, "-m", "scalelm", "prepare", "--input", str(corpus), "--out", str(prep),
-                        "--tokenizer", "bpe", "--vocab-size", str(1024 if q else 8192), "--no-progress"], check=True,
-                       cwd=ROOT, capture_output=True)
+    prep = general_english(work, q)
     width = ["--model.n_layer=2", "--model.n_head=2", "--model.n_embd=64", "--model.intermediate_size=128"] if q \
         else ["--model.n_layer=4", "--model.n_head=4", "--model.n_embd=256", "--model.intermediate_size=512"]
     enc_shape = ["--preset", "encoder-cpu", *width, "--model.block_size=128"]

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_tasks import COMMON, DATA, log, scalelm  # noqa: E402  (one subprocess harness for every task benchmark)
+from bench_tasks import COMMON, DATA, general_english, log, scalelm  # noqa: E402  (one subprocess harness for every task benchmark)
 
 from scalelm.fileio import atomic_write_text  # noqa: E402
 from scalelm.hardware import cpu_name  # noqa: E402
@@ -115,15 +114,7 @@ def main() -> int:
     t0 = time.perf_counter()
 
     # ---- base
-    corpus = DATA / "pretrain_text"
-    if q:
-        (work / "corpus.txt").write_text((DATA / "tinyshakespeare" / "input.txt").read_text()[:200_000])
-        corpus = work / "corpus.txt"
-    prep = work / "pretrain"
-    if not (prep / "meta.json").is_file():
-        subprocess.run([sys.executable, "-m", "scalelm", "prepare", "--input", str(corpus), "--out", str(prep),
-                        "--tokenizer", "bpe", "--vocab-size", str(1024 if q else 8192), "--no-progress"], check=True,
-                       cwd=ROOT, capture_output=True)
+    prep = general_english(work, q)
     # 4 x 256 (about 5.5M parameters): ~3,500 tokens/s on 2 cores, so 1,500 steps of 8 x 256 tokens (3.1M
     # tokens) take about 15 minutes
     shape = ["--preset", "llama-60m", f"--model.n_layer={2 if q else 4}", f"--model.n_head={2 if q else 4}",
