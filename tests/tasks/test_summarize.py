@@ -178,6 +178,23 @@ def test_eval_task_summarize_prints_rouge_against_one_and_all_references(run, ae
     assert res["references_per_example"] == 4 and res["n"] == 12
     assert all(res["rouge_all_references"][k] >= res["rouge"][k] for k in ROUGE_TYPES)
     assert res["baseline"]["name"] == "lead-8" and res["reference_lengths"]["median_words"] > 0
+    loss = res["reference_loss"]
+    assert loss["source_use_nats"] == pytest.approx(loss["given_another_source"] - loss["given_source"])
+
+
+def test_source_use_is_zero_exactly_when_the_sources_do_not_differ(run, aeslc):
+    from scalelm.tasks.summarize.evaluate import source_use
+    from scalelm.tasks.translate.model import load_translator
+
+    _, out, _, _ = run
+    recs = [json.loads(x) for x in (aeslc / "validation.jsonl").read_text().splitlines()]
+    model = load_translator(out)
+    sources, refs = [r["email_body"] for r in recs], [r["subject_line"] for r in recs]
+    real = source_use(model, sources, refs, batch_size=5)
+    assert real["tokens"] > len(refs) and real["source_use_nats"] != 0  # the rotation reaches the model
+    same = source_use(model, [sources[0]] * len(refs), refs, batch_size=5)
+    assert same["source_use_nats"] == 0 and same["tokens"] == real["tokens"]
+    assert source_use(model, sources[:1], refs[:1]) == {}  # one record has no other source to give
 
 
 def test_finetune_summarize_from_a_base(run, aeslc, tmp_path):
@@ -198,3 +215,32 @@ def test_finetune_summarize_from_a_base(run, aeslc, tmp_path):
     s = json.loads(so)
     assert s["step"] == 2 and s["task"] == "summarize" and s["val_sources_truncated"] > 0
     assert json.loads((tmp_path / "r" / "best" / "config.json").read_text())["task"]["arch"] == arch
+
+
+def test_an_encoder_decoder_warm_starts_from_a_gpt_base(run, aeslc, tmp_path):
+    arch, out, _, _ = run
+    if arch != "decoder":
+        pytest.skip("the base here is the decoder-only run")
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    common = ["--train", aeslc / "train.part0.jsonl", "--val", aeslc / "validation.jsonl", "--source-field",
+              "email_body", "--target-field", "subject_line", "--max-source-length", "40", "--out", tmp_path / "r",
+              "--log.progress=false", "--train.micro_batch_size=8", "--train.precision=fp32", "--train.eval_every=2"]
+    try:
+        rc, so, se = cli("finetune", "summarize", "--base", out / "best", "--model.arch=encoder-decoder",
+                         "--train.max_steps=2", *common)
+        assert rc == 0, se
+        rc2, so2, se2 = cli("finetune", "summarize", "--base", out / "best", "--train.max_steps=3", *common)
+    finally:
+        torch.set_num_threads(n)
+    s = json.loads(so)
+    cfg = json.loads((tmp_path / "r" / "best" / "config.json").read_text())
+    assert s["arch"] == "encoder-decoder" and cfg["task"]["arch"] == "encoder-decoder"
+    base = json.loads((out / "best" / "config.json").read_text())["model"]
+    assert cfg["model"]["n_encoder_layer"] == cfg["model"]["n_decoder_layer"] == base["n_layer"]
+    assert rc2 == 0 and json.loads(so2)["step"] == 3, se2  # resumed: still the encoder-decoder, from its checkpoint
+    assert json.loads((tmp_path / "r" / "best" / "config.json").read_text())["task"]["arch"] == "encoder-decoder"
+    rc, so, se = cli("summarize", tmp_path / "r", "--input", aeslc / "validation.jsonl")
+    assert rc == 0 and len(so.split("\n")[:-1]) == 12, se

@@ -5,8 +5,9 @@
 and optionally more human references in ``--references-field`` (default ``annotations``, AESLC's;
 a list of strings). Prints one JSON object: ROUGE-1/2/L/Lsum F1 (x100, :mod:`.rouge`) against the
 original reference (``rouge``) and against all references (``rouge_all_references``, when there
-are more), the word-length statistics of hypotheses and references, and what the context limit
-cut. ``--baseline lead-K`` adds the same numbers for the first K words of each source
+are more), the word-length statistics of hypotheses and references, what the context limit
+cut, and ``reference_loss``: the references' loss given their sources and given other records'
+sources (:func:`source_use`: does the model read the source at all?). ``--baseline lead-K`` adds the same numbers for the first K words of each source
 (``baseline``), so a table always carries its floor; with MODEL ``none`` only the baseline is
 scored (no model is read).
 """
@@ -57,6 +58,20 @@ def read_examples(path: str, source_field: str, target_field: str, references_fi
     return sources, refs, extra
 
 
+def source_use(model, sources: list[str], refs: list[str], batch_size: int = 32) -> dict:
+    """How much the model reads its sources: the loss of each reference (nats per token) given its own
+    source, and given the next record's (a fixed rotation, so every record gets another's). A model
+    that has learned only what subjects look like scores the two alike (``source_use_nats`` near 0)."""
+    if len(sources) < 2:
+        return {}
+    own, n = model.reference_loss(list(zip(sources, refs)), batch_size)
+    other, m = model.reference_loss(list(zip(sources[1:] + sources[:1], refs)), batch_size)
+    if not n or not m:
+        return {}
+    return {"given_source": own / n, "given_another_source": other / m, "source_use_nats": other / m - own / n,
+            "tokens": n}
+
+
 def run_eval_summarize(args: argparse.Namespace) -> int:
     from ...errors import UserError
     from ...fileio import json_safe
@@ -101,6 +116,7 @@ def run_eval_summarize(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - t0
         res.update(report(hyps, refs, extra))
         res.update({"beams": args.beams, **decoding_controls(args), **hyps.summary(), "seconds": round(seconds, 3)})
+        res["reference_loss"] = source_use(model, sources, refs, args.batch_size)
         print(f"summarized {len(sources)} records of {args.data} in {seconds:.1f}s", file=sys.stderr)
         if hyps.warning():
             print(hyps.warning("summary"), file=sys.stderr)

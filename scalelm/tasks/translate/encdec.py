@@ -171,6 +171,16 @@ class EncDecTranslator:
         src, valid, tgt_in, labels = batch
         return model(src, tgt_in, labels, src_valid=valid, label_smoothing=self.label_smoothing)[1]
 
+    def reference_loss(self, pairs, batch_size: int = 32) -> tuple[float, int]:
+        """(summed nats, tokens) of each target, end-of-text included, given its source (no label smoothing)."""
+        examples, _ = self.encode_pairs(list(enumerate(pairs)), self.model.cfg.block_size)
+        examples.sort(key=lambda p: len(p.src) + len(p.tgt))  # less padding, the same sums
+        batches = [collate(examples[i:i + batch_size], self.eot_id) for i in range(0, len(examples), batch_size)]
+        self.model.eval()
+        with torch.no_grad():
+            total, count = seq2seq_loss_sums(self.model, batches, next(self.model.parameters()).device)
+        return float(total), int(count)
+
     # ------------------------------------------------------------------ inference
     def generator(self):
         if self._gen is None:

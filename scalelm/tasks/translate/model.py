@@ -35,6 +35,9 @@ class TranslationModel(Protocol):
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         """The mean loss of a batch (the Trainer's ``loss_fn``; ``model`` is the parallelised module)."""
 
+    def reference_loss(self, pairs: Sequence[tuple[str, str]], batch_size: int = 32) -> tuple[float, int]:
+        """(summed nats, tokens) of each target given its source, as training counts them."""
+
     def translate(self, sources: Sequence[str], beams: int = 1, batch_size: int = 32,
                   max_new_tokens: int | None = None, **controls) -> Translations:
         """One translation (or summary) per source, in order (greedy with ``beams=1``), each as it
@@ -76,6 +79,14 @@ class DecoderTranslator:
         from ..sft.objective import sft_loss
 
         return sft_loss(model, batch)
+
+    def reference_loss(self, pairs, batch_size: int = 32) -> tuple[float, int]:
+        """(summed nats, tokens) of each target, end-of-text included, given its source: the training loss."""
+        from ...train.validation import loss_sums
+        from ..sft.batches import eval_batches
+
+        examples, _, _ = self.encode_pairs(list(enumerate(pairs)), self.gpt.cfg.block_size)
+        return loss_sums(self.gpt, eval_batches(examples, batch_size), next(self.gpt.parameters()).device)
 
     # ------------------------------------------------------------------ inference
     def generator(self):

@@ -23,12 +23,15 @@ validation loss, packing, LoRA, torchrun); ``scalelm translate RUN --input FILE`
 
 With an encoder-decoder config (``--preset transformer-small``, ``--model.arch=encoder-decoder``, or
 an encoder-decoder ``--base``) the encoder reads the source and the decoder writes the target
-(:mod:`~scalelm.tasks.translate.train_encdec`), with ``--label-smoothing`` (default 0.1).
+(:mod:`~scalelm.tasks.translate.train_encdec`), with ``--label-smoothing`` (default 0.1). A GPT
+``--base`` with ``--model.arch=encoder-decoder`` warm-starts both halves from the GPT
+(:mod:`~scalelm.tasks.translate.warm_start`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -47,6 +50,7 @@ from .encdec import ARCH as ENCDEC
 from .encdec import LABEL_SMOOTHING, EncDecTranslator
 from .model import SEPARATOR, TASK, DecoderTranslator
 from .train_encdec import EncDecTranslateRecipe, check_encdec
+from .warm_start import asks_encdec, encdec_config
 
 FIXED = ("base", "preset", "tokenizer", "vocab_size", "source", "target", "val_source", "val_target", "packing",
          "max_length", "label_smoothing", "train", "val", "val_fraction", "source_field", "target_field",
@@ -138,12 +142,15 @@ class TranslateRecipe(ExamplesRecipe):
 
         s = settings(args, read_task_file(out), FIXED, PATHS, DEFAULTS, self.task)
         pairs, val_pairs = read_task_pairs(s)
-        fresh = False
+        fresh, gpt_cfg = False, None
         if s["base"]:
             from ...checkpoint.kinds import ENCDEC as ENCDEC_KIND
             from ...checkpoint.kinds import FLOAT_LANGUAGE_MODELS
 
             base = read_base(s["base"], (*FLOAT_LANGUAGE_MODELS, ENCDEC_KIND), f"scalelm {self.command}", settings=s)
+            if base.cfg.arch == "gpt" and asks_encdec(args, saved):  # both halves from the GPT (warm_start.py)
+                gpt_cfg = base.cfg
+                base = dataclasses.replace(base, cfg=encdec_config(gpt_cfg, base.dir))
         else:
             tok_json, fresh = _tokenizer(s, out, pairs)
             base = Base(None, None, tok_json)
@@ -223,7 +230,8 @@ class TranslateRecipe(ExamplesRecipe):
             cfg, TokenizerData(tok_json, vocab),
             RunRecord.of_files(s["source"] or s["train"][0], tok_json, vocab, s["source"], s["target"], s["val_source"],
                                s["val_target"], *(s["train"] or ()), s["val"]),
-            files, recipe=EncDecTranslateRecipe(translator, self.task) if encdec else None, out=out, task=self.task,
+            files, recipe=EncDecTranslateRecipe(translator, self.task, gpt_cfg) if encdec else None, out=out,
+            task=self.task,
             settings=s, base=base, model_files=mf, train=train, val=val, max_length=max_length,
             packing=s["packing"] == "on", fill=pad or 0,
             about=f" ({rep.supervised_tokens:,} target tokens of {rep.tokens:,}, {len(rep.dropped)} dropped)",

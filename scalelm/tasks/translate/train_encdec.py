@@ -2,15 +2,16 @@
 encoder-decoder``, or ``--base`` an encoder-decoder model directory): the examples recipe with
 sentence pairs (:class:`~scalelm.tasks.translate.encdec.Seq2SeqBatches`) in place of packed decoder
 examples, the label-smoothed training loss, the plain target loss for validation, and the base's
-weights as they are (no vocabulary growth, no LoRA).
+weights as they are (no vocabulary growth, no LoRA), or a GPT base's in both halves (warm_start.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 from ...checkpoint.names import BEST
-from ...config import Config, ConfigError
+from ...config import Config, ConfigError, ModelConfig
 from ...errors import UserError
 from ..base import Base, ModelFiles
 from ..sft.recipe import ExamplesPlan, ExamplesRecipe
@@ -21,14 +22,16 @@ def check_encdec(cfg: Config, base: Base, mf: ModelFiles) -> None:
     if cfg.lora.r > 0:
         raise ConfigError("LoRA is for decoder-only models here: fine-tune the encoder-decoder fully (--lora.r=0)")
     if base.dir is not None and (mf.new_ids or cfg.model.vocab_size != base.cfg.vocab_size):
-        raise UserError(f"the base {base.dir} has no end-of-text token to start and end a translation with: "
-                        f"continue an encoder-decoder trained by `scalelm finetune translate`")
+        raise UserError(f"the base {base.dir} has no end-of-text token to start and end a translation with "
+                        f"(an encoder-decoder cannot grow its vocabulary): use an encoder-decoder trained by "
+                        f"`scalelm finetune translate`, or a GPT whose tokenizer has one (`scalelm prepare`'s do)")
 
 
 class EncDecTranslateRecipe(ExamplesRecipe):
-    def __init__(self, translator: EncDecTranslator, task: str = "translate"):
+    def __init__(self, translator: EncDecTranslator, task: str = "translate", warm_from: Optional[ModelConfig] = None):
         super().__init__(f"finetune {task}")
         self.translator, self.task = translator, task
+        self.warm_from = warm_from  # the GPT base's config when both halves start from a GPT
 
     def build_model(self, plan: ExamplesPlan, ctx, resume_from):
         from ...model.io import load_model_dir
@@ -36,6 +39,12 @@ class EncDecTranslateRecipe(ExamplesRecipe):
         base = plan.base
         if base.dir is None:
             return None, None
+        if self.warm_from is not None:  # a GPT base: both halves start from its blocks (warm_start.py)
+            from .warm_start import warm_start
+
+            gpt_cfg = dataclasses.replace(self.warm_from, dropout=plan.cfg.model.dropout)
+            gpt = load_model_dir(base.dir, model_cfg=gpt_cfg, allow_quantized=False)
+            return warm_start(gpt, plan.cfg.model), base.dir
         # continue the base (only its dropout may change)
         return load_model_dir(base.dir, model_cfg=dataclasses.replace(base.cfg, dropout=plan.cfg.model.dropout),
                               allow_quantized=False), base.dir
