@@ -193,8 +193,8 @@ def main() -> int:
                     help="keep the rows of the existing results file and add (or replace) the ones run now")
     args = ap.parse_args()
     bases = dict(b.split("=", 1) for b in args.base)
-    if not all(bases.values()):
-        sys.exit("--base takes ARCH=MODEL_DIR")
+    if not all(bases.values()) or not set(bases) <= set(SHAPES):
+        sys.exit(f"--base takes ARCH=MODEL_DIR, ARCH one of {', '.join(SHAPES)}")
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench_summarize_"))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

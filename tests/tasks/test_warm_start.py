@@ -81,6 +81,8 @@ def test_the_command_line_asks_for_it():
         overrides = ["--model.arch=encoder-decoder", "--train.max_steps=3"]
 
     assert asks_encdec(A(), None)
+    A.overrides = ["--model.arch", "encoder-decoder"]
+    assert asks_encdec(A(), None)
     A.overrides = ["--model.dropout=0.1"]
     assert not asks_encdec(A(), None)
     saved = type("S", (), {"model": dataclasses.replace(ModelConfig(**GPT2), arch="encoder-decoder")})()

@@ -7,9 +7,9 @@ a list of strings). Prints one JSON object: ROUGE-1/2/L/Lsum F1 (x100, :mod:`.ro
 original reference (``rouge``) and against all references (``rouge_all_references``, when there
 are more), the word-length statistics of hypotheses and references, what the context limit
 cut, and ``reference_loss``: the references' loss given their sources and given other records'
-sources (:func:`source_use`: does the model read the source at all?). ``--baseline lead-K`` adds the same numbers for the first K words of each source
-(``baseline``), so a table always carries its floor; with MODEL ``none`` only the baseline is
-scored (no model is read).
+sources (:func:`source_use`: does the model read the source at all?). ``--baseline lead-K`` adds
+the same numbers for the first K words of each source (``baseline``), so a table always carries its
+floor; with MODEL ``none`` only the baseline is scored (no model is read).
 """
 
 from __future__ import annotations

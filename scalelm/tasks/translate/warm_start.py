@@ -30,10 +30,13 @@ def asks_encdec(args, saved) -> bool:
     """Did the command line (or, resuming, the run's saved config) ask for an encoder-decoder?"""
     if saved is not None and saved.model.arch == ARCH:
         return True
-    for a in getattr(args, "overrides", None) or ():
-        key, _, value = a.lstrip("-").replace("-", "_").partition("=")
-        if key == "model.arch" and value.replace("_", "-") == ARCH:
-            return True
+    overrides = list(getattr(args, "overrides", None) or ())
+    for i, a in enumerate(overrides):  # --model.arch=encoder-decoder or --model.arch encoder-decoder
+        key, eq, value = a.lstrip("-").partition("=")
+        if key.replace("-", "_") == "model.arch":
+            value = value if eq else (overrides[i + 1] if i + 1 < len(overrides) else "")
+            if value.replace("_", "-") == ARCH:
+                return True
     return False
 
 
