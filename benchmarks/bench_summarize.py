@@ -139,7 +139,7 @@ def bench(work: Path, quick: bool, minutes: float, archs: list[str], bases: dict
             start = [*shape, "--vocab-size", 1000 if quick else 8000, f"--optim.lr={3e-3 if quick else 1e-3}",
                      "--optim.min_lr=1e-4"]
         if rescore and isinstance(kept.get(name), dict) and (run / "best").is_dir():  # decode again, no training
-            r = {k: kept[name][k] for k in ("shape", "params", "train", "val_loss_curve")}
+            r = {k: kept[name][k] for k in ("shape", "params", "cpu", "train", "val_loss_curve") if k in kept[name]}
         else:
             s, info = scalelm("finetune", "summarize", *start, "--train", train, "--val-fraction", "0.05", *FIELDS,
                               "--max-source-length", msl, "--out", run, f"--train.max_steps={steps}",
@@ -147,7 +147,7 @@ def bench(work: Path, quick: bool, minutes: float, archs: list[str], bases: dict
                               f"--optim.warmup_steps={5 if quick else 200}", "--optim.schedule=cosine", *budget,
                               *COMMON)
             r = {"shape": f"--base {base} {' '.join(shape)}".strip() if base else " ".join(map(str, shape)),
-                 "params": s["params"],
+                 "params": s["params"], "cpu": cpu_name(),  # rows measured in parts may come from other CPUs
                  "train": {"steps": s["step"], "train_s": s["elapsed_s"], "stopped": s["stopped"],
                            "epochs": s.get("epochs"), "best_val_loss": round(s["best_val_loss"], 4),
                            "sources_truncated": s.get("sources_truncated"), **info},
@@ -199,7 +199,11 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     path = ROOT / "benchmarks" / "results" / ("summarize_quick.json" if args.quick else "summarize.json")
-    kept = json.loads(path.read_text())["aeslc"] if args.add and path.is_file() else {}
+    old = json.loads(path.read_text()) if args.add and path.is_file() else {}
+    kept = old.get("aeslc", {})
+    for row in kept.values():  # rows from before rows named their CPU ran on the file's
+        if isinstance(row, dict) and "train" in row:
+            row.setdefault("cpu", old.get("cpu"))
     res = {"cpu": cpu_name(), "cores": os.cpu_count(), "quick": args.quick, "complete": False}
 
     def save(aeslc: dict) -> None:
